@@ -1,0 +1,306 @@
+//! What we observed about one backend: health, breaker, in-flight count, counters, idle
+//! upstream connections.
+//!
+//! One `Arc<Backend>` per (pool, address). The request path reads and bumps its atomics, the
+//! health task writes `healthy`, the admin API reads everything; nobody takes a lock. A reload
+//! hands the same `Arc` to the next snapshot when the pool and address survive, so all of this
+//! carries over; a removed backend is freed when its last request's guard drops.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::breaker::{Admission, Breaker, BreakerState, Transition};
+use crate::config::BreakerPolicy;
+use crate::upstream::IdleConns;
+
+/// Milliseconds on a monotonic clock private to this process: what breakers and idle
+/// connections measure time in.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().duration_since(epoch).as_millis() as u64
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why the balancer answered a request itself, or why an upstream attempt failed. One short
+/// list, used verbatim in the access log, in metric labels and in `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reason {
+    NoRoute = 1,
+    NoBackendsConfigured,
+    AllUnhealthy,
+    AllBreakersOpen,
+    ConnectRefused,
+    ConnectTimeout,
+    ConnectError,
+    TlsError,
+    ResponseTimeout,
+    UpstreamReset,
+    Upstream5xx,
+    StaleConnectionRetried,
+    BodyTooLarge,
+    BodyTimeout,
+    ClientClosed,
+    BadRequest,
+    ShuttingDown,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 17] = [
+        Reason::NoRoute,
+        Reason::NoBackendsConfigured,
+        Reason::AllUnhealthy,
+        Reason::AllBreakersOpen,
+        Reason::ConnectRefused,
+        Reason::ConnectTimeout,
+        Reason::ConnectError,
+        Reason::TlsError,
+        Reason::ResponseTimeout,
+        Reason::UpstreamReset,
+        Reason::Upstream5xx,
+        Reason::StaleConnectionRetried,
+        Reason::BodyTooLarge,
+        Reason::BodyTimeout,
+        Reason::ClientClosed,
+        Reason::BadRequest,
+        Reason::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no_route",
+            Reason::NoBackendsConfigured => "no_backends_configured",
+            Reason::AllUnhealthy => "all_unhealthy",
+            Reason::AllBreakersOpen => "all_breakers_open",
+            Reason::ConnectRefused => "connect_refused",
+            Reason::ConnectTimeout => "connect_timeout",
+            Reason::ConnectError => "connect_error",
+            Reason::TlsError => "tls_error",
+            Reason::ResponseTimeout => "response_timeout",
+            Reason::UpstreamReset => "upstream_reset",
+            Reason::Upstream5xx => "upstream_5xx",
+            Reason::StaleConnectionRetried => "stale_connection_retried",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::BodyTimeout => "body_timeout",
+            Reason::ClientClosed => "client_closed",
+            Reason::BadRequest => "bad_request",
+            Reason::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| *r as u8 == v)
+    }
+}
+
+/// The classification of one upstream attempt. Made in one place (`proxy::classify`) and
+/// recorded in one call (`Backend::record`), so breaker, counters and metrics always agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered with a status below 500.
+    Success,
+    /// The backend failed: connect error, timeout, reset, or a 5xx answer.
+    Failure(Reason),
+    /// The attempt ended for a reason that says nothing about the backend (client went away).
+    Neutral,
+}
+
+/// Upper bounds, in seconds, of the latency histogram's buckets (Prometheus' defaults).
+pub const LATENCY_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Attempts sent to this backend (a retried request counts once per backend tried).
+    pub requests: AtomicU64,
+    /// Attempts classified as failures.
+    pub failures: AtomicU64,
+    /// Responses by status class 1xx..5xx (index 0..4).
+    pub status: [AtomicU64; 5],
+    /// Failures by reason, indexed by `Reason as u8`.
+    pub failure_reasons: [AtomicU64; 18],
+    /// TCP connections opened to the backend: with `requests`, shows upstream reuse.
+    pub connections_opened: AtomicU64,
+    /// Non-cumulative counts per bucket of `LATENCY_BUCKETS`, plus one for +Inf.
+    pub latency_buckets: [AtomicU64; 12],
+    pub latency_sum_us: AtomicU64,
+    pub latency_count: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    /// As written in the config; the identity under which the backend survives reloads.
+    pub address: String,
+    pub addr: SocketAddr,
+    /// Written only by the health task; true when the pool has no health check.
+    pub healthy: AtomicBool,
+    pub breaker: Breaker,
+    pub in_flight: AtomicUsize,
+    pub counters: Counters,
+    /// Last failure: reason code and wall-clock time (ms since epoch), for `/status`.
+    last_error: AtomicU8,
+    last_error_at: AtomicU64,
+    pub idle: IdleConns,
+}
+
+impl Backend {
+    pub fn new(address: String, addr: SocketAddr) -> Backend {
+        Backend {
+            address,
+            addr,
+            healthy: AtomicBool::new(true),
+            breaker: Breaker::default(),
+            in_flight: AtomicUsize::new(0),
+            counters: Counters::default(),
+            last_error: AtomicU8::new(0),
+            last_error_at: AtomicU64::new(0),
+            idle: IdleConns::default(),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Starts an attempt: the breaker must let it through. The guard counts it in flight until
+    /// it drops (it rides in the response body, so that is when the body ends).
+    pub fn start(self: &Arc<Self>, policy: &BreakerPolicy, now: u64) -> Option<InFlight> {
+        let (admission, transition) = self.breaker.acquire(policy, now)?;
+        self.log_transition(transition, None);
+        self.in_flight.fetch_add(1, Relaxed);
+        Some(InFlight {
+            backend: Arc::clone(self),
+            admission: Some(admission),
+        })
+    }
+
+    pub fn last_error(&self) -> Option<(Reason, SystemTime)> {
+        let r = Reason::from_u8(self.last_error.load(Relaxed))?;
+        let at = UNIX_EPOCH + Duration::from_millis(self.last_error_at.load(Relaxed));
+        Some((r, at))
+    }
+
+    fn note_error(&self, reason: Reason) {
+        self.last_error.store(reason as u8, Relaxed);
+        self.last_error_at.store(unix_ms(), Relaxed);
+        if let Some(c) = self.counters.failure_reasons.get(reason as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A failure noticed after the attempt was classified (a reset in the middle of a body):
+    /// counted and shown, but the breaker already had its say on this attempt.
+    pub fn note_late_failure(&self, reason: Reason) {
+        self.counters.failures.fetch_add(1, Relaxed);
+        self.note_error(reason);
+    }
+
+    fn observe_latency(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let idx = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        let c = &self.counters;
+        if let Some(b) = c.latency_buckets.get(idx) {
+            b.fetch_add(1, Relaxed);
+        }
+        c.latency_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+        c.latency_count.fetch_add(1, Relaxed);
+    }
+
+    fn log_transition(&self, t: Option<Transition>, reason: Option<Reason>) {
+        if let Some(t) = t {
+            let reason = reason.map(Reason::as_str).unwrap_or("-");
+            match t.to {
+                BreakerState::Open => {
+                    tracing::warn!(backend = %self.address, from = t.from.as_str(), reason, "circuit breaker opened")
+                }
+                _ => {
+                    tracing::info!(backend = %self.address, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker changed")
+                }
+            }
+        }
+    }
+}
+
+/// One attempt in flight on a backend. Dropping it decrements `in_flight`; a trial admission
+/// that never got an outcome hands its half-open slot back.
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<Backend>,
+    /// Taken by `record`, so an attempt feeds the breaker exactly once.
+    admission: Option<Admission>,
+}
+
+impl InFlight {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// Records the attempt's outcome: counters, status class, latency, last error and breaker,
+    /// all from the one classification. `status` is the backend's answer, if any.
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        status: Option<u16>,
+        elapsed: Duration,
+        policy: &BreakerPolicy,
+    ) {
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
+        let b = &*self.backend;
+        let c = &b.counters;
+        if outcome == Outcome::Neutral {
+            b.breaker.release(admission);
+            return;
+        }
+        c.requests.fetch_add(1, Relaxed);
+        if let Some(s) = status {
+            let class = (s / 100).clamp(1, 5) as usize - 1;
+            if let Some(ctr) = c.status.get(class) {
+                ctr.fetch_add(1, Relaxed);
+            }
+            b.observe_latency(elapsed);
+        }
+        let now = now_ms();
+        match outcome {
+            Outcome::Success => {
+                let t = b.breaker.on_success(admission, now);
+                b.log_transition(t, None);
+            }
+            Outcome::Failure(reason) => {
+                c.failures.fetch_add(1, Relaxed);
+                b.note_error(reason);
+                let t = b.breaker.on_failure(admission, policy, now);
+                b.log_transition(t, Some(reason));
+            }
+            Outcome::Neutral => {}
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(admission) = self.admission.take() {
+            self.backend.breaker.release(admission);
+        }
+        self.backend.in_flight.fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,165 @@
+//! A pool and how it picks a backend: smooth weighted round-robin or least connections.
+//!
+//! `Pool` is part of the immutable snapshot; its only moving part is the round-robin cursor,
+//! an atomic that a reload may reset without harm. `pick` runs on every request and takes no
+//! lock: it reads each member's health flag and breaker word and, for least connections, its
+//! in-flight count.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::backend::{Backend, Reason};
+use crate::config::{BreakerPolicy, HealthCheckConfig, PoolConfig, StrategyKind, Timeouts};
+use crate::upstream::UpstreamTlsConnector;
+
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+}
+
+pub struct Pool {
+    pub name: Arc<str>,
+    pub strategy: StrategyKind,
+    pub members: Vec<Member>,
+    /// nginx's smooth weighted round-robin, unrolled once at load: member indices in the order
+    /// the algorithm would visit them (5,1,1 gives a a b a c a a). A shared cursor walks it, so
+    /// picking is one `fetch_add` instead of a locked update of every member's current weight.
+    sequence: Vec<u32>,
+    cursor: AtomicUsize,
+    pub breaker: BreakerPolicy,
+    pub timeouts: Timeouts,
+    pub attempts: u32,
+    pub health_check: Option<HealthCheckConfig>,
+    pub tls: Option<UpstreamTlsConnector>,
+}
+
+impl Pool {
+    pub fn new(cfg: &PoolConfig, members: Vec<Member>, tls: Option<UpstreamTlsConnector>) -> Pool {
+        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+        Pool {
+            name: Arc::from(cfg.name.as_str()),
+            strategy: cfg.strategy,
+            sequence: smooth_sequence(&weights),
+            members,
+            cursor: AtomicUsize::new(0),
+            breaker: cfg.breaker,
+            timeouts: cfg.timeouts,
+            attempts: cfg.attempts,
+            health_check: cfg.health_check.clone(),
+            tls,
+        }
+    }
+
+    fn usable(&self, i: usize, now: u64, tried: &[usize]) -> bool {
+        let b = &self.members[i].backend;
+        !tried.contains(&i) && b.is_healthy() && b.breaker.admits(&self.breaker, now)
+    }
+
+    /// Picks a member index, skipping unhealthy backends, open breakers and those in `tried`
+    /// (earlier attempts of this request). When every usable backend was tried, one of them is
+    /// tried again rather than failing a request that a healthy backend could serve.
+    pub fn pick(&self, now: u64, tried: &[usize]) -> Result<usize, Reason> {
+        if let Some(i) = self.pick_among(now, tried) {
+            return Ok(i);
+        }
+        if !tried.is_empty() {
+            if let Some(i) = self.pick_among(now, &[]) {
+                return Ok(i);
+            }
+        }
+        Err(self.why_none())
+    }
+
+    fn pick_among(&self, now: u64, tried: &[usize]) -> Option<usize> {
+        let n = self.members.len();
+        match self.strategy {
+            StrategyKind::RoundRobin => {
+                let len = self.sequence.len();
+                let start = self.cursor.fetch_add(1, Relaxed);
+                (0..len)
+                    .map(|k| self.sequence[(start.wrapping_add(k)) % len] as usize)
+                    .find(|&i| self.usable(i, now, tried))
+            }
+            StrategyKind::LeastConnections => {
+                // Scanning from a rotating start breaks ties in turn, so no backend wins every
+                // tie because of where it sits in the list.
+                let start = self.cursor.fetch_add(1, Relaxed);
+                let mut best: Option<(usize, usize, u32)> = None;
+                for k in 0..n {
+                    let i = (start.wrapping_add(k)) % n;
+                    if !self.usable(i, now, tried) {
+                        continue;
+                    }
+                    let m = &self.members[i];
+                    let load = m.backend.in_flight.load(Relaxed);
+                    let better = match best {
+                        None => true,
+                        // load/weight < best_load/best_weight, without division.
+                        Some((_, bl, bw)) => {
+                            (load as u128) * (bw as u128) < (bl as u128) * (m.weight as u128)
+                        }
+                    };
+                    if better {
+                        best = Some((i, load, m.weight));
+                    }
+                }
+                best.map(|(i, _, _)| i)
+            }
+        }
+    }
+
+    fn why_none(&self) -> Reason {
+        if self.members.is_empty() {
+            Reason::NoBackendsConfigured
+        } else if self.members.iter().all(|m| !m.backend.is_healthy()) {
+            Reason::AllUnhealthy
+        } else {
+            Reason::AllBreakersOpen
+        }
+    }
+}
+
+/// Unrolls nginx's smooth weighted round-robin for one full cycle (sum of weights / gcd).
+pub fn smooth_sequence(weights: &[u32]) -> Vec<u32> {
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let w: Vec<i64> = weights.iter().map(|&x| i64::from(x / g)).collect();
+    let total: i64 = w.iter().sum();
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(total.max(0) as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u32);
+    }
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_round_robin_matches_nginx() {
+        let seq: String = smooth_sequence(&[5, 1, 1])
+            .iter()
+            .map(|&i| (b'a' + i as u8) as char)
+            .collect();
+        assert_eq!(seq, "aabacaa");
+        assert_eq!(smooth_sequence(&[2, 2]), vec![0, 1]);
+        assert_eq!(smooth_sequence(&[1, 1, 1]), vec![0, 1, 2]);
+    }
+}

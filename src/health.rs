@@ -1,0 +1,186 @@
+//! Active health checks: one task per (pool, backend) with a `health_check` table.
+//!
+//! A task probes `path` every `interval` over a connection of its own (never a client's), keeps
+//! its consecutive pass/fail counts to itself, and writes only `backend.healthy`, logging once
+//! per flip. The control task calls `HealthTasks::sync` after each swap: it spawns tasks for new
+//! keys, aborts those whose backend or settings went away, and marks backends of pools without
+//! checks healthy.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request};
+use http_body_util::Empty;
+use tokio::task::JoinHandle;
+
+use crate::backend::Backend;
+use crate::config::HealthCheckConfig;
+use crate::state::Snapshot;
+use crate::upstream::{self, UpstreamTlsConnector};
+
+const USER_AGENT: &str = concat!("balancer/", env!("CARGO_PKG_VERSION"), " (health check)");
+
+struct Task {
+    backend: Arc<Backend>,
+    cfg: HealthCheckConfig,
+    tls: bool,
+    handle: JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct HealthTasks {
+    tasks: HashMap<(Arc<str>, String), Task>,
+}
+
+impl HealthTasks {
+    pub fn sync(&mut self, snap: &Snapshot) {
+        let mut keep = HashMap::with_capacity(self.tasks.len());
+        for pool in &snap.pools {
+            for m in &pool.members {
+                let key = (Arc::clone(&pool.name), m.backend.address.clone());
+                let Some(cfg) = &pool.health_check else {
+                    // No checks any more: nothing will ever mark it healthy again otherwise.
+                    m.backend.healthy.store(true, Relaxed);
+                    continue;
+                };
+                let tls = pool.tls.is_some();
+                match self.tasks.remove(&key) {
+                    Some(t)
+                        if Arc::ptr_eq(&t.backend, &m.backend) && &t.cfg == cfg && t.tls == tls =>
+                    {
+                        keep.insert(key, t);
+                    }
+                    old => {
+                        if let Some(t) = old {
+                            t.handle.abort();
+                        }
+                        let handle = tokio::spawn(probe_loop(
+                            Arc::clone(&m.backend),
+                            cfg.clone(),
+                            pool.tls.clone(),
+                        ));
+                        keep.insert(
+                            key,
+                            Task {
+                                backend: Arc::clone(&m.backend),
+                                cfg: cfg.clone(),
+                                tls,
+                                handle,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for (_, t) in self.tasks.drain() {
+            t.handle.abort();
+        }
+        self.tasks = keep;
+    }
+
+    pub fn stop_all(&mut self) {
+        for (_, t) in self.tasks.drain() {
+            t.handle.abort();
+        }
+    }
+}
+
+impl Drop for HealthTasks {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A random phase in [0, interval), so that many backends are not probed in one burst.
+fn jitter(interval: Duration) -> Duration {
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let ms = interval.as_millis().max(1) as u64;
+    Duration::from_millis(r % ms)
+}
+
+async fn probe_loop(
+    backend: Arc<Backend>,
+    cfg: HealthCheckConfig,
+    tls: Option<UpstreamTlsConnector>,
+) {
+    tokio::time::sleep(jitter(cfg.interval)).await;
+    let mut passes = 0u32;
+    let mut failures = 0u32;
+    let mut conn = None;
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result =
+            tokio::time::timeout(cfg.timeout, probe(&backend, &cfg, tls.as_ref(), &mut conn)).await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(format!("no answer within {:?}", cfg.timeout)),
+        };
+        if failure.is_some() {
+            conn = None;
+        }
+        let healthy = backend.healthy.load(Relaxed);
+        match failure {
+            None => {
+                failures = 0;
+                passes = passes.saturating_add(1);
+                if !healthy && passes >= cfg.healthy_threshold {
+                    backend.healthy.store(true, Relaxed);
+                    tracing::info!(backend = %backend.address, passes, "backend is healthy again");
+                }
+            }
+            Some(e) => {
+                passes = 0;
+                failures = failures.saturating_add(1);
+                if healthy && failures >= cfg.unhealthy_threshold {
+                    backend.healthy.store(false, Relaxed);
+                    tracing::warn!(backend = %backend.address, failures, error = %e, "backend is unhealthy");
+                } else {
+                    tracing::debug!(backend = %backend.address, error = %e, "health probe failed");
+                }
+            }
+        }
+    }
+}
+
+async fn probe(
+    backend: &Backend,
+    cfg: &HealthCheckConfig,
+    tls: Option<&UpstreamTlsConnector>,
+    conn: &mut Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+) -> Result<(), String> {
+    let reusable = conn.as_ref().is_some_and(|c| c.is_ready());
+    if !reusable {
+        *conn = Some(
+            upstream::probe_connect(backend, tls, cfg.timeout)
+                .await
+                .map_err(|e| format!("connect: {e}"))?,
+        );
+    }
+    let Some(tx) = conn.as_mut() else {
+        return Err("no connection".into());
+    };
+    let mut req = Request::new(Empty::<Bytes>::new());
+    *req.uri_mut() = cfg.path.parse().map_err(|e| format!("bad path: {e}"))?;
+    let host = HeaderValue::from_str(&backend.address).map_err(|e| e.to_string())?;
+    req.headers_mut().insert(header::HOST, host);
+    req.headers_mut()
+        .insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    // Read the body to the end so the connection can serve the next probe.
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    if status.is_success() || status.is_redirection() {
+        Ok(())
+    } else {
+        Err(format!("status {}", status.as_u16()))
+    }
+}

@@ -1,0 +1,268 @@
+//! Client-facing listeners: the accept loop, TLS, and serving each connection with hyper
+//! (HTTP/1.1 with keep-alive and pipelining, HTTP/2 by ALPN or h2c prior knowledge).
+//!
+//! A listener task owns its bound socket until told to stop (shutdown, or a reload that removed
+//! it). Each connection task holds a permit of the listener's `max_connections` semaphore and a
+//! clone of the drain sender, so graceful shutdown can wait for the last one. Limits and TLS
+//! certificates are read from the snapshot current at accept time.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::config::{Limits, ListenerTls, MIN_HEADER_BUFFER};
+use crate::proxy::{self, ConnInfo};
+use crate::state::Shared;
+
+/// Held by every live connection; graceful shutdown waits until all are dropped.
+pub type DrainGuard = mpsc::Sender<()>;
+
+/// Stop signals a listener task watches: `stop` (stop accepting) and `drain` (ask open
+/// connections to finish their current request and close).
+#[derive(Clone)]
+pub struct Signals {
+    pub stop: watch::Receiver<bool>,
+    pub drain: watch::Receiver<bool>,
+    pub drain_guard: DrainGuard,
+}
+
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Chooses the certificate by SNI; the first is served when SNI is absent or matches none.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = hello
+            .server_name()
+            .and_then(|n| ServerName::try_from(n).ok())
+        {
+            for ck in &self.certs {
+                let valid = ck
+                    .end_entity_cert()
+                    .ok()
+                    .and_then(|c| webpki::EndEntityCert::try_from(c).ok())
+                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok());
+                if valid {
+                    return Some(Arc::clone(ck));
+                }
+            }
+        }
+        self.certs.first().cloned()
+    }
+}
+
+/// Loads the listener's certificates (on start and on every reload, so a renewed certificate
+/// is served after a reload) and builds its rustls config.
+pub fn tls_config(tls: &ListenerTls) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut certs = Vec::with_capacity(tls.certificates.len());
+    for pair in &tls.certificates {
+        let chain = read_certs(&pair.cert)?;
+        let key = read_key(&pair.key)?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("{}: {e}", pair.key.display()))?;
+        let ck = CertifiedKey::new(chain, signing);
+        ck.keys_match().map_err(|e| {
+            format!(
+                "{} does not match {}: {e}",
+                pair.key.display(),
+                pair.cert.display()
+            )
+        })?;
+        certs.push(Arc::new(ck));
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { certs }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts until `signals.stop` turns true, then returns (dropping the socket, so the kernel
+/// refuses new connections at once). Accept errors never end the loop.
+pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut signals: Signals) {
+    let bind = listener.local_addr().ok();
+    let max = shared.snapshot.load().limits.max_connections;
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(max)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS),
+    ));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        // Beyond max_connections we stop calling accept(): new connections wait in the
+        // kernel's backlog instead of being accepted and starved.
+        let permit = tokio::select! {
+            biased;
+            _ = stopped(&mut signals.stop) => return,
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = stopped(&mut signals.stop) => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                if is_per_connection_error(&e) {
+                    continue;
+                }
+                // EMFILE/ENFILE/ENOBUFS: the socket stays readable, so retrying at once would
+                // spin. Back off, and keep going.
+                tracing::warn!(listener = ?bind, error = %e, backoff = ?backoff, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let signals = signals.clone();
+        tokio::spawn(async move {
+            serve(stream, peer, bind, shared, signals).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Resolves once the flag turns true (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn is_per_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let buf = limits.max_header_bytes.max(MIN_HEADER_BUFFER);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(usize::try_from(buf).unwrap_or(usize::MAX))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(256)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Counts a client connection as open for as long as it lives.
+struct OpenConn(Arc<Shared>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    bind: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    signals: Signals,
+) {
+    shared.open_connections.fetch_add(1, Relaxed);
+    let _open = OpenConn(Arc::clone(&shared));
+    let snap = shared.snapshot.load_full();
+    let limits = snap.limits;
+    let tls = bind.and_then(|b| snap.tls_for(b));
+    drop(snap);
+    match tls {
+        None => {
+            let info = ConnInfo { peer, tls: false };
+            drive(TokioIo::new(stream), info, &limits, shared, signals).await
+        }
+        Some(cfg) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            // A handshake that stalls is cut off like a slow request head.
+            match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let info = ConnInfo { peer, tls: true };
+                    drive(TokioIo::new(tls), info, &limits, shared, signals).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn drive<I>(io: I, info: ConnInfo, limits: &Limits, shared: Arc<Shared>, mut signals: Signals)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let b = builder(limits);
+    let svc = service_fn(move |req| proxy::handle(Arc::clone(&shared), info, req));
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let _guard = signals.drain_guard.clone();
+    if *signals.drain.borrow() || *signals.stop.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = stopped(&mut signals.drain) => {}
+        // A reload removed this listener: its connections finish what they started.
+        _ = stopped(&mut signals.stop) => {}
+    }
+    // Finish the request in flight (a long stream included), then close; idle keep-alive
+    // connections close at once.
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error while draining");
+    }
+}

@@ -1,0 +1,619 @@
+//! The request path: from a client's request to a backend's response.
+//!
+//! `handle` is the outer shell (access log, error -> response); `forward` reads top to bottom
+//! with one `?` per step: check the request, route it, pick a backend, send, classify, relay.
+//! It loads the snapshot once and takes no lock. `ProxyError` is the one error type of this
+//! path and `status` the one place that maps it to what the client sees.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
+
+use crate::accesslog::{self, LogEntry};
+use crate::backend::{now_ms, Outcome, Reason};
+use crate::body::{ResponseBody, UpBody};
+use crate::state::{Shared, Snapshot};
+use crate::upstream::{self, BoxError, SendError};
+
+/// What the connection tells each of its requests.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches")]
+    NoRoute,
+    #[error("no backend available: {}", .0.as_str())]
+    NoBackend(Reason),
+    #[error("upstream attempt failed: {}", .reason.as_str())]
+    Upstream {
+        reason: Reason,
+        #[source]
+        source: BoxError,
+    },
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("request headers exceed limits.max_header_bytes")]
+    HeadersTooLarge,
+    #[error("request body exceeds limits.max_body_bytes")]
+    BodyTooLarge,
+    #[error("client went away")]
+    ClientClosed,
+}
+
+/// The one mapping from error to status.
+pub fn status(e: &ProxyError) -> StatusCode {
+    match e {
+        ProxyError::NoRoute => StatusCode::NOT_FOUND,
+        ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::Upstream { reason, .. } => match reason {
+            Reason::ResponseTimeout | Reason::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        },
+        ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        // nginx's convention for "client closed request"; only ever seen in the access log.
+        ProxyError::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+    }
+}
+
+impl ProxyError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            ProxyError::NoRoute => Reason::NoRoute,
+            ProxyError::NoBackend(r) | ProxyError::Upstream { reason: r, .. } => *r,
+            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => Reason::BadRequest,
+            ProxyError::HeadersTooLarge => Reason::BadRequest,
+            ProxyError::BodyTooLarge => Reason::BodyTooLarge,
+            ProxyError::ClientClosed => Reason::ClientClosed,
+        }
+    }
+}
+
+/// Short plain-text bodies: enough for a human with curl, nothing about our internals.
+fn error_text(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        400 => "400 Bad Request\n",
+        404 => "404 Not Found\n",
+        405 => "405 Method Not Allowed\n",
+        413 => "413 Payload Too Large\n",
+        431 => "431 Request Header Fields Too Large\n",
+        502 => "502 Bad Gateway\n",
+        503 => "503 Service Unavailable\n",
+        504 => "504 Gateway Timeout\n",
+        _ => "error\n",
+    }
+}
+
+pub fn local_response(
+    s: StatusCode,
+    log: Option<Box<LogEntry>>,
+    close: bool,
+) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::local(error_text(s), log));
+    *r.status_mut() = s;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// Answers the balancer made itself, by `Reason as usize`, for `/metrics`.
+pub static LOCAL_RESPONSES: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
+
+/// Writes the access-log entry if the request's future is dropped (client gone) before it
+/// produced a response, so no request disappears from the log.
+struct PendingLog(Option<Box<LogEntry>>);
+
+impl Drop for PendingLog {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.0.take() {
+            l.status = 499;
+            l.outcome = accesslog::Outcome::ClientClosed;
+            l.reason.get_or_insert(Reason::ClientClosed);
+            accesslog::write(l);
+        }
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    let snap = shared.snapshot.load_full();
+    let mut log = PendingLog(snap.access_log.then(|| {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        Box::new(LogEntry::new(
+            conn.peer,
+            req.method(),
+            target,
+            req.version(),
+            start,
+        ))
+    }));
+    match forward(&snap, conn, req, &mut log.0).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            let s = status(&e);
+            if let Some(c) = LOCAL_RESPONSES.get(e.reason() as usize) {
+                c.fetch_add(1, Relaxed);
+            }
+            if let Some(l) = log.0.as_deref_mut() {
+                l.status = s.as_u16();
+                l.reason = Some(e.reason());
+                l.outcome = match e {
+                    ProxyError::Upstream { .. } => accesslog::Outcome::Failed,
+                    ProxyError::ClientClosed => accesslog::Outcome::ClientClosed,
+                    _ => accesslog::Outcome::Local,
+                };
+            }
+            match &e {
+                ProxyError::Upstream { source, .. } => {
+                    tracing::warn!(peer = %conn.peer, error = %e, cause = %source, "answering {}", s.as_u16())
+                }
+                _ => tracing::debug!(peer = %conn.peer, error = %e, "answering {}", s.as_u16()),
+            }
+            // A request whose body we did not read leaves the connection out of sync.
+            let close = matches!(e, ProxyError::BodyTooLarge | ProxyError::BadRequest(_));
+            Ok(local_response(s, log.0.take(), close))
+        }
+    }
+}
+
+const IDEMPOTENT: [Method; 6] = [
+    Method::GET,
+    Method::HEAD,
+    Method::PUT,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::TRACE,
+];
+
+async fn forward(
+    snap: &Snapshot,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    log: &mut Option<Box<LogEntry>>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    check_request(snap, &parts)?;
+    let authority = authority(&parts)?;
+    let path = normalize_path(parts.uri.path());
+    let pool = snap
+        .route(authority.as_deref(), &path)
+        .ok_or(ProxyError::NoRoute)?;
+    if let Some(l) = log.as_deref_mut() {
+        l.pool = Some(pool.name.clone());
+    }
+
+    let limit = snap.limits.max_body_bytes;
+    if limit > 0 && declared_length(&parts.headers).is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let bodiless = body.is_end_stream();
+    let upstream_uri = upstream_uri(&parts.uri, &path)?;
+    rewrite_request_headers(&mut parts.headers, authority.as_deref(), conn);
+    let method = parts.method.clone();
+    // A copy to replay only exists for requests that may be sent twice: bodiless and
+    // idempotent (after it reached a backend), when retries are configured.
+    let replay = (pool.attempts > 1 && bodiless && IDEMPOTENT.contains(&method))
+        .then(|| parts.headers.clone());
+    let mut next = Some(build(
+        &method,
+        &upstream_uri,
+        parts.headers,
+        if bodiless {
+            UpBody::Empty
+        } else {
+            UpBody::Stream {
+                inner: body,
+                remaining: if limit == 0 { u64::MAX } else { limit },
+            }
+        },
+    ));
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempts = 0u32;
+    let mut last_err: Option<ProxyError> = None;
+    let mut stale_retry_used = false;
+    let mut note: Option<Reason> = None;
+    // Each member is tried at most once per attempt budget; `refusals` bounds the loop when
+    // breakers flip between pick and start.
+    let mut refusals = 0usize;
+    while attempts < pool.attempts {
+        let Some(req) = next.take() else { break };
+        let now = now_ms();
+        let idx = match pool.pick(now, &tried) {
+            Ok(i) => i,
+            Err(reason) => return Err(last_err.unwrap_or(ProxyError::NoBackend(reason))),
+        };
+        let member = &pool.members[idx];
+        let Some(mut guard) = member.backend.start(&pool.breaker, now) else {
+            refusals += 1;
+            tried.push(idx);
+            next = Some(req);
+            if refusals > pool.members.len() {
+                return Err(last_err.unwrap_or(ProxyError::NoBackend(Reason::AllBreakersOpen)));
+            }
+            continue;
+        };
+        attempts += 1;
+        if let Some(l) = log.as_deref_mut() {
+            l.backend = Some(member.backend.clone());
+            l.attempts = attempts;
+        }
+        let sent_at = Instant::now();
+        match upstream::send(&member.backend, pool, req).await {
+            Ok(sent) => {
+                let status = sent.response.status();
+                let outcome = if status.is_server_error() {
+                    Outcome::Failure(Reason::Upstream5xx)
+                } else {
+                    Outcome::Success
+                };
+                guard.record(
+                    outcome,
+                    Some(status.as_u16()),
+                    sent_at.elapsed(),
+                    &pool.breaker,
+                );
+                if sent.stale_retried {
+                    note = Some(Reason::StaleConnectionRetried);
+                }
+                if let Some(l) = log.as_deref_mut() {
+                    l.status = status.as_u16();
+                    l.reason = match outcome {
+                        Outcome::Failure(r) => Some(r),
+                        _ => note,
+                    };
+                    if attempts > 1 || note.is_some() {
+                        l.outcome = accesslog::Outcome::Retried;
+                    }
+                }
+                return Ok(relay(sent.response, sent.conn, guard, log.take()));
+            }
+            Err(SendError::NotSent {
+                req,
+                reason,
+                source,
+            }) => {
+                // Never reached the backend: safe to send anywhere, whatever the method.
+                guard.record(
+                    Outcome::Failure(reason),
+                    None,
+                    sent_at.elapsed(),
+                    &pool.breaker,
+                );
+                tracing::debug!(backend = %member.backend.address, reason = reason.as_str(), error = %source, "attempt failed before sending");
+                note = Some(reason);
+                tried.push(idx);
+                next = Some(req);
+                last_err = Some(ProxyError::Upstream { reason, source });
+            }
+            Err(SendError::Failed {
+                reason,
+                source,
+                stale,
+            }) => {
+                match reason {
+                    Reason::BodyTooLarge => {
+                        guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
+                        return Err(ProxyError::BodyTooLarge);
+                    }
+                    Reason::ClientClosed => {
+                        guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
+                        return Err(ProxyError::ClientClosed);
+                    }
+                    _ => {}
+                }
+                let Some(headers) = replay.as_ref() else {
+                    guard.record(
+                        Outcome::Failure(reason),
+                        None,
+                        sent_at.elapsed(),
+                        &pool.breaker,
+                    );
+                    return Err(ProxyError::Upstream { reason, source });
+                };
+                if stale && !stale_retry_used {
+                    // The backend closed a pooled connection as we reused it: our race, not its
+                    // sickness. Replay once on a fresh connection without spending an attempt.
+                    guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
+                    stale_retry_used = true;
+                    attempts -= 1;
+                    note = Some(Reason::StaleConnectionRetried);
+                } else {
+                    guard.record(
+                        Outcome::Failure(reason),
+                        None,
+                        sent_at.elapsed(),
+                        &pool.breaker,
+                    );
+                    tried.push(idx);
+                    note = Some(reason);
+                }
+                next = Some(build(
+                    &method,
+                    &upstream_uri,
+                    headers.clone(),
+                    UpBody::Empty,
+                ));
+                last_err = Some(ProxyError::Upstream { reason, source });
+            }
+        }
+    }
+    Err(last_err.unwrap_or(ProxyError::NoBackend(Reason::AllBreakersOpen)))
+}
+
+fn build(method: &Method, uri: &Uri, headers: HeaderMap, body: UpBody) -> Request<UpBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = method.clone();
+    *r.uri_mut() = uri.clone();
+    *r.version_mut() = Version::HTTP_11;
+    *r.headers_mut() = headers;
+    r
+}
+
+/// Requests the proxy refuses before routing.
+fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<(), ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed("CONNECT is not proxied"));
+    }
+    let max = snap.limits.max_header_bytes;
+    // hyper enforces the limit itself from MIN_HEADER_BUFFER up; below that, count here.
+    if max < crate::config::MIN_HEADER_BUFFER {
+        let total: usize = parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + parts.uri.to_string().len();
+        if total as u64 > max {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+    }
+    Ok(())
+}
+
+/// The authority the request is for: an absolute-form target's wins over `Host` (RFC 9112
+/// §3.2.2), h2's `:authority` likewise. Several `Host` headers are refused.
+fn authority(parts: &http::request::Parts) -> Result<Option<String>, ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("several Host headers"));
+    }
+    if let Some(a) = parts.uri.authority() {
+        if parts.version == Version::HTTP_2 {
+            if let Some(h) = host {
+                if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                    return Err(ProxyError::BadRequest("host disagrees with :authority"));
+                }
+            }
+        }
+        return Ok(Some(a.as_str().to_owned()));
+    }
+    match host {
+        Some(h) => match h.to_str() {
+            Ok(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(Some(s.to_owned()))
+            }
+            _ => Err(ProxyError::BadRequest("invalid Host header")),
+        },
+        None if parts.version == Version::HTTP_11 => {
+            Err(ProxyError::BadRequest("missing Host header"))
+        }
+        None => Ok(None),
+    }
+}
+
+fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Removes dot segments (RFC 3986 §5.2.4) so that routing and the backend see the same path,
+/// and `/public/../admin` is routed as `/admin`. Paths without dot segments are borrowed.
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let has_dots = path.split('/').any(|s| {
+        s == "."
+            || s == ".."
+            || s.eq_ignore_ascii_case("%2e")
+            || s.eq_ignore_ascii_case("%2e%2e")
+            || s.eq_ignore_ascii_case(".%2e")
+            || s.eq_ignore_ascii_case("%2e.")
+    });
+    if !has_dots || !path.starts_with('/') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        let dot = *seg == "." || seg.eq_ignore_ascii_case("%2e");
+        let dotdot = *seg == ".."
+            || seg.eq_ignore_ascii_case("%2e%2e")
+            || seg.eq_ignore_ascii_case(".%2e")
+            || seg.eq_ignore_ascii_case("%2e.");
+        if dot || dotdot {
+            if dotdot {
+                out.pop();
+            }
+            if i == last {
+                out.push("");
+            }
+        } else {
+            out.push(seg);
+        }
+    }
+    let mut s = String::with_capacity(path.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty() {
+        s.push('/');
+    }
+    std::borrow::Cow::Owned(s)
+}
+
+fn upstream_uri(uri: &Uri, path: &str) -> Result<Uri, ProxyError> {
+    if path == uri.path() {
+        if uri.scheme().is_none() && uri.authority().is_none() {
+            return Ok(uri.clone());
+        }
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        return Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid target"));
+    }
+    let mut s = String::with_capacity(path.len() + 32);
+    s.push_str(path);
+    if let Some(q) = uri.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    Uri::try_from(s).map_err(|_| ProxyError::BadRequest("invalid target"))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus those the proxy re-frames or answers itself.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Removes hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned() {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .chain(std::iter::once(&conn))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<&str>, conn: ConnInfo) {
+    strip_hop_by_hop(h);
+    h.remove(header::CONTENT_LENGTH);
+    h.remove(header::EXPECT);
+    h.remove(header::PROXY_AUTHORIZATION);
+    h.remove(HeaderName::from_static("proxy-authenticate"));
+    // X-Forwarded-For: the client's chain, then the peer we saw.
+    let ip = conn.peer.ip();
+    let mut xff = BytesMut::with_capacity(64);
+    for v in h.get_all(&XFF).iter() {
+        if !xff.is_empty() {
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(v.as_bytes());
+    }
+    if !xff.is_empty() {
+        xff.extend_from_slice(b", ");
+    }
+    {
+        use std::fmt::Write as _;
+        let mut s = String::with_capacity(40);
+        let _ = write!(s, "{ip}");
+        xff.extend_from_slice(s.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(xff.freeze()) {
+        h.insert(XFF.clone(), v);
+    }
+    h.insert(
+        XFP.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(a) = authority {
+        if let Ok(v) = HeaderValue::from_str(a) {
+            h.insert(XFH.clone(), v.clone());
+            // The client's Host is kept; for h2 and absolute-form it is the authority.
+            h.insert(header::HOST, v);
+        }
+    }
+}
+
+fn relay(
+    resp: Response<Incoming>,
+    conn: upstream::Sender,
+    guard: crate::backend::InFlight,
+    log: Option<Box<LogEntry>>,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::upstream(body, Some(conn), guard, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_removed() {
+        assert_eq!(normalize_path("/a/b"), "/a/b");
+        assert_eq!(normalize_path("/public/../admin"), "/admin");
+        assert_eq!(normalize_path("/a/./b/."), "/a/b/");
+        assert_eq!(normalize_path("/../../x"), "/x");
+        assert_eq!(normalize_path("/a/%2e%2e/b"), "/b");
+        assert_eq!(normalize_path("/a/.."), "/");
+    }
+
+    #[test]
+    fn connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("x-kept").is_some());
+    }
+}
