@@ -126,8 +126,8 @@ pub fn write(mut entry: Box<LogEntry>) {
 }
 
 fn writer(rx: Receiver<Box<LogEntry>>) {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    // Not `stdout().lock()`: holding the lock forever would block every other writer to stdout.
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let mut line = String::with_capacity(512);
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
