@@ -36,6 +36,8 @@ pub enum Outcome {
     ClientClosed,
     /// The backend broke the response in the middle of the body.
     UpstreamAborted,
+    /// Switched protocols (WebSocket); logged when the tunnel closes.
+    Upgraded,
 }
 
 impl Outcome {
@@ -47,6 +49,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::ClientClosed => "client_closed",
             Outcome::UpstreamAborted => "upstream_aborted",
+            Outcome::Upgraded => "upgraded",
         }
     }
 }

@@ -52,10 +52,11 @@ pub enum Reason {
     ClientClosed,
     BadRequest,
     ShuttingDown,
+    UpstreamProtocol,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::NoRoute,
         Reason::NoBackendsConfigured,
         Reason::AllUnhealthy,
@@ -73,6 +74,7 @@ impl Reason {
         Reason::ClientClosed,
         Reason::BadRequest,
         Reason::ShuttingDown,
+        Reason::UpstreamProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +96,7 @@ impl Reason {
             Reason::ClientClosed => "client_closed",
             Reason::BadRequest => "bad_request",
             Reason::ShuttingDown => "shutting_down",
+            Reason::UpstreamProtocol => "upstream_protocol_error",
         }
     }
 
@@ -101,6 +104,9 @@ impl Reason {
         Reason::ALL.iter().copied().find(|r| *r as u8 == v)
     }
 }
+
+/// Array length for counters indexed by `Reason as usize` (codes start at 1).
+pub const REASON_SLOTS: usize = Reason::ALL.len() + 1;
 
 /// The classification of one upstream attempt. Made in one place (`proxy::classify`) and
 /// recorded in one call (`Backend::record`), so breaker, counters and metrics always agree.
@@ -128,7 +134,7 @@ pub struct Counters {
     /// Responses by status class 1xx..5xx (index 0..4).
     pub status: [AtomicU64; 5],
     /// Failures by reason, indexed by `Reason as u8`.
-    pub failure_reasons: [AtomicU64; 18],
+    pub failure_reasons: [AtomicU64; REASON_SLOTS],
     /// TCP connections opened to the backend: with `requests`, shows upstream reuse.
     pub connections_opened: AtomicU64,
     /// Non-cumulative counts per bucket of `LATENCY_BUCKETS`, plus one for +Inf.

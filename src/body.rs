@@ -9,11 +9,13 @@
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 use crate::accesslog::{self, LogEntry};
 use crate::backend::{InFlight, Reason};
@@ -24,6 +26,8 @@ use crate::upstream::Sender;
 pub enum BodyError {
     #[error("request body exceeds limits.max_body_bytes")]
     TooLarge,
+    #[error("client sent no body data for {0:?}")]
+    Timeout(Duration),
     #[error("client request body failed: {0}")]
     Client(#[source] hyper::Error),
 }
@@ -32,6 +36,7 @@ impl BodyError {
     pub fn reason(&self) -> Reason {
         match self {
             BodyError::TooLarge => Reason::BodyTooLarge,
+            BodyError::Timeout(_) => Reason::BodyTimeout,
             BodyError::Client(_) => Reason::ClientClosed,
         }
     }
@@ -41,53 +46,79 @@ impl BodyError {
 pub enum UpBody {
     /// No body, or a replay of a bodiless request.
     Empty,
-    Stream {
-        inner: Incoming,
-        /// Bytes still allowed by `limits.max_body_bytes`; `u64::MAX` when unlimited.
-        remaining: u64,
-    },
+    Stream(Box<Streaming>),
+}
+
+pub struct Streaming {
+    inner: Incoming,
+    /// Bytes still allowed by `limits.max_body_bytes`; `u64::MAX` when unlimited.
+    remaining: u64,
+    /// hyper has no body read timeout: a client that stops sending mid-body would hold a
+    /// backend connection forever. Armed when a read would wait, re-armed on every frame.
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl UpBody {
+    pub fn stream(inner: Incoming, remaining: u64, idle: Duration) -> UpBody {
+        UpBody::Stream(Box::new(Streaming {
+            inner,
+            remaining,
+            idle,
+            timer: None,
+        }))
+    }
 }
 
 impl Body for UpBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            UpBody::Empty => Poll::Ready(None),
-            UpBody::Stream { inner, remaining } => match ready!(Pin::new(inner).poll_frame(cx)) {
-                None => Poll::Ready(None),
-                Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e)))),
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        let n = data.len() as u64;
-                        if n > *remaining {
-                            return Poll::Ready(Some(Err(BodyError::TooLarge)));
-                        }
-                        if *remaining != u64::MAX {
-                            *remaining -= n;
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let s = match self.get_mut() {
+            UpBody::Empty => return Poll::Ready(None),
+            UpBody::Stream(s) => &mut **s,
+        };
+        match Pin::new(&mut s.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let idle = s.idle;
+                let timer = s.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Timeout(idle)))),
+                    Poll::Pending => Poll::Pending,
                 }
-            },
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = s.timer.as_mut() {
+                    t.as_mut().reset(tokio::time::Instant::now() + s.idle);
+                }
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > s.remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
+                    if s.remaining != u64::MAX {
+                        s.remaining -= n;
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpBody::Empty => true,
-            UpBody::Stream { inner, .. } => inner.is_end_stream(),
+            UpBody::Stream(s) => s.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpBody::Empty => SizeHint::with_exact(0),
-            UpBody::Stream { inner, .. } => inner.size_hint(),
+            UpBody::Stream(s) => s.inner.size_hint(),
         }
     }
 }

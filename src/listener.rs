@@ -7,7 +7,10 @@
 //! certificates are read from the snapshot current at accept time.
 
 use std::net::SocketAddr;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -218,16 +222,16 @@ async fn serve(
     drop(snap);
     match tls {
         None => {
-            let info = ConnInfo { peer, tls: false };
-            drive(TokioIo::new(stream), info, &limits, shared, signals).await
+            let info = conn_info(peer, false, &limits, &signals);
+            drive(TokioIo::new(StallTimeout::new(stream, send_timeout(&limits))), info, &limits, shared, signals).await
         }
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             // A handshake that stalls is cut off like a slow request head.
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let info = ConnInfo { peer, tls: true };
-                    drive(TokioIo::new(tls), info, &limits, shared, signals).await
+                    let info = conn_info(peer, true, &limits, &signals);
+                    drive(TokioIo::new(StallTimeout::new(tls, send_timeout(&limits))), info, &limits, shared, signals).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -236,12 +240,28 @@ async fn serve(
     }
 }
 
-async fn drive<I>(io: I, info: ConnInfo, limits: &Limits, shared: Arc<Shared>, mut signals: Signals)
+/// How long a blocked write to a client may wait: the header timeout, like nginx's
+/// send_timeout defaulting to its client_header_timeout.
+fn send_timeout(limits: &Limits) -> Duration {
+    limits.header_timeout
+}
+
+fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) -> Arc<ConnInfo> {
+    Arc::new(ConnInfo {
+        peer,
+        tls,
+        drain: Some(signals.drain_guard.clone()),
+        body_timeout: limits.header_timeout,
+    })
+}
+
+async fn drive<I>(io: I, info: Arc<ConnInfo>, limits: &Limits, shared: Arc<Shared>, mut signals: Signals)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let b = builder(limits);
-    let svc = service_fn(move |req| proxy::handle(Arc::clone(&shared), info, req));
+    let peer = info.peer;
+    let svc = service_fn(move |req| proxy::handle(Arc::clone(&shared), Arc::clone(&info), req));
     let conn = b.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let _guard = signals.drain_guard.clone();
@@ -251,7 +271,7 @@ where
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             return;
         }
@@ -263,6 +283,92 @@ where
     // connections close at once.
     conn.as_mut().graceful_shutdown();
     if let Err(e) = conn.await {
-        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error while draining");
+        tracing::debug!(%peer, error = %e, "connection ended with an error while draining");
+    }
+}
+
+/// A client socket that gives up on a peer that stops reading: hyper has no write timeout, so
+/// without this a client that never reads its response holds the connection, its backend
+/// connection and its in-flight slot forever. The timer runs only while a write is blocked.
+pub struct StallTimeout<I> {
+    inner: I,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> StallTimeout<I> {
+    pub fn new(inner: I, limit: Duration) -> Self {
+        StallTimeout {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+
+    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client stopped reading",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.timer = None;
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.blocked(cx).map(Err),
+            other => {
+                this.progressed();
+                other
+            }
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.blocked(cx).map(Err),
+            other => {
+                this.progressed();
+                other
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.blocked(cx).map(Err),
+            other => {
+                this.progressed();
+                other
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

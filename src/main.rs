@@ -36,6 +36,13 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Check) = cli.command {
+        // Certificates and CA files are read when the snapshot is built: do it here too, so
+        // that `check` catches a missing or unparsable file before a reload would.
+        let config = std::sync::Arc::new(config);
+        if let Err(e) = balancer::state::Snapshot::build(config, None, 1) {
+            eprintln!("error: {}: {e}", cli.config.display());
+            return ExitCode::from(1);
+        }
         println!("ok");
         return ExitCode::SUCCESS;
     }

@@ -22,11 +22,16 @@ use crate::body::{ResponseBody, UpBody};
 use crate::state::{Shared, Snapshot};
 use crate::upstream::{self, BoxError, SendError};
 
-/// What the connection tells each of its requests.
-#[derive(Clone, Copy, Debug)]
+/// What the connection tells each of its requests. One per client connection, shared by its
+/// requests through an `Arc`.
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Held by WebSocket tunnels, which outlive the HTTP connection they started on, so that
+    /// graceful shutdown waits for them too.
+    pub drain: Option<crate::listener::DrainGuard>,
+    /// A client must make progress on its request body within this (limits.header_timeout).
+    pub body_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,8 @@ pub enum ProxyError {
     HeadersTooLarge,
     #[error("request body exceeds limits.max_body_bytes")]
     BodyTooLarge,
+    #[error("client stopped sending its request body")]
+    BodyTimeout,
     #[error("client went away")]
     ClientClosed,
 }
@@ -66,6 +73,7 @@ pub fn status(e: &ProxyError) -> StatusCode {
         ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         // nginx's convention for "client closed request"; only ever seen in the access log.
         ProxyError::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
     }
@@ -79,6 +87,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => Reason::BadRequest,
             ProxyError::HeadersTooLarge => Reason::BadRequest,
             ProxyError::BodyTooLarge => Reason::BodyTooLarge,
+            ProxyError::BodyTimeout => Reason::BodyTimeout,
             ProxyError::ClientClosed => Reason::ClientClosed,
         }
     }
@@ -90,6 +99,7 @@ fn error_text(s: StatusCode) -> &'static str {
         400 => "400 Bad Request\n",
         404 => "404 Not Found\n",
         405 => "405 Method Not Allowed\n",
+        408 => "408 Request Timeout\n",
         413 => "413 Payload Too Large\n",
         431 => "431 Request Header Fields Too Large\n",
         502 => "502 Bad Gateway\n",
@@ -119,7 +129,7 @@ pub fn local_response(
 }
 
 /// Answers the balancer made itself, by `Reason as usize`, for `/metrics`.
-pub static LOCAL_RESPONSES: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
+pub static LOCAL_RESPONSES: [AtomicU64; crate::backend::REASON_SLOTS] = [const { AtomicU64::new(0) }; crate::backend::REASON_SLOTS];
 
 /// Writes the access-log entry if the request's future is dropped (client gone) before it
 /// produced a response, so no request disappears from the log.
@@ -138,7 +148,7 @@ impl Drop for PendingLog {
 
 pub async fn handle(
     shared: Arc<Shared>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
@@ -157,7 +167,7 @@ pub async fn handle(
             start,
         ))
     }));
-    match forward(&snap, conn, req, &mut log.0).await {
+    match forward(&snap, &conn, req, &mut log.0).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
             let s = status(&e);
@@ -180,7 +190,7 @@ pub async fn handle(
                 _ => tracing::debug!(peer = %conn.peer, error = %e, "answering {}", s.as_u16()),
             }
             // A request whose body we did not read leaves the connection out of sync.
-            let close = matches!(e, ProxyError::BodyTooLarge | ProxyError::BadRequest(_));
+            let close = matches!(e, ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BadRequest(_));
             Ok(local_response(s, log.0.take(), close))
         }
     }
@@ -197,7 +207,7 @@ const IDEMPOTENT: [Method; 6] = [
 
 async fn forward(
     snap: &Snapshot,
-    conn: ConnInfo,
+    conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
     log: &mut Option<Box<LogEntry>>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -218,7 +228,18 @@ async fn forward(
     }
     let bodiless = body.is_end_stream();
     let upstream_uri = upstream_uri(&parts.uri, &path)?;
+    // A WebSocket handshake keeps its Upgrade through the proxy; any other Upgrade (h2c
+    // included) is stripped as the hop-by-hop header it is.
+    let upgrade = websocket_upgrade(&parts);
+    let mut client_upgrade = match upgrade {
+        Some(_) => parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        None => None,
+    };
     rewrite_request_headers(&mut parts.headers, authority.as_deref(), conn);
+    if let Some(proto) = &upgrade {
+        parts.headers.insert(header::UPGRADE, proto.clone());
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let method = parts.method.clone();
     // A copy to replay only exists for requests that may be sent twice: bodiless and
     // idempotent (after it reached a backend), when retries are configured.
@@ -231,10 +252,7 @@ async fn forward(
         if bodiless {
             UpBody::Empty
         } else {
-            UpBody::Stream {
-                inner: body,
-                remaining: if limit == 0 { u64::MAX } else { limit },
-            }
+            UpBody::stream(body, if limit == 0 { u64::MAX } else { limit }, conn.body_timeout)
         },
     ));
 
@@ -296,7 +314,24 @@ async fn forward(
                         l.outcome = accesslog::Outcome::Retried;
                     }
                 }
-                return Ok(relay(sent.response, sent.conn, guard, log.take()));
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return match (&upgrade, client_upgrade.take()) {
+                        (Some(_), Some(on_client)) if answers_websocket(sent.response.headers()) => {
+                            Ok(tunnel(sent.response, on_client, guard, log.take(), conn))
+                        }
+                        _ => Err(ProxyError::Upstream {
+                            reason: Reason::UpstreamProtocol,
+                            source: "backend switched protocols without a matching upgrade".into(),
+                        }),
+                    };
+                }
+                let mut resp = relay(sent.response, sent.conn, guard, log.take());
+                if upgrade.is_some() {
+                    // The client asked to switch protocols and was refused: bytes it sends next
+                    // may be WebSocket frames, never a request to parse. Close after this answer.
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return Ok(resp);
             }
             Err(SendError::NotSent {
                 req,
@@ -329,6 +364,10 @@ async fn forward(
                     Reason::ClientClosed => {
                         guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
                         return Err(ProxyError::ClientClosed);
+                    }
+                    Reason::BodyTimeout => {
+                        guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
+                        return Err(ProxyError::BodyTimeout);
                     }
                     _ => {}
                 }
@@ -380,10 +419,18 @@ fn build(method: &Method, uri: &Uri, headers: HeaderMap, body: UpBody) -> Reques
     r
 }
 
+/// The same cap as hyper's HTTP/1 parser, applied to h2 requests too.
+const MAX_HEADER_FIELDS: usize = 100;
+
 /// Requests the proxy refuses before routing.
 fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed("CONNECT is not proxied"));
+    }
+    // hyper caps h1 at 100 fields itself; h2 has only a byte limit, and cookie crumbs arrive
+    // as separate fields, so count here for every version.
+    if parts.headers.len() > MAX_HEADER_FIELDS {
+        return Err(ProxyError::HeadersTooLarge);
     }
     let max = snap.limits.max_header_bytes;
     // hyper enforces the limit itself from MIN_HEADER_BUFFER up; below that, count here.
@@ -513,11 +560,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.get(header::CONNECTION).cloned() {
+    if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
-            .chain(std::iter::once(&conn))
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
@@ -535,7 +581,7 @@ static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<&str>, conn: ConnInfo) {
+fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<&str>, conn: &ConnInfo) {
     strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::EXPECT);
@@ -573,6 +619,77 @@ fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<&str>, conn: Con
             h.insert(header::HOST, v);
         }
     }
+}
+
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The `Upgrade` value to forward when this is an HTTP/1.1 WebSocket handshake.
+fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 || parts.method != Method::GET {
+        return None;
+    }
+    if !has_token(&parts.headers, header::CONNECTION, "upgrade") || !has_token(&parts.headers, header::UPGRADE, "websocket") {
+        return None;
+    }
+    Some(HeaderValue::from_static("websocket"))
+}
+
+fn answers_websocket(h: &HeaderMap) -> bool {
+    has_token(h, header::UPGRADE, "websocket")
+}
+
+/// Completes a WebSocket handshake: answers the client's 101 and copies bytes both ways until
+/// either side closes. The tunnel keeps the in-flight guard (least-connections sees it) and a
+/// drain guard (graceful shutdown waits for it); it belongs to no config generation, so a
+/// reload never touches it.
+fn tunnel(
+    mut resp: Response<Incoming>,
+    on_client: hyper::upgrade::OnUpgrade,
+    guard: crate::backend::InFlight,
+    log: Option<Box<LogEntry>>,
+    conn: &ConnInfo,
+) -> Response<ResponseBody> {
+    let on_upstream = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    let upgrade = parts.headers.remove(header::UPGRADE);
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = upgrade {
+        parts.headers.insert(header::UPGRADE, u);
+    }
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let drain = conn.drain.clone();
+    let peer = conn.peer;
+    tokio::spawn(async move {
+        let _drain = drain;
+        let _guard = guard;
+        let mut log = log;
+        match tokio::try_join!(on_client, on_upstream) {
+            Ok((client, upstream)) => {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    Ok((_, to_client)) => {
+                        if let Some(l) = log.as_deref_mut() {
+                            l.bytes = to_client;
+                        }
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with an error"),
+                }
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
+        }
+        if let Some(mut l) = log {
+            l.outcome = accesslog::Outcome::Upgraded;
+            accesslog::write(l);
+        }
+    });
+    Response::from_parts(parts, ResponseBody::empty())
 }
 
 fn relay(

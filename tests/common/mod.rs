@@ -504,3 +504,77 @@ pub fn config(backends: &[SocketAddr], strategy: &str, extra: &str) -> String {
 
 #[allow(unused)]
 fn _unused(_: Infallible) {}
+
+// ------------------------------------------------------------------------------------------
+// Helpers for the health, breaker, reload and admin tests
+
+/// Polls the async `cond` every 20 ms for up to `limit`.
+pub async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond().await
+}
+
+/// `GET /status` on any admin address (the in-process balancer's or the binary's).
+pub async fn status_at(admin: SocketAddr) -> serde_json::Value {
+    let g = get(&client(), &format!("http://{admin}/status")).await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    serde_json::from_str(&g.body).unwrap()
+}
+
+/// The `/status` entry of the backend listening on `addr` in `pool`, if it is listed.
+pub fn status_backend(status: &serde_json::Value, pool: &str, addr: SocketAddr) -> Option<serde_json::Value> {
+    status["pools"][pool]["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["address"] == addr.to_string())
+        .cloned()
+}
+
+/// Rewrites the binary's config file with the same `{listen}`/`{admin}` substitution.
+pub fn write_binary_config(b: &BinaryBalancer, template: &str) {
+    let text = template
+        .replace("{listen}", &b.addr.to_string())
+        .replace("{admin}", &b.admin.to_string());
+    std::fs::write(&b.config_path, text).unwrap();
+}
+
+/// Metric samples of a Prometheus text exposition: (name, labels, value), comments skipped.
+pub fn parse_metrics(text: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad metric line {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let mut labels = std::collections::BTreeMap::new();
+        let name = match series.split_once('{') {
+            None => series.to_owned(),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    labels.insert(k.trim_start_matches(',').to_owned(), v.trim_end_matches('"').to_owned());
+                }
+                name.to_owned()
+            }
+        };
+        out.push((name, labels, value));
+    }
+    out
+}

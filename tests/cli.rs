@@ -1,0 +1,491 @@
+//! The `balancer` binary's command line, run for real: `check` accepts valid files with "ok" and
+//! exit 0, and rejects invalid ones with exit 1 and `FILE:LINE:COL: key: message` on stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_balancer");
+
+/// The smallest useful file, verbatim from the contract.
+const SMALLEST: &str = r#"[[listeners]]
+bind = "127.0.0.1:8080"
+
+[pools.web]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002"]
+"#;
+
+/// "Everything, with defaults", verbatim from the contract (comments included).
+const EVERYTHING: &str = r#"shutdown_grace = "30s"          # drain time on SIGTERM
+watch = true                    # reload when the file changes on disk
+
+[admin]                         # optional; no admin listener when absent
+bind = "127.0.0.1:9900"
+
+[log]
+access = true                   # one line per request on stdout (format in the README)
+level = "info"                  # overridden by RUST_LOG
+
+[[listeners]]                   # one or more
+bind = "0.0.0.0:8443"
+# TLS is optional; with it the listener speaks HTTPS with ALPN h2 and http/1.1.
+# One certificate:
+tls = { cert = "certs/site.pem", key = "certs/site.key" }
+# or several, chosen by SNI (the first is the default):
+# [[listeners.tls.certificates]]
+# cert = "certs/a.pem"
+# key  = "certs/a.key"
+
+[limits]                        # for every listener; exceeded -> 4xx, never a crash
+max_header_bytes = 65536        # -> 431
+max_body_bytes = 0              # 0 = unlimited; else -> 413
+header_timeout = "10s"          # client must finish sending headers within this
+max_connections = 10000         # open client connections per listener; beyond it,
+                                # new connections wait in the kernel's accept queue
+
+[[routes]]                      # tried in file order; first match wins
+host = "api.example.com"        # optional: exact, or "*.example.com"; port ignored
+path_prefix = "/v1"             # optional; default "/"
+pool = "api"                    # required
+
+[pools.api]
+strategy = "round_robin"        # "round_robin" | "least_connections"  (more may be added)
+backends = [
+  "127.0.0.1:9001",                          # plain address, weight 1
+  { address = "127.0.0.1:9002", weight = 3 } # weight applies to every strategy
+]
+tls = false                     # true: connect to the backends over TLS, verified
+                                # against the system's root certificates
+# or, for a private CA and/or a name other than the backend address:
+# tls = { ca = "certs/internal-ca.pem", server_name = "api.internal" }
+
+[pools.api.health_check]        # optional; no active checks when absent
+path = "/healthz"
+interval = "2s"
+timeout = "1s"
+healthy_threshold = 2           # consecutive passes to become healthy again
+unhealthy_threshold = 3         # consecutive failures to become unhealthy
+# a pass is a 2xx or 3xx answer within the timeout
+
+[pools.api.circuit_breaker]     # per backend; on by default with these values
+consecutive_failures = 5        # failures in a row that open the breaker
+open_duration = "10s"           # open this long, then half-open
+half_open_requests = 1          # trial requests let through while half-open
+# a failure is: connect error, timeout, reset, or a 5xx answer from the backend
+
+[pools.api.timeouts]
+connect = "2s"                  # -> try another backend, else 502
+response = "30s"                # until the backend's response headers -> 504
+idle = "60s"                    # idle pooled upstream connections are closed
+
+[pools.api.retries]
+attempts = 2                    # total tries; only for idempotent methods, or for
+                                # any request that never reached a backend
+"#;
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+fn run(args: &[&str], cwd: Option<&Path>) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("RUST_LOG");
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    cmd.output().expect("run the balancer binary").into()
+}
+
+/// Writes `text` to a fresh temp dir and runs `balancer check --config FILE`.
+fn check(text: &str) -> (Run, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("balancer.toml");
+    std::fs::write(&path, text).unwrap();
+    let r = run(&["check", "--config", path.to_str().unwrap()], None);
+    (r, path, dir)
+}
+
+/// 1-based number of the only line of `text` that contains `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    let hits: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(hits.len(), 1, "{needle:?} must be on exactly one line of the test config");
+    hits[0]
+}
+
+/// Asserts that `check` rejects `text` with exit 1, that stderr contains `FILE:LINE:COL` with
+/// the line of `at` (and, when given, exactly that column), and that it names every `names`.
+fn assert_rejected(text: &str, at: &str, col: Option<usize>, names: &[&str]) -> String {
+    let (r, path, _dir) = check(text);
+    let err = r.stderr.trim().to_owned();
+    assert_eq!(r.code, Some(1), "exit code; stderr: {err}\nconfig:\n{text}");
+    assert!(
+        !r.stdout.contains("ok"),
+        "a rejected config must not print ok: {:?}",
+        r.stdout
+    );
+    let line = line_of(text, at);
+    let prefix = format!("{}:{line}:", path.display());
+    let Some(pos) = err.find(&prefix) else {
+        panic!("stderr must contain {prefix:?}COL (line of {at:?}); got: {err}\nconfig:\n{text}");
+    };
+    let rest = &err[pos + prefix.len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let got_col: usize = digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no column after {prefix:?}: {err}"));
+    assert!(got_col >= 1, "columns are 1-based: {err}");
+    if let Some(col) = col {
+        assert_eq!(got_col, col, "column; stderr: {err}");
+    }
+    for n in names {
+        assert!(err.contains(n), "stderr must name {n:?}; got: {err}");
+    }
+    // One error, not a dump of the whole config or a panic.
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// The smallest file plus `extra`, with the pool renamed so that tests can add pool sub-tables.
+fn base(extra: &str) -> String {
+    format!(
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n{extra}"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valid files.
+
+#[test]
+fn check_smallest_example_prints_ok() {
+    let (r, _p, _d) = check(SMALLEST);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), "ok");
+}
+
+#[test]
+fn check_full_example_with_every_key_prints_ok() {
+    // The certificate files do not exist: `check` validates the file, the snapshot reads certs.
+    let (r, _p, _d) = check(EVERYTHING);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), "ok");
+}
+
+#[test]
+fn check_accepts_config_before_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.toml");
+    std::fs::write(&path, SMALLEST).unwrap();
+    let r = run(&["--config", path.to_str().unwrap(), "check"], None);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), "ok");
+    let r = run(&["check", "-c", path.to_str().unwrap()], None);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), "ok");
+}
+
+#[test]
+fn check_defaults_to_balancer_toml_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("balancer.toml"), SMALLEST).unwrap();
+    let r = run(&["check"], Some(dir.path()));
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), "ok");
+
+    // And it really reads that file: a broken one there is rejected.
+    std::fs::write(dir.path().join("balancer.toml"), "bogus = 1\n").unwrap();
+    let r = run(&["check"], Some(dir.path()));
+    assert_eq!(r.code, Some(1), "stdout: {}", r.stdout);
+    assert!(r.stderr.contains("balancer.toml:1:"), "{}", r.stderr);
+    assert!(r.stderr.contains("bogus"), "{}", r.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version, help, missing file.
+
+#[test]
+fn version_prints_the_version() {
+    let r = run(&["--version"], None);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(
+        r.stdout.contains(env!("CARGO_PKG_VERSION")),
+        "stdout: {:?}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("balancer"), "stdout: {:?}", r.stdout);
+}
+
+#[test]
+fn help_mentions_check_and_config() {
+    let r = run(&["--help"], None);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(r.stdout.contains("check"), "stdout: {}", r.stdout);
+    assert!(r.stdout.contains("--config"), "stdout: {}", r.stdout);
+}
+
+#[test]
+fn missing_config_file_exits_1_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("does-not-exist.toml");
+    let p = path.to_str().unwrap();
+    let r = run(&["check", "--config", p], None);
+    assert_eq!(r.code, Some(1), "stdout: {} stderr: {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(p), "stderr must name {p}: {}", r.stderr);
+    assert!(!r.stdout.contains("ok"));
+
+    // Running (not just checking) with a missing file fails the same way, without binding.
+    let r = run(&["--config", p], None);
+    assert_eq!(r.code, Some(1), "stdout: {} stderr: {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(p), "stderr must name {p}: {}", r.stderr);
+}
+
+#[test]
+fn run_with_invalid_config_exits_1_before_serving() {
+    let text = base("strategy = \"random\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("balancer.toml");
+    std::fs::write(&path, &text).unwrap();
+    let r = run(&["--config", path.to_str().unwrap()], None);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    let line = line_of(&text, "random");
+    assert!(
+        r.stderr.contains(&format!("{}:{line}:", path.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("strategy"), "{}", r.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rejections: exit 1, the key, FILE:LINE:COL.
+
+#[test]
+fn rejects_unknown_top_level_key() {
+    let text = format!("watch = false\nshutdwn_grace = \"5s\"\n{SMALLEST}");
+    assert_rejected(&text, "shutdwn_grace", Some(1), &["shutdwn_grace"]);
+}
+
+#[test]
+fn rejects_unknown_top_level_key_after_tables() {
+    // A key after `[pools.web]` belongs to that pool: the error must say so, at its line.
+    let text = base("retry = 3\n");
+    assert_rejected(&text, "retry = 3", Some(1), &["retry", "pools.web"]);
+}
+
+#[test]
+fn rejects_unknown_key_in_health_check() {
+    let text = base("\n[pools.web.health_check]\npath = \"/up\"\nintervall = \"2s\"\n");
+    assert_rejected(
+        &text,
+        "intervall",
+        Some(1),
+        &["intervall", "pools.web.health_check"],
+    );
+}
+
+#[test]
+fn rejects_unknown_key_in_timeouts() {
+    let text = base("\n[pools.web.timeouts]\nconnect = \"1s\"\nresponce = \"5s\"\n");
+    assert_rejected(&text, "responce", Some(1), &["responce", "pools.web.timeouts"]);
+}
+
+#[test]
+fn rejects_unknown_key_in_circuit_breaker_and_limits() {
+    let text = base("\n[pools.web.circuit_breaker]\nopen_for = \"5s\"\n");
+    assert_rejected(&text, "open_for", Some(1), &["open_for"]);
+    let text = format!("{SMALLEST}\n[limits]\nmax_body = 10\n");
+    assert_rejected(&text, "max_body", Some(1), &["max_body", "limits"]);
+}
+
+#[test]
+fn rejects_unknown_key_in_backend_inline_table() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", wieght = 2 },\n]\n";
+    assert_rejected(text, "wieght", None, &["wieght"]);
+}
+
+#[test]
+fn rejects_unknown_key_in_listener_and_listener_tls() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\nproto = \"h2\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_rejected(text, "proto", Some(1), &["proto", "listeners"]);
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\ntls = { cert = \"a.pem\", kee = \"a.key\" }\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_rejected(text, "kee", None, &["kee"]);
+}
+
+#[test]
+fn rejects_route_to_missing_pool() {
+    let text = format!(
+        "{SMALLEST}\n[[routes]]\npath_prefix = \"/a\"\npool = \"web\"\n\n[[routes]]\nhost = \"x.example.com\"\npool = \"nope\"\n"
+    );
+    assert_rejected(&text, "\"nope\"", Some(8), &["routes[1].pool", "nope"]);
+}
+
+#[test]
+fn rejects_unparsable_listener_address() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[[listeners]]\nbind = \"localhost\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_rejected(text, "\"localhost\"", Some(8), &["listeners[1].bind", "localhost"]);
+    let text = "[[listeners]]\nbind = \"127.0.0.1:99999\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_rejected(text, "99999", Some(8), &["listeners[0].bind"]);
+}
+
+#[test]
+fn rejects_unparsable_admin_address() {
+    let text = format!("[admin]\nbind = \"127.0.0.1\"\n\n{SMALLEST}");
+    assert_rejected(&text, "\"127.0.0.1\"", Some(8), &["admin.bind"]);
+}
+
+#[test]
+fn rejects_unparsable_backend_address() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  \"127.0.0.1:port\",\n]\n";
+    assert_rejected(text, ":port", Some(3), &["pools.web.backends[1]"]);
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  { address = \"no-port-here\", weight = 2 },\n]\n";
+    assert_rejected(text, "no-port-here", None, &["pools.web.backends[0]", "no-port-here"]);
+}
+
+#[test]
+fn rejects_duration_without_unit() {
+    let text = base("\n[pools.web.timeouts]\nconnect = \"10\"\n");
+    let err = assert_rejected(&text, "connect = \"10\"", Some(11), &["pools.web.timeouts.connect"]);
+    assert!(err.contains("unit"), "the message should say what is wrong: {err}");
+    let text = format!("shutdown_grace = \"30\"\n{SMALLEST}");
+    assert_rejected(&text, "shutdown_grace", Some(18), &["shutdown_grace"]);
+    let text = format!("{SMALLEST}\n[limits]\nheader_timeout = \"5\"\n");
+    assert_rejected(&text, "header_timeout", Some(18), &["limits.header_timeout"]);
+    let text = base("\n[pools.web.health_check]\ninterval = \"2\"\n");
+    assert_rejected(&text, "interval", Some(12), &["pools.web.health_check.interval"]);
+}
+
+#[test]
+fn rejects_duration_that_is_not_a_string() {
+    // `connect = 10` (a bare integer) is as ambiguous as "10".
+    let text = base("\n[pools.web.timeouts]\nconnect = 10\n");
+    assert_rejected(&text, "connect = 10", None, &["connect"]);
+}
+
+#[test]
+fn rejects_size_with_bad_unit() {
+    let text = format!("{SMALLEST}\n[limits]\nmax_header_bytes = \"64KiB\"\nmax_body_bytes = \"10XB\"\n");
+    let err = assert_rejected(&text, "10XB", Some(18), &["limits.max_body_bytes"]);
+    assert!(err.contains("XB"), "{err}");
+    let text = format!("{SMALLEST}\n[limits]\nmax_header_bytes = -1\n");
+    assert_rejected(&text, "-1", Some(20), &["limits.max_header_bytes"]);
+}
+
+#[test]
+fn rejects_weight_zero() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 0 },\n]\n";
+    // `  { address = "127.0.0.1:9002", weight = ` is 41 characters: the 0 is in column 42.
+    assert_rejected(text, "weight = 0", Some(42), &["pools.web.backends[1].weight"]);
+}
+
+#[test]
+fn rejects_negative_weight() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9002\", weight = -2 }]\n";
+    assert_rejected(text, "weight = -2", None, &["pools.web.backends[0].weight"]);
+}
+
+#[test]
+fn rejects_pool_with_empty_backends() {
+    let text = format!(
+        "{SMALLEST}\n[pools.empty]\nstrategy = \"least_connections\"\nbackends = []\n"
+    );
+    assert_rejected(&text, "backends = []", Some(12), &["pools.empty.backends"]);
+}
+
+#[test]
+fn rejects_pool_without_backends() {
+    let text = format!("{SMALLEST}\n[pools.empty]\nstrategy = \"least_connections\"\n");
+    // The error can only point at the pool itself: its header or its first key.
+    let (r, path, _d) = check(&text);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("pools.empty.backends"), "{}", r.stderr);
+    let header = line_of(&text, "[pools.empty]");
+    let first_key = line_of(&text, "least_connections");
+    let at_header = format!("{}:{header}:", path.display());
+    let at_key = format!("{}:{first_key}:", path.display());
+    assert!(
+        r.stderr.contains(&at_header) || r.stderr.contains(&at_key),
+        "stderr must point at [pools.empty] (line {header} or {first_key}): {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn rejects_pool_without_backends_defined_by_subtable_only() {
+    // `[pools.web.timeouts]` alone implicitly creates the pool `web`, still without backends.
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web.timeouts]\nconnect = \"1s\"\n";
+    let (r, path, _d) = check(text);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("pools.web.backends"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{}:", path.display())),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn rejects_two_listeners_on_the_same_address() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[[listeners]]\nbind = \"127.0.0.2:8080\"\n\n[[listeners]]\nbind = \"127.0.0.1:8080\" # again\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    let err = assert_rejected(text, "# again", Some(8), &["listeners[2].bind"]);
+    assert!(err.contains("127.0.0.1:8080"), "{err}");
+}
+
+#[test]
+fn rejects_listener_on_the_admin_address() {
+    let text = format!("[admin]\nbind = \"127.0.0.1:8080\"\n\n{SMALLEST}");
+    let line = line_of(&text, "[[listeners]]") + 1;
+    let (r, path, _d) = check(&text);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{}:{line}:", path.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("listeners[0].bind"), "{}", r.stderr);
+}
+
+#[test]
+fn rejects_unknown_strategy() {
+    let text = base("strategy = \"random\"\n");
+    let err = assert_rejected(&text, "random", Some(12), &["pools.web.strategy", "random"]);
+    assert!(err.contains("round_robin"), "should list the valid ones: {err}");
+}
+
+#[test]
+fn rejects_no_listeners_and_no_pools() {
+    let (r, path, _d) = check("[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n");
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains(&path.display().to_string()), "{}", r.stderr);
+    assert!(r.stderr.contains("listeners"), "{}", r.stderr);
+    let (r, path, _d) = check("[[listeners]]\nbind = \"127.0.0.1:8080\"\n");
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains(&path.display().to_string()), "{}", r.stderr);
+    assert!(r.stderr.contains("pools"), "{}", r.stderr);
+}
+
+#[test]
+fn rejects_toml_syntax_error_with_position() {
+    let text = format!("{SMALLEST}\n[limits\nmax_body_bytes = 1\n");
+    assert_rejected(&text, "[limits", None, &[]);
+}
+
+#[test]
+fn rejects_wrong_type() {
+    let text = format!("watch = \"yes\"\n{SMALLEST}");
+    assert_rejected(&text, "watch", Some(9), &[]);
+}

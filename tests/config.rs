@@ -1,0 +1,527 @@
+//! `balancer::Config::parse` against the contract: defaults, units, the full example's values,
+//! and errors that carry the file, the line and column, and the dotted key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use balancer::config::{HostMatch, StrategyKind};
+use balancer::{Config, ConfigError};
+
+const SMALLEST: &str = r#"[[listeners]]
+bind = "127.0.0.1:8080"
+
+[pools.web]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002"]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "f.toml", None)
+}
+
+fn ok(text: &str) -> Config {
+    parse(text).unwrap_or_else(|e| panic!("should parse: {e}\n{text}"))
+}
+
+fn err(text: &str) -> ConfigError {
+    match parse(text) {
+        Ok(_) => panic!("should be rejected:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    let hits: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(hits.len(), 1, "{needle:?} must be on exactly one line");
+    hits[0]
+}
+
+fn with_limits(limits: &str) -> Config {
+    ok(&format!("{SMALLEST}\n[limits]\n{limits}\n"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defaults.
+
+#[test]
+fn smallest_file_gets_the_contract_defaults() {
+    let c = ok(SMALLEST);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert!(c.watch);
+    assert!(c.admin.is_none(), "no admin listener when [admin] is absent");
+    assert!(c.log.access);
+    assert_eq!(c.log.level, "info");
+
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
+    assert!(c.listeners[0].tls.is_none());
+
+    assert_eq!(c.limits.max_header_bytes, 65536);
+    assert_eq!(c.limits.max_body_bytes, 0);
+    assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.max_connections, 10_000);
+
+    assert!(c.routes.is_empty());
+    assert_eq!(c.pools.len(), 1);
+    let p = &c.pools[0];
+    assert_eq!(p.name, "web");
+    assert_eq!(p.strategy, StrategyKind::RoundRobin);
+    let addrs: Vec<&str> = p.backends.iter().map(|b| b.address.as_str()).collect();
+    assert_eq!(addrs, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+    assert!(p.backends.iter().all(|b| b.weight == 1));
+    assert_eq!(p.backends[1].addr, "127.0.0.1:9002".parse().unwrap());
+    assert!(p.tls.is_none());
+    assert!(p.health_check.is_none(), "no active checks when the table is absent");
+
+    assert_eq!(p.breaker.consecutive_failures, 5);
+    assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
+    assert_eq!(p.breaker.half_open_requests, 1);
+
+    assert_eq!(p.timeouts.connect, Duration::from_secs(2));
+    assert_eq!(p.timeouts.response, Duration::from_secs(30));
+    assert_eq!(p.timeouts.idle, Duration::from_secs(60));
+    assert_eq!(p.attempts, 2);
+}
+
+#[test]
+fn empty_subtables_get_the_same_defaults() {
+    let c = ok(&format!(
+        "{SMALLEST}\n[log]\n[limits]\n[pools.web.health_check]\n[pools.web.circuit_breaker]\n[pools.web.timeouts]\n[pools.web.retries]\n"
+    ));
+    assert!(c.log.access);
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.limits.max_header_bytes, 65536);
+    assert_eq!(c.limits.max_body_bytes, 0);
+    assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.max_connections, 10_000);
+    let p = &c.pools[0];
+    let hc = p.health_check.as_ref().expect("the table is present: checks are on");
+    assert_eq!(hc.path, "/healthz");
+    assert_eq!(hc.interval, Duration::from_secs(2));
+    assert_eq!(hc.timeout, Duration::from_secs(1));
+    assert_eq!(hc.healthy_threshold, 2);
+    assert_eq!(hc.unhealthy_threshold, 3);
+    assert_eq!(p.breaker.consecutive_failures, 5);
+    assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
+    assert_eq!(p.breaker.half_open_requests, 1);
+    assert_eq!(p.timeouts.connect, Duration::from_secs(2));
+    assert_eq!(p.timeouts.response, Duration::from_secs(30));
+    assert_eq!(p.timeouts.idle, Duration::from_secs(60));
+    assert_eq!(p.attempts, 2);
+}
+
+#[test]
+fn partial_subtables_keep_the_other_defaults() {
+    let c = ok(&format!(
+        "{SMALLEST}\n[pools.web.health_check]\npath = \"/up\"\n[pools.web.timeouts]\nconnect = \"250ms\"\n"
+    ));
+    let p = &c.pools[0];
+    let hc = p.health_check.as_ref().unwrap();
+    assert_eq!(hc.path, "/up");
+    assert_eq!(hc.interval, Duration::from_secs(2));
+    assert_eq!(hc.timeout, Duration::from_secs(1));
+    assert_eq!(p.timeouts.connect, Duration::from_millis(250));
+    assert_eq!(p.timeouts.response, Duration::from_secs(30));
+    assert_eq!(p.timeouts.idle, Duration::from_secs(60));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Units.
+
+#[test]
+fn sizes_accept_integers_and_binary_units() {
+    let c = with_limits("max_header_bytes = \"64KiB\"\nmax_body_bytes = \"10MiB\"");
+    assert_eq!(c.limits.max_header_bytes, 64 * 1024);
+    assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
+
+    let c = with_limits("max_header_bytes = 32768\nmax_body_bytes = 1048576");
+    assert_eq!(c.limits.max_header_bytes, 32768);
+    assert_eq!(c.limits.max_body_bytes, 1_048_576);
+
+    let c = with_limits("max_body_bytes = 0");
+    assert_eq!(c.limits.max_body_bytes, 0, "0 = unlimited is allowed");
+
+    let c = with_limits("max_body_bytes = \"1GiB\"");
+    assert_eq!(c.limits.max_body_bytes, 1 << 30);
+}
+
+#[test]
+fn sizes_reject_bad_units_with_key_and_position() {
+    let text = format!("{SMALLEST}\n[limits]\nmax_body_bytes = \"10XB\"\n");
+    let e = err(&text);
+    assert_eq!(e.file, "f.toml");
+    assert_eq!(e.key.as_deref(), Some("limits.max_body_bytes"), "{e}");
+    assert_eq!(e.line, Some((line_of(&text, "10XB"), 18)), "{e}");
+    assert!(e.to_string().starts_with(&format!("f.toml:{}:18: limits.max_body_bytes: ", line_of(&text, "10XB"))), "{e}");
+
+    for bad in ["\"KiB\"", "\"-5\"", "-5", "\"ten\"", "\"99999999999999999999\""] {
+        let text = format!("{SMALLEST}\n[limits]\nmax_body_bytes = {bad}\n");
+        let e = err(&text);
+        assert_eq!(e.key.as_deref(), Some("limits.max_body_bytes"), "{bad}: {e}");
+        assert_eq!(e.line.map(|l| l.0), Some(line_of(&text, "max_body_bytes")), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn durations_need_a_unit() {
+    let c = ok(&format!(
+        "shutdown_grace = \"1m\"\n{SMALLEST}\n[pools.web.timeouts]\nconnect = \"250ms\"\nresponse = \"2s\"\nidle = \"1m30s\"\n"
+    ));
+    assert_eq!(c.shutdown_grace, Duration::from_secs(60));
+    let t = c.pools[0].timeouts;
+    assert_eq!(t.connect, Duration::from_millis(250));
+    assert_eq!(t.response, Duration::from_secs(2));
+    assert_eq!(t.idle, Duration::from_secs(90));
+
+    let text = format!("{SMALLEST}\n[pools.web.timeouts]\nconnect = \"10\"\n");
+    let e = err(&text);
+    assert_eq!(e.key.as_deref(), Some("pools.web.timeouts.connect"), "{e}");
+    assert_eq!(e.line, Some((line_of(&text, "connect"), 11)), "{e}");
+
+    let text = format!("{SMALLEST}\n[pools.web.circuit_breaker]\nopen_duration = \"ten seconds\"\n");
+    let e = err(&text);
+    assert_eq!(e.key.as_deref(), Some("pools.web.circuit_breaker.open_duration"), "{e}");
+    assert_eq!(e.line.map(|l| l.0), Some(line_of(&text, "open_duration")), "{e}");
+}
+
+#[test]
+fn shutdown_grace_zero_is_allowed_but_timeouts_zero_are_not() {
+    let c = ok(&format!("shutdown_grace = \"0s\"\n{SMALLEST}"));
+    assert_eq!(c.shutdown_grace, Duration::ZERO);
+    let text = format!("{SMALLEST}\n[pools.web.timeouts]\nresponse = \"0s\"\n");
+    let e = err(&text);
+    assert_eq!(e.key.as_deref(), Some("pools.web.timeouts.response"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The full example.
+
+const EVERYTHING: &str = r#"shutdown_grace = "30s"
+watch = true
+
+[admin]
+bind = "127.0.0.1:9900"
+
+[log]
+access = true
+level = "info"
+
+[[listeners]]
+bind = "0.0.0.0:8443"
+tls = { cert = "certs/site.pem", key = "certs/site.key" }
+
+[limits]
+max_header_bytes = 65536
+max_body_bytes = 0
+header_timeout = "10s"
+max_connections = 10000
+
+[[routes]]
+host = "api.example.com"
+path_prefix = "/v1"
+pool = "api"
+
+[pools.api]
+strategy = "round_robin"
+backends = [
+  "127.0.0.1:9001",
+  { address = "127.0.0.1:9002", weight = 3 }
+]
+tls = false
+
+[pools.api.health_check]
+path = "/healthz"
+interval = "2s"
+timeout = "1s"
+healthy_threshold = 2
+unhealthy_threshold = 3
+
+[pools.api.circuit_breaker]
+consecutive_failures = 5
+open_duration = "10s"
+half_open_requests = 1
+
+[pools.api.timeouts]
+connect = "2s"
+response = "30s"
+idle = "60s"
+
+[pools.api.retries]
+attempts = 2
+"#;
+
+#[test]
+fn full_example_parses_to_its_values() {
+    let base = Path::new("/etc/balancer");
+    let c = Config::parse(EVERYTHING, "/etc/balancer/balancer.toml", Some(base))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert!(c.watch);
+    assert_eq!(c.admin.as_ref().unwrap().bind, "127.0.0.1:9900".parse().unwrap());
+    assert!(c.log.access);
+    assert_eq!(c.log.level, "info");
+
+    assert_eq!(c.listeners.len(), 1);
+    let l = &c.listeners[0];
+    assert_eq!(l.bind, "0.0.0.0:8443".parse().unwrap());
+    let tls = l.tls.as_ref().expect("listener TLS");
+    assert_eq!(tls.certificates.len(), 1);
+    // Relative certificate paths are resolved against the config file's directory.
+    assert_eq!(tls.certificates[0].cert, PathBuf::from("/etc/balancer/certs/site.pem"));
+    assert_eq!(tls.certificates[0].key, PathBuf::from("/etc/balancer/certs/site.key"));
+
+    assert_eq!(c.limits.max_header_bytes, 65536);
+    assert_eq!(c.limits.max_body_bytes, 0);
+    assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.max_connections, 10000);
+
+    assert_eq!(c.routes.len(), 1);
+    let r = &c.routes[0];
+    assert_eq!(r.host, Some(HostMatch::Exact("api.example.com".into())));
+    assert_eq!(r.path_prefix, "/v1");
+    assert_eq!(r.pool, "api");
+
+    let p = &c.pools[0];
+    assert_eq!(p.name, "api");
+    assert_eq!(p.strategy, StrategyKind::RoundRobin);
+    let b: Vec<(&str, u32)> = p.backends.iter().map(|b| (b.address.as_str(), b.weight)).collect();
+    assert_eq!(b, [("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)]);
+    assert!(p.tls.is_none(), "tls = false");
+    let hc = p.health_check.as_ref().unwrap();
+    assert_eq!(
+        (hc.path.as_str(), hc.interval, hc.timeout, hc.healthy_threshold, hc.unhealthy_threshold),
+        ("/healthz", Duration::from_secs(2), Duration::from_secs(1), 2, 3)
+    );
+    assert_eq!(p.breaker.consecutive_failures, 5);
+    assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
+    assert_eq!(p.breaker.half_open_requests, 1);
+    assert_eq!(p.timeouts.connect, Duration::from_secs(2));
+    assert_eq!(p.timeouts.response, Duration::from_secs(30));
+    assert_eq!(p.timeouts.idle, Duration::from_secs(60));
+    assert_eq!(p.attempts, 2);
+}
+
+#[test]
+fn full_example_equals_smallest_plus_defaults() {
+    // Writing every default explicitly must give the same pool settings as leaving them out.
+    let explicit = ok(EVERYTHING);
+    let implicit = ok(
+        "[admin]\nbind = \"127.0.0.1:9900\"\n[[listeners]]\nbind = \"0.0.0.0:8443\"\ntls = { cert = \"certs/site.pem\", key = \"certs/site.key\" }\n[[routes]]\nhost = \"api.example.com\"\npath_prefix = \"/v1\"\npool = \"api\"\n[pools.api]\nbackends = [\"127.0.0.1:9001\", { address = \"127.0.0.1:9002\", weight = 3 }]\n[pools.api.health_check]\n",
+    );
+    assert_eq!(explicit, implicit);
+}
+
+#[test]
+fn commented_out_alternatives_of_the_full_example_parse() {
+    // Several certificates chosen by SNI; pool TLS with a private CA and a server name.
+    let text = r#"
+[[listeners]]
+bind = "0.0.0.0:8443"
+
+[[listeners.tls.certificates]]
+cert = "certs/a.pem"
+key  = "certs/a.key"
+
+[[listeners.tls.certificates]]
+cert = "/abs/b.pem"
+key  = "/abs/b.key"
+
+[pools.api]
+strategy = "least_connections"
+backends = ["127.0.0.1:9001"]
+tls = { ca = "certs/internal-ca.pem", server_name = "api.internal" }
+
+[pools.other]
+backends = ["127.0.0.1:9002"]
+tls = true
+"#;
+    let c = Config::parse(text, "b.toml", Some(Path::new("/cfg"))).unwrap_or_else(|e| panic!("{e}"));
+    let certs = &c.listeners[0].tls.as_ref().unwrap().certificates;
+    assert_eq!(certs.len(), 2);
+    assert_eq!(certs[0].cert, PathBuf::from("/cfg/certs/a.pem"));
+    assert_eq!(certs[0].key, PathBuf::from("/cfg/certs/a.key"));
+    assert_eq!(certs[1].cert, PathBuf::from("/abs/b.pem"));
+    let api = &c.pools[0];
+    assert_eq!(api.strategy, StrategyKind::LeastConnections);
+    let tls = api.tls.as_ref().unwrap();
+    assert_eq!(tls.ca.as_deref(), Some(Path::new("/cfg/certs/internal-ca.pem")));
+    assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+    let other = c.pools[1].tls.as_ref().expect("tls = true");
+    assert!(other.ca.is_none() && other.server_name.is_none());
+}
+
+#[test]
+fn pools_keep_file_order() {
+    let c = ok("[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.zeta]\nbackends = [\"127.0.0.1:1\"]\n[pools.alpha]\nbackends = [\"127.0.0.1:2\"]\n[pools.mid]\nbackends = [\"127.0.0.1:3\"]\n");
+    let names: Vec<&str> = c.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["zeta", "alpha", "mid"]);
+}
+
+#[test]
+fn routes_keep_file_order_and_host_patterns() {
+    let c = ok(&format!(
+        "{SMALLEST}\n[[routes]]\nhost = \"*.Example.com\"\npool = \"web\"\n[[routes]]\npath_prefix = \"/v2\"\npool = \"web\"\n"
+    ));
+    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.routes[0].host, Some(HostMatch::Suffix(".example.com".into())));
+    assert_eq!(c.routes[0].path_prefix, "/");
+    assert_eq!(c.routes[1].host, None);
+    assert_eq!(c.routes[1].path_prefix, "/v2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors carry the key and the position.
+
+/// `(line, key-or-message fragment)` checks for one rejected text.
+fn assert_err_at(text: &str, at: &str, key: &str) -> ConfigError {
+    let e = err(text);
+    assert_eq!(e.file, "f.toml");
+    let (line, col) = e.line.unwrap_or_else(|| panic!("no position: {e}"));
+    assert_eq!(line, line_of(text, at), "line of {at:?}: {e}\n{text}");
+    assert!(col >= 1);
+    let shown = e.to_string();
+    assert!(shown.starts_with(&format!("f.toml:{line}:{col}:")), "{shown}");
+    assert!(shown.contains(key), "{shown} should name {key:?}");
+    e
+}
+
+#[test]
+fn unknown_keys_are_errors_at_every_depth() {
+    assert_err_at(&format!("colour = 1\n{SMALLEST}"), "colour", "colour");
+    assert_err_at(&format!("{SMALLEST}\n[admin]\nbind = \"127.0.0.1:9900\"\nport = 1\n"), "port", "port");
+    assert_err_at(&format!("{SMALLEST}\n[log]\nformat = \"json\"\n"), "format", "format");
+    assert_err_at(&format!("{SMALLEST}\n[pools.web.health_check]\nexpect = 200\n"), "expect", "expect");
+    assert_err_at(&format!("{SMALLEST}\n[pools.web.timeouts]\nread = \"1s\"\n"), "read", "read");
+    assert_err_at(&format!("{SMALLEST}\n[pools.web.retries]\nretry_on = \"5xx\"\n"), "retry_on", "retry_on");
+    assert_err_at(&format!("{SMALLEST}\n[[routes]]\npool = \"web\"\nmethod = \"GET\"\n"), "method", "method");
+    assert_err_at(
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\n  { address = \"127.0.0.1:9001\", wieght = 2 },\n]\n",
+        "wieght",
+        "wieght",
+    );
+    assert_err_at(
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\ntls = { ca = \"x.pem\", sni = \"a\" }\n",
+        "sni",
+        "sni",
+    );
+}
+
+#[test]
+fn semantic_errors_name_the_dotted_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n[[routes]]\npool = \"api\"\n",
+            "\"api\"",
+            "routes[0].pool",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n",
+            "bind",
+            "listeners[0].bind",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:\"]\n",
+            "backends",
+            "pools.web.backends[1]",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 0 }]\n",
+            "weight",
+            "pools.web.backends[0].weight",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 1001 }]\n",
+            "weight",
+            "pools.web.backends[0].weight",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = []\n",
+            "backends",
+            "pools.web.backends",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[[listeners]]\nbind = \"127.0.0.1:8080\" # dup\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n",
+            "# dup",
+            "listeners[1].bind",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nstrategy = \"random\"\nbackends = [\"127.0.0.1:9001\"]\n",
+            "random",
+            "pools.web.strategy",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9001\"]\n",
+            "backends",
+            "pools.web.backends[1]",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n[pools.web.retries]\nattempts = 0\n",
+            "attempts",
+            "pools.web.retries.attempts",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n[pools.web.health_check]\nhealthy_threshold = 0\n",
+            "healthy_threshold",
+            "pools.web.health_check.healthy_threshold",
+        ),
+        (
+            "[log]\nlevel = \"loud\"\n[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n",
+            "loud",
+            "log.level",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n[[routes]]\npath_prefix = \"v1\"\npool = \"web\"\n",
+            "v1",
+            "routes[0].path_prefix",
+        ),
+    ];
+    for (text, at, key) in cases {
+        let e = assert_err_at(text, at, key);
+        assert_eq!(e.key.as_deref(), Some(*key), "{e}");
+    }
+}
+
+#[test]
+fn weight_zero_points_at_the_value() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 0 },\n]\n";
+    let e = err(text);
+    assert_eq!(e.line, Some((6, 42)), "{e}");
+    assert_eq!(e.key.as_deref(), Some("pools.web.backends[1].weight"));
+}
+
+#[test]
+fn pool_without_backends_points_at_the_pool() {
+    let text = format!("{SMALLEST}\n[pools.api]\nstrategy = \"least_connections\"\n");
+    let e = err(&text);
+    assert_eq!(e.key.as_deref(), Some("pools.api.backends"), "{e}");
+    let (line, _) = e.line.unwrap_or_else(|| panic!("no position: {e}"));
+    let header = line_of(&text, "[pools.api]");
+    assert!(
+        line == header || line == header + 1,
+        "should point at [pools.api] (line {header}): {e}"
+    );
+}
+
+#[test]
+fn missing_listeners_or_pools_are_errors() {
+    let e = err("[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n");
+    assert_eq!(e.key.as_deref(), Some("listeners"), "{e}");
+    let e = err("[[listeners]]\nbind = \"127.0.0.1:8080\"\n");
+    assert_eq!(e.key.as_deref(), Some("pools"), "{e}");
+}
+
+#[test]
+fn errors_count_lines_with_crlf_and_unicode() {
+    // Columns count characters, not bytes; CRLF line endings do not shift the line number.
+    let text = "# café ünïcödé\r\n[[listeners]]\r\nbind = \"127.0.0.1:8080\"\r\n[pools.web]\r\nbackends = [\"127.0.0.1:9001\"]\r\nstrategy = \"random\" # é\r\n";
+    let e = err(text);
+    assert_eq!(e.line, Some((6, 12)), "{e}");
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 2 }, { address = \"é:1\", weight = 0 }]\n";
+    let e = err(text);
+    assert_eq!(e.key.as_deref(), Some("pools.web.backends[1].weight"), "{e}");
+    assert_eq!(e.line, Some((4, 85)), "{e}");
+}
