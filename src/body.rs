@@ -193,7 +193,9 @@ impl Body for ResponseBody {
         match &mut self.get_mut().kind {
             Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => {
-                let res = ready!(Pin::new(&mut up.inner).poll_frame(cx));
+                let polled = Pin::new(&mut up.inner).poll_frame(cx);
+                crate::stall::note_progress(polled.is_pending());
+                let res = ready!(polled);
                 match &res {
                     None => up.done = true,
                     Some(Ok(frame)) => {

@@ -30,6 +30,7 @@ pub mod health;
 pub mod listener;
 pub mod proxy;
 pub mod reload;
+pub mod stall;
 pub mod state;
 pub mod upstream;
 

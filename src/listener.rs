@@ -7,27 +7,24 @@
 //! certificates are read from the snapshot current at accept time.
 
 use std::net::SocketAddr;
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{Limits, ListenerTls, MIN_HEADER_BUFFER};
 use crate::proxy::{self, ConnInfo};
+use crate::stall::{StallTimeout, StreamExec};
 use crate::state::Shared;
 
 /// Held by every live connection; graceful shutdown waits until all are dropped.
@@ -179,8 +176,10 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn builder(limits: &Limits) -> auto::Builder<StreamExec> {
+    let mut b = auto::Builder::new(StreamExec {
+        limit: limits.header_timeout,
+    });
     let buf = limits.max_header_bytes.max(MIN_HEADER_BUFFER);
     b.http1()
         .timer(TokioTimer::new())
@@ -284,91 +283,5 @@ where
     conn.as_mut().graceful_shutdown();
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "connection ended with an error while draining");
-    }
-}
-
-/// A client socket that gives up on a peer that stops reading: hyper has no write timeout, so
-/// without this a client that never reads its response holds the connection, its backend
-/// connection and its in-flight slot forever. The timer runs only while a write is blocked.
-pub struct StallTimeout<I> {
-    inner: I,
-    limit: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<I> StallTimeout<I> {
-    pub fn new(inner: I, limit: Duration) -> Self {
-        StallTimeout {
-            inner,
-            limit,
-            timer: None,
-        }
-    }
-
-    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
-        let limit = self.limit;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "client stopped reading",
-            )),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn progressed(&mut self) {
-        self.timer = None;
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Pending => this.blocked(cx).map(Err),
-            other => {
-                this.progressed();
-                other
-            }
-        }
-    }
-
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.blocked(cx).map(Err),
-            other => {
-                this.progressed();
-                other
-            }
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Pending => this.blocked(cx).map(Err),
-            other => {
-                this.progressed();
-                other
-            }
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -1,0 +1,195 @@
+//! Clients that stop reading: hyper has no write timeout, so without these a client that
+//! never reads its response would hold its connection, a backend connection and an in-flight
+//! slot forever.
+//!
+//! - `StallTimeout` wraps a client socket: a write blocked for longer than the limit fails the
+//!   connection. Covers HTTP/1.1 and a whole h2 connection that stops reading.
+//! - `StreamExec` is the executor hyper spawns each h2 stream on: it resets a stream whose
+//!   peer keeps the connection alive but never opens the stream's flow-control window. The
+//!   response body (`body::ResponseBody`) reports, through `note_progress`, each time hyper
+//!   asks it for data and whether it is itself waiting on the backend; a stream that has a
+//!   response, is not waiting on its backend, and has not been asked for data within the limit
+//!   is dropped, which makes h2 send RST_STREAM.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::backend::now_ms;
+
+/// A client socket that gives up on a peer that stops reading: hyper has no write timeout, so
+/// without this a client that never reads its response holds the connection, its backend
+/// connection and its in-flight slot forever. The timer runs only while a write is blocked.
+pub struct StallTimeout<I> {
+    inner: I,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> StallTimeout<I> {
+    pub fn new(inner: I, limit: Duration) -> Self {
+        StallTimeout {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+
+    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client stopped reading",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.timer = None;
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.blocked(cx).map(Err),
+            other => {
+                this.progressed();
+                other
+            }
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.blocked(cx).map(Err),
+            other => {
+                this.progressed();
+                other
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.blocked(cx).map(Err),
+            other => {
+                this.progressed();
+                other
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+
+thread_local! {
+    /// The progress cell of the h2 stream being polled on this thread, if any.
+    static CURRENT: RefCell<Option<Arc<AtomicU64>>> = const { RefCell::new(None) };
+}
+
+/// Bit 0 of a progress cell: the body is waiting on its backend, not on the client.
+const WAITING_ON_BACKEND: u64 = 1;
+
+/// Called by the response body each time hyper polls it (h2 streams only; a no-op elsewhere).
+pub fn note_progress(waiting_on_backend: bool) {
+    CURRENT.with(|c| {
+        if let Some(cell) = c.borrow().as_ref() {
+            cell.store((now_ms().max(1) << 1) | u64::from(waiting_on_backend), Relaxed);
+        }
+    });
+}
+
+/// hyper's executor for h2 streams: every stream runs under a stall watchdog.
+#[derive(Clone)]
+pub struct StreamExec {
+    pub limit: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Watched {
+            inner: Box::pin(fut),
+            progress: Some(Arc::new(AtomicU64::new(0))),
+            timer: None,
+            limit: self.limit,
+        });
+    }
+}
+
+struct Watched<F> {
+    inner: Pin<Box<F>>,
+    /// 0 until the response body is first polled; then (ms << 1) | WAITING_ON_BACKEND.
+    progress: Option<Arc<AtomicU64>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    limit: Duration,
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        // Lend the cell to this thread for the duration of the poll, without cloning the Arc.
+        let lent = CURRENT.with(|c| c.replace(this.progress.take()));
+        let r = this.inner.as_mut().poll(cx);
+        this.progress = CURRENT.with(|c| c.replace(lent));
+        if r.is_ready() {
+            return Poll::Ready(());
+        }
+        let p = this.progress.as_ref().map(|c| c.load(Relaxed)).unwrap_or(0);
+        if p == 0 || p & WAITING_ON_BACKEND != 0 {
+            // No response yet (the response timeout covers that), or the backend is the slow
+            // side: nothing to hold against the client.
+            this.timer = None;
+            return Poll::Pending;
+        }
+        let limit_ms = this.limit.as_millis() as u64;
+        let last = p >> 1;
+        let now = now_ms();
+        if now.saturating_sub(last) >= limit_ms {
+            tracing::debug!("h2 stream reset: peer did not open its window for {:?}", this.limit);
+            return Poll::Ready(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(limit_ms - now.saturating_sub(last));
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        // Registers the waker; if it fires, the next poll re-checks progress.
+        let _ = timer.as_mut().poll(cx);
+        Poll::Pending
+    }
+}
