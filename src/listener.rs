@@ -249,6 +249,7 @@ fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) ->
     Arc::new(ConnInfo {
         peer,
         tls,
+        peer_ip: http::HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(http::HeaderValue::from_static("unknown")),
         drain: Some(signals.drain_guard.clone()),
         body_timeout: limits.header_timeout,
     })

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 
@@ -30,6 +30,8 @@ pub struct ConnInfo {
     /// Held by WebSocket tunnels, which outlive the HTTP connection they started on, so that
     /// graceful shutdown waits for them too.
     pub drain: Option<crate::listener::DrainGuard>,
+    /// The peer's IP as a header value, built once per connection for X-Forwarded-For.
+    pub peer_ip: HeaderValue,
     /// A client must make progress on its request body within this (limits.header_timeout).
     pub body_timeout: std::time::Duration,
 }
@@ -216,7 +218,7 @@ async fn forward(
     let authority = authority(&parts)?;
     let path = normalize_path(parts.uri.path());
     let pool = snap
-        .route(authority.as_deref(), &path)
+        .route(authority.as_ref().and_then(|a| a.to_str().ok()), &path)
         .ok_or(ProxyError::NoRoute)?;
     if let Some(l) = log.as_deref_mut() {
         l.pool = Some(pool.name.clone());
@@ -235,7 +237,7 @@ async fn forward(
         Some(_) => parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
         None => None,
     };
-    rewrite_request_headers(&mut parts.headers, authority.as_deref(), conn);
+    rewrite_request_headers(&mut parts.headers, authority, conn);
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::UPGRADE, proto.clone());
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -450,7 +452,9 @@ fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<(), Pr
 
 /// The authority the request is for: an absolute-form target's wins over `Host` (RFC 9112
 /// §3.2.2), h2's `:authority` likewise. Several `Host` headers are refused.
-fn authority(parts: &http::request::Parts) -> Result<Option<String>, ProxyError> {
+/// Returned as a `HeaderValue`: for the common `Host` case that is a reference-counted clone
+/// of the parsed header, no copy.
+fn authority(parts: &http::request::Parts) -> Result<Option<HeaderValue>, ProxyError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -464,15 +468,15 @@ fn authority(parts: &http::request::Parts) -> Result<Option<String>, ProxyError>
                 }
             }
         }
-        return Ok(Some(a.as_str().to_owned()));
+        return HeaderValue::from_str(a.as_str())
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("invalid authority"));
     }
     match host {
-        Some(h) => match h.to_str() {
-            Ok(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => {
-                Ok(Some(s.to_owned()))
-            }
-            _ => Err(ProxyError::BadRequest("invalid Host header")),
-        },
+        Some(h) if !h.is_empty() && h.as_bytes().iter().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(h.clone()))
+        }
+        Some(_) => Err(ProxyError::BadRequest("invalid Host header")),
         None if parts.version == Version::HTTP_11 => {
             Err(ProxyError::BadRequest("missing Host header"))
         }
@@ -581,43 +585,31 @@ static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<&str>, conn: &ConnInfo) {
+fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<HeaderValue>, conn: &ConnInfo) {
     strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::EXPECT);
     h.remove(header::PROXY_AUTHORIZATION);
     h.remove(HeaderName::from_static("proxy-authenticate"));
     // X-Forwarded-For: the client's chain, then the peer we saw.
-    let ip = conn.peer.ip();
-    let mut xff = BytesMut::with_capacity(64);
-    for v in h.get_all(&XFF).iter() {
-        if !xff.is_empty() {
-            xff.extend_from_slice(b", ");
+    let forwarded = match h.entry(&XFF) {
+        Entry::Vacant(_) => conn.peer_ip.clone(),
+        Entry::Occupied(e) => {
+            let mut xff = BytesMut::with_capacity(64);
+            for v in e.iter() {
+                xff.extend_from_slice(v.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+            xff.extend_from_slice(conn.peer_ip.as_bytes());
+            HeaderValue::from_maybe_shared(xff.freeze()).unwrap_or_else(|_| conn.peer_ip.clone())
         }
-        xff.extend_from_slice(v.as_bytes());
-    }
-    if !xff.is_empty() {
-        xff.extend_from_slice(b", ");
-    }
-    {
-        use std::fmt::Write as _;
-        let mut s = String::with_capacity(40);
-        let _ = write!(s, "{ip}");
-        xff.extend_from_slice(s.as_bytes());
-    }
-    if let Ok(v) = HeaderValue::from_maybe_shared(xff.freeze()) {
-        h.insert(XFF.clone(), v);
-    }
-    h.insert(
-        XFP.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    };
+    h.insert(XFF.clone(), forwarded);
+    h.insert(XFP.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     if let Some(a) = authority {
-        if let Ok(v) = HeaderValue::from_str(a) {
-            h.insert(XFH.clone(), v.clone());
-            // The client's Host is kept; for h2 and absolute-form it is the authority.
-            h.insert(header::HOST, v);
-        }
+        h.insert(XFH.clone(), a.clone());
+        // The client's Host is kept; for h2 and absolute-form it is the authority.
+        h.insert(header::HOST, a);
     }
 }
 
