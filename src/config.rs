@@ -504,6 +504,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
+/// A key found in the text before a value, for parser errors that only carry the value's span.
+struct ValueKey {
+    name: String,
+    /// Inside an inline table (`{ address = "...", weight = "x" }`): not a key of the table.
+    inline: bool,
+}
+
 struct Validator<'a> {
     src: &'a str,
     file: &'a str,
@@ -550,18 +557,30 @@ impl Validator<'_> {
     /// A syntax or type error from the TOML parser. Its span points at the offending key or
     /// value; we name the enclosing `[table]` so "unknown field `wieght`" says where.
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let mut msg = e.message().trim().to_owned();
         let (line, key) = match e.span() {
-            Some(span) => (
-                Some(self.line_col(span.start)),
-                self.enclosing_table(span.start),
-            ),
+            Some(span) => {
+                let mut key = self.enclosing_table(span.start);
+                // A type error points at the value: name the key written before its `=`.
+                if let Some(k) = self.key_before_value(span.start) {
+                    if k.inline {
+                        msg = format!("`{}`: {msg}", k.name);
+                    } else {
+                        key = Some(match key {
+                            Some(t) => format!("{t}.{}", k.name),
+                            None => k.name,
+                        });
+                    }
+                }
+                (Some(self.line_col(span.start)), key)
+            }
             None => (None, None),
         };
         ConfigError {
             file: self.file.to_owned(),
             line,
             key,
-            msg: e.message().trim().to_owned(),
+            msg,
         }
     }
 
@@ -570,10 +589,33 @@ impl Validator<'_> {
         before.lines().rev().find_map(|l| {
             let l = l.trim();
             if l.starts_with('[') {
-                Some(l.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
+                // `[pools.api.health_check]   # comment` -> `pools.api.health_check`
+                let inner = l.trim_start_matches('[');
+                let end = inner.find(']').unwrap_or(inner.len());
+                Some(inner[..end].trim().to_owned())
             } else {
                 None
             }
+        })
+    }
+
+    /// The key of `key = <offset>` when `offset` is the start of a value on that line.
+    fn key_before_value(&self, offset: usize) -> Option<ValueKey> {
+        let before = self.src.get(..offset.min(self.src.len()))?;
+        let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+        let lhs = line.trim_end().strip_suffix('=')?.trim_end();
+        let start = lhs
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| c == '{' || c == ',' || c.is_whitespace())
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        let name = &lhs[start..];
+        if name.is_empty() || name.starts_with('[') || name.starts_with('#') {
+            return None;
+        }
+        Some(ValueKey {
+            name: name.to_owned(),
+            inline: lhs[..start].contains('{'),
         })
     }
 

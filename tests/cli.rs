@@ -124,7 +124,11 @@ fn line_of(text: &str, needle: &str) -> usize {
         .filter(|(_, l)| l.contains(needle))
         .map(|(i, _)| i + 1)
         .collect();
-    assert_eq!(hits.len(), 1, "{needle:?} must be on exactly one line of the test config");
+    assert_eq!(
+        hits.len(),
+        1,
+        "{needle:?} must be on exactly one line of the test config"
+    );
     hits[0]
 }
 
@@ -178,12 +182,49 @@ fn check_smallest_example_prints_ok() {
     assert_eq!(r.stdout.trim(), "ok");
 }
 
+/// Writes a self-signed certificate and its key where the full example expects them
+/// (`certs/site.pem`, `certs/site.key`, relative to the config file).
+fn write_site_cert(dir: &Path) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    std::fs::write(dir.join("certs/site.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("certs/site.key"), ck.signing_key.serialize_pem()).unwrap();
+}
+
 #[test]
 fn check_full_example_with_every_key_prints_ok() {
-    // The certificate files do not exist: `check` validates the file, the snapshot reads certs.
-    let (r, _p, _d) = check(EVERYTHING);
+    // `check` also loads the certificates (as the snapshot would at run time), so give it real
+    // ones; relative paths are taken from the config file's directory, not the cwd.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("balancer.toml");
+    std::fs::write(&path, EVERYTHING).unwrap();
+    write_site_cert(dir.path());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let r = run(
+        &["check", "--config", path.to_str().unwrap()],
+        Some(elsewhere.path()),
+    );
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     assert_eq!(r.stdout.trim(), "ok");
+}
+
+#[test]
+fn check_full_example_without_certificate_files_names_the_missing_file() {
+    // Every key of the full example is accepted; only the missing certificate file is refused.
+    let (r, path, _d) = check(EVERYTHING);
+    assert_eq!(r.code, Some(1), "stdout: {} stderr: {}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("ok"));
+    assert!(
+        r.stderr.contains(&path.display().to_string()),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("site.pem"),
+        "should name the missing file: {}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
 }
 
 #[test]
@@ -301,7 +342,12 @@ fn rejects_unknown_key_in_health_check() {
 #[test]
 fn rejects_unknown_key_in_timeouts() {
     let text = base("\n[pools.web.timeouts]\nconnect = \"1s\"\nresponce = \"5s\"\n");
-    assert_rejected(&text, "responce", Some(1), &["responce", "pools.web.timeouts"]);
+    assert_rejected(
+        &text,
+        "responce",
+        Some(1),
+        &["responce", "pools.web.timeouts"],
+    );
 }
 
 #[test]
@@ -337,7 +383,12 @@ fn rejects_route_to_missing_pool() {
 #[test]
 fn rejects_unparsable_listener_address() {
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[[listeners]]\nbind = \"localhost\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
-    assert_rejected(text, "\"localhost\"", Some(8), &["listeners[1].bind", "localhost"]);
+    assert_rejected(
+        text,
+        "\"localhost\"",
+        Some(8),
+        &["listeners[1].bind", "localhost"],
+    );
     let text = "[[listeners]]\nbind = \"127.0.0.1:99999\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
     assert_rejected(text, "99999", Some(8), &["listeners[0].bind"]);
 }
@@ -353,32 +404,62 @@ fn rejects_unparsable_backend_address() {
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  \"127.0.0.1:port\",\n]\n";
     assert_rejected(text, ":port", Some(3), &["pools.web.backends[1]"]);
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  { address = \"no-port-here\", weight = 2 },\n]\n";
-    assert_rejected(text, "no-port-here", None, &["pools.web.backends[0]", "no-port-here"]);
+    assert_rejected(
+        text,
+        "no-port-here",
+        None,
+        &["pools.web.backends[0]", "no-port-here"],
+    );
 }
 
 #[test]
 fn rejects_duration_without_unit() {
     let text = base("\n[pools.web.timeouts]\nconnect = \"10\"\n");
-    let err = assert_rejected(&text, "connect = \"10\"", Some(11), &["pools.web.timeouts.connect"]);
-    assert!(err.contains("unit"), "the message should say what is wrong: {err}");
+    let err = assert_rejected(
+        &text,
+        "connect = \"10\"",
+        Some(11),
+        &["pools.web.timeouts.connect"],
+    );
+    assert!(
+        err.contains("unit"),
+        "the message should say what is wrong: {err}"
+    );
     let text = format!("shutdown_grace = \"30\"\n{SMALLEST}");
     assert_rejected(&text, "shutdown_grace", Some(18), &["shutdown_grace"]);
     let text = format!("{SMALLEST}\n[limits]\nheader_timeout = \"5\"\n");
-    assert_rejected(&text, "header_timeout", Some(18), &["limits.header_timeout"]);
+    assert_rejected(
+        &text,
+        "header_timeout",
+        Some(18),
+        &["limits.header_timeout"],
+    );
     let text = base("\n[pools.web.health_check]\ninterval = \"2\"\n");
-    assert_rejected(&text, "interval", Some(12), &["pools.web.health_check.interval"]);
+    assert_rejected(
+        &text,
+        "interval",
+        Some(12),
+        &["pools.web.health_check.interval"],
+    );
 }
 
 #[test]
 fn rejects_duration_that_is_not_a_string() {
     // `connect = 10` (a bare integer) is as ambiguous as "10".
+    // The parser's type error names the whole key; the column points at the value.
     let text = base("\n[pools.web.timeouts]\nconnect = 10\n");
-    assert_rejected(&text, "connect = 10", None, &["connect"]);
+    assert_rejected(
+        &text,
+        "connect = 10",
+        Some(11),
+        &["pools.web.timeouts.connect", "string"],
+    );
 }
 
 #[test]
 fn rejects_size_with_bad_unit() {
-    let text = format!("{SMALLEST}\n[limits]\nmax_header_bytes = \"64KiB\"\nmax_body_bytes = \"10XB\"\n");
+    let text =
+        format!("{SMALLEST}\n[limits]\nmax_header_bytes = \"64KiB\"\nmax_body_bytes = \"10XB\"\n");
     let err = assert_rejected(&text, "10XB", Some(18), &["limits.max_body_bytes"]);
     assert!(err.contains("XB"), "{err}");
     let text = format!("{SMALLEST}\n[limits]\nmax_header_bytes = -1\n");
@@ -389,7 +470,12 @@ fn rejects_size_with_bad_unit() {
 fn rejects_weight_zero() {
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 0 },\n]\n";
     // `  { address = "127.0.0.1:9002", weight = ` is 41 characters: the 0 is in column 42.
-    assert_rejected(text, "weight = 0", Some(42), &["pools.web.backends[1].weight"]);
+    assert_rejected(
+        text,
+        "weight = 0",
+        Some(42),
+        &["pools.web.backends[1].weight"],
+    );
 }
 
 #[test]
@@ -400,9 +486,8 @@ fn rejects_negative_weight() {
 
 #[test]
 fn rejects_pool_with_empty_backends() {
-    let text = format!(
-        "{SMALLEST}\n[pools.empty]\nstrategy = \"least_connections\"\nbackends = []\n"
-    );
+    let text =
+        format!("{SMALLEST}\n[pools.empty]\nstrategy = \"least_connections\"\nbackends = []\n");
     assert_rejected(&text, "backends = []", Some(12), &["pools.empty.backends"]);
 }
 
@@ -427,7 +512,8 @@ fn rejects_pool_without_backends() {
 #[test]
 fn rejects_pool_without_backends_defined_by_subtable_only() {
     // `[pools.web.timeouts]` alone implicitly creates the pool `web`, still without backends.
-    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web.timeouts]\nconnect = \"1s\"\n";
+    let text =
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web.timeouts]\nconnect = \"1s\"\n";
     let (r, path, _d) = check(text);
     assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
     assert!(r.stderr.contains("pools.web.backends"), "{}", r.stderr);
@@ -463,18 +549,29 @@ fn rejects_listener_on_the_admin_address() {
 fn rejects_unknown_strategy() {
     let text = base("strategy = \"random\"\n");
     let err = assert_rejected(&text, "random", Some(12), &["pools.web.strategy", "random"]);
-    assert!(err.contains("round_robin"), "should list the valid ones: {err}");
+    assert!(
+        err.contains("round_robin"),
+        "should list the valid ones: {err}"
+    );
 }
 
 #[test]
 fn rejects_no_listeners_and_no_pools() {
     let (r, path, _d) = check("[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n");
     assert_eq!(r.code, Some(1));
-    assert!(r.stderr.contains(&path.display().to_string()), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&path.display().to_string()),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("listeners"), "{}", r.stderr);
     let (r, path, _d) = check("[[listeners]]\nbind = \"127.0.0.1:8080\"\n");
     assert_eq!(r.code, Some(1));
-    assert!(r.stderr.contains(&path.display().to_string()), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&path.display().to_string()),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("pools"), "{}", r.stderr);
 }
 
@@ -485,7 +582,24 @@ fn rejects_toml_syntax_error_with_position() {
 }
 
 #[test]
-fn rejects_wrong_type() {
+fn rejects_wrong_type_naming_the_key() {
     let text = format!("watch = \"yes\"\n{SMALLEST}");
-    assert_rejected(&text, "watch", Some(9), &[]);
+    assert_rejected(&text, "watch", Some(9), &[": watch: ", "bool"]);
+    let text = base("\n[pools.web.retries]\nattempts = \"3\"\n");
+    assert_rejected(&text, "attempts", Some(12), &["pools.web.retries.attempts"]);
+    // Inside an inline table the field is named in the message.
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  { address = \"127.0.0.1:9002\", weight = \"2\" },\n]\n";
+    assert_rejected(text, "weight", Some(42), &["`weight`"]);
+}
+
+#[test]
+fn table_headers_with_comments_are_named_cleanly() {
+    // Headers as written in the contract's full example carry a trailing comment.
+    let text = base("\n[pools.web.health_check]        # optional; no active checks when absent\nintervall = \"2s\"\n");
+    let err = assert_rejected(&text, "intervall", Some(1), &["intervall"]);
+    assert!(err.contains(": pools.web.health_check: "), "{err}");
+    assert!(
+        !err.contains('#'),
+        "the comment is not part of the key: {err}"
+    );
 }

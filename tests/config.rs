@@ -52,7 +52,10 @@ fn smallest_file_gets_the_contract_defaults() {
     let c = ok(SMALLEST);
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     assert!(c.watch);
-    assert!(c.admin.is_none(), "no admin listener when [admin] is absent");
+    assert!(
+        c.admin.is_none(),
+        "no admin listener when [admin] is absent"
+    );
     assert!(c.log.access);
     assert_eq!(c.log.level, "info");
 
@@ -75,7 +78,10 @@ fn smallest_file_gets_the_contract_defaults() {
     assert!(p.backends.iter().all(|b| b.weight == 1));
     assert_eq!(p.backends[1].addr, "127.0.0.1:9002".parse().unwrap());
     assert!(p.tls.is_none());
-    assert!(p.health_check.is_none(), "no active checks when the table is absent");
+    assert!(
+        p.health_check.is_none(),
+        "no active checks when the table is absent"
+    );
 
     assert_eq!(p.breaker.consecutive_failures, 5);
     assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
@@ -99,7 +105,10 @@ fn empty_subtables_get_the_same_defaults() {
     assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
     assert_eq!(c.limits.max_connections, 10_000);
     let p = &c.pools[0];
-    let hc = p.health_check.as_ref().expect("the table is present: checks are on");
+    let hc = p
+        .health_check
+        .as_ref()
+        .expect("the table is present: checks are on");
     assert_eq!(hc.path, "/healthz");
     assert_eq!(hc.interval, Duration::from_secs(2));
     assert_eq!(hc.timeout, Duration::from_secs(1));
@@ -156,13 +165,33 @@ fn sizes_reject_bad_units_with_key_and_position() {
     assert_eq!(e.file, "f.toml");
     assert_eq!(e.key.as_deref(), Some("limits.max_body_bytes"), "{e}");
     assert_eq!(e.line, Some((line_of(&text, "10XB"), 18)), "{e}");
-    assert!(e.to_string().starts_with(&format!("f.toml:{}:18: limits.max_body_bytes: ", line_of(&text, "10XB"))), "{e}");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "f.toml:{}:18: limits.max_body_bytes: ",
+            line_of(&text, "10XB")
+        )),
+        "{e}"
+    );
 
-    for bad in ["\"KiB\"", "\"-5\"", "-5", "\"ten\"", "\"99999999999999999999\""] {
+    for bad in [
+        "\"KiB\"",
+        "\"-5\"",
+        "-5",
+        "\"ten\"",
+        "\"99999999999999999999\"",
+    ] {
         let text = format!("{SMALLEST}\n[limits]\nmax_body_bytes = {bad}\n");
         let e = err(&text);
-        assert_eq!(e.key.as_deref(), Some("limits.max_body_bytes"), "{bad}: {e}");
-        assert_eq!(e.line.map(|l| l.0), Some(line_of(&text, "max_body_bytes")), "{bad}: {e}");
+        assert_eq!(
+            e.key.as_deref(),
+            Some("limits.max_body_bytes"),
+            "{bad}: {e}"
+        );
+        assert_eq!(
+            e.line.map(|l| l.0),
+            Some(line_of(&text, "max_body_bytes")),
+            "{bad}: {e}"
+        );
     }
 }
 
@@ -182,10 +211,19 @@ fn durations_need_a_unit() {
     assert_eq!(e.key.as_deref(), Some("pools.web.timeouts.connect"), "{e}");
     assert_eq!(e.line, Some((line_of(&text, "connect"), 11)), "{e}");
 
-    let text = format!("{SMALLEST}\n[pools.web.circuit_breaker]\nopen_duration = \"ten seconds\"\n");
+    let text =
+        format!("{SMALLEST}\n[pools.web.circuit_breaker]\nopen_duration = \"ten seconds\"\n");
     let e = err(&text);
-    assert_eq!(e.key.as_deref(), Some("pools.web.circuit_breaker.open_duration"), "{e}");
-    assert_eq!(e.line.map(|l| l.0), Some(line_of(&text, "open_duration")), "{e}");
+    assert_eq!(
+        e.key.as_deref(),
+        Some("pools.web.circuit_breaker.open_duration"),
+        "{e}"
+    );
+    assert_eq!(
+        e.line.map(|l| l.0),
+        Some(line_of(&text, "open_duration")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -261,7 +299,10 @@ fn full_example_parses_to_its_values() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     assert!(c.watch);
-    assert_eq!(c.admin.as_ref().unwrap().bind, "127.0.0.1:9900".parse().unwrap());
+    assert_eq!(
+        c.admin.as_ref().unwrap().bind,
+        "127.0.0.1:9900".parse().unwrap()
+    );
     assert!(c.log.access);
     assert_eq!(c.log.level, "info");
 
@@ -271,8 +312,14 @@ fn full_example_parses_to_its_values() {
     let tls = l.tls.as_ref().expect("listener TLS");
     assert_eq!(tls.certificates.len(), 1);
     // Relative certificate paths are resolved against the config file's directory.
-    assert_eq!(tls.certificates[0].cert, PathBuf::from("/etc/balancer/certs/site.pem"));
-    assert_eq!(tls.certificates[0].key, PathBuf::from("/etc/balancer/certs/site.key"));
+    assert_eq!(
+        tls.certificates[0].cert,
+        PathBuf::from("/etc/balancer/certs/site.pem")
+    );
+    assert_eq!(
+        tls.certificates[0].key,
+        PathBuf::from("/etc/balancer/certs/site.key")
+    );
 
     assert_eq!(c.limits.max_header_bytes, 65536);
     assert_eq!(c.limits.max_body_bytes, 0);
@@ -288,13 +335,29 @@ fn full_example_parses_to_its_values() {
     let p = &c.pools[0];
     assert_eq!(p.name, "api");
     assert_eq!(p.strategy, StrategyKind::RoundRobin);
-    let b: Vec<(&str, u32)> = p.backends.iter().map(|b| (b.address.as_str(), b.weight)).collect();
+    let b: Vec<(&str, u32)> = p
+        .backends
+        .iter()
+        .map(|b| (b.address.as_str(), b.weight))
+        .collect();
     assert_eq!(b, [("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)]);
     assert!(p.tls.is_none(), "tls = false");
     let hc = p.health_check.as_ref().unwrap();
     assert_eq!(
-        (hc.path.as_str(), hc.interval, hc.timeout, hc.healthy_threshold, hc.unhealthy_threshold),
-        ("/healthz", Duration::from_secs(2), Duration::from_secs(1), 2, 3)
+        (
+            hc.path.as_str(),
+            hc.interval,
+            hc.timeout,
+            hc.healthy_threshold,
+            hc.unhealthy_threshold
+        ),
+        (
+            "/healthz",
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+            2,
+            3
+        )
     );
     assert_eq!(p.breaker.consecutive_failures, 5);
     assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
@@ -339,7 +402,8 @@ tls = { ca = "certs/internal-ca.pem", server_name = "api.internal" }
 backends = ["127.0.0.1:9002"]
 tls = true
 "#;
-    let c = Config::parse(text, "b.toml", Some(Path::new("/cfg"))).unwrap_or_else(|e| panic!("{e}"));
+    let c =
+        Config::parse(text, "b.toml", Some(Path::new("/cfg"))).unwrap_or_else(|e| panic!("{e}"));
     let certs = &c.listeners[0].tls.as_ref().unwrap().certificates;
     assert_eq!(certs.len(), 2);
     assert_eq!(certs[0].cert, PathBuf::from("/cfg/certs/a.pem"));
@@ -348,7 +412,10 @@ tls = true
     let api = &c.pools[0];
     assert_eq!(api.strategy, StrategyKind::LeastConnections);
     let tls = api.tls.as_ref().unwrap();
-    assert_eq!(tls.ca.as_deref(), Some(Path::new("/cfg/certs/internal-ca.pem")));
+    assert_eq!(
+        tls.ca.as_deref(),
+        Some(Path::new("/cfg/certs/internal-ca.pem"))
+    );
     assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
     let other = c.pools[1].tls.as_ref().expect("tls = true");
     assert!(other.ca.is_none() && other.server_name.is_none());
@@ -367,7 +434,10 @@ fn routes_keep_file_order_and_host_patterns() {
         "{SMALLEST}\n[[routes]]\nhost = \"*.Example.com\"\npool = \"web\"\n[[routes]]\npath_prefix = \"/v2\"\npool = \"web\"\n"
     ));
     assert_eq!(c.routes.len(), 2);
-    assert_eq!(c.routes[0].host, Some(HostMatch::Suffix(".example.com".into())));
+    assert_eq!(
+        c.routes[0].host,
+        Some(HostMatch::Suffix(".example.com".into()))
+    );
     assert_eq!(c.routes[0].path_prefix, "/");
     assert_eq!(c.routes[1].host, None);
     assert_eq!(c.routes[1].path_prefix, "/v2");
@@ -384,7 +454,10 @@ fn assert_err_at(text: &str, at: &str, key: &str) -> ConfigError {
     assert_eq!(line, line_of(text, at), "line of {at:?}: {e}\n{text}");
     assert!(col >= 1);
     let shown = e.to_string();
-    assert!(shown.starts_with(&format!("f.toml:{line}:{col}:")), "{shown}");
+    assert!(
+        shown.starts_with(&format!("f.toml:{line}:{col}:")),
+        "{shown}"
+    );
     assert!(shown.contains(key), "{shown} should name {key:?}");
     e
 }
@@ -392,12 +465,36 @@ fn assert_err_at(text: &str, at: &str, key: &str) -> ConfigError {
 #[test]
 fn unknown_keys_are_errors_at_every_depth() {
     assert_err_at(&format!("colour = 1\n{SMALLEST}"), "colour", "colour");
-    assert_err_at(&format!("{SMALLEST}\n[admin]\nbind = \"127.0.0.1:9900\"\nport = 1\n"), "port", "port");
-    assert_err_at(&format!("{SMALLEST}\n[log]\nformat = \"json\"\n"), "format", "format");
-    assert_err_at(&format!("{SMALLEST}\n[pools.web.health_check]\nexpect = 200\n"), "expect", "expect");
-    assert_err_at(&format!("{SMALLEST}\n[pools.web.timeouts]\nread = \"1s\"\n"), "read", "read");
-    assert_err_at(&format!("{SMALLEST}\n[pools.web.retries]\nretry_on = \"5xx\"\n"), "retry_on", "retry_on");
-    assert_err_at(&format!("{SMALLEST}\n[[routes]]\npool = \"web\"\nmethod = \"GET\"\n"), "method", "method");
+    assert_err_at(
+        &format!("{SMALLEST}\n[admin]\nbind = \"127.0.0.1:9900\"\nport = 1\n"),
+        "port",
+        "port",
+    );
+    assert_err_at(
+        &format!("{SMALLEST}\n[log]\nformat = \"json\"\n"),
+        "format",
+        "format",
+    );
+    assert_err_at(
+        &format!("{SMALLEST}\n[pools.web.health_check]\nexpect = 200\n"),
+        "expect",
+        "expect",
+    );
+    assert_err_at(
+        &format!("{SMALLEST}\n[pools.web.timeouts]\nread = \"1s\"\n"),
+        "read",
+        "read",
+    );
+    assert_err_at(
+        &format!("{SMALLEST}\n[pools.web.retries]\nretry_on = \"5xx\"\n"),
+        "retry_on",
+        "retry_on",
+    );
+    assert_err_at(
+        &format!("{SMALLEST}\n[[routes]]\npool = \"web\"\nmethod = \"GET\"\n"),
+        "method",
+        "method",
+    );
     assert_err_at(
         "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\n  { address = \"127.0.0.1:9001\", wieght = 2 },\n]\n",
         "wieght",
@@ -486,6 +583,41 @@ fn semantic_errors_name_the_dotted_key() {
 }
 
 #[test]
+fn parser_errors_name_table_and_key() {
+    // Unknown field under a header with a trailing comment: the key is the bare table name.
+    let text = format!("{SMALLEST}\n[pools.web.timeouts]   # comment [x]\nconect = \"1s\"\n");
+    let e = err(&text);
+    assert_eq!(e.key.as_deref(), Some("pools.web.timeouts"), "{e}");
+    assert_eq!(e.line, Some((line_of(&text, "conect"), 1)), "{e}");
+    assert!(e.msg.contains("conect"), "{e}");
+
+    // A type error points at the value and names the key in full.
+    let text = format!("{SMALLEST}\n[[listeners]]  # second\nbind = 8081\n");
+    let e = err(&text);
+    assert_eq!(e.key.as_deref(), Some("listeners.bind"), "{e}");
+    assert_eq!(e.line, Some((line_of(&text, "8081"), 8)), "{e}");
+
+    let e = err(&format!("shutdown_grace = 30\n{SMALLEST}"));
+    assert_eq!(e.key.as_deref(), Some("shutdown_grace"), "{e}");
+    assert_eq!(e.line, Some((1, 18)), "{e}");
+
+    let e = err(&format!(
+        "{SMALLEST}\n[pools.web.health_check]\npath = \"/x\"\nhealthy_threshold = \"2\"\n"
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("pools.web.health_check.healthy_threshold"),
+        "{e}"
+    );
+
+    // Inside an inline table: the table stays the key, the field is named in the message.
+    let e = err("[[listeners]]\nbind = \"127.0.0.1:8080\"\ntls = { cert = 1, key = \"k\" }\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n");
+    assert_eq!(e.key.as_deref(), Some("listeners"), "{e}");
+    assert!(e.msg.starts_with("`cert`: "), "{e}");
+    assert_eq!(e.line, Some((3, 16)), "{e}");
+}
+
+#[test]
 fn weight_zero_points_at_the_value() {
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 0 },\n]\n";
     let e = err(text);
@@ -522,6 +654,10 @@ fn errors_count_lines_with_crlf_and_unicode() {
     assert_eq!(e.line, Some((6, 12)), "{e}");
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 2 }, { address = \"é:1\", weight = 0 }]\n";
     let e = err(text);
-    assert_eq!(e.key.as_deref(), Some("pools.web.backends[1].weight"), "{e}");
+    assert_eq!(
+        e.key.as_deref(),
+        Some("pools.web.backends[1].weight"),
+        "{e}"
+    );
     assert_eq!(e.line, Some((4, 85)), "{e}");
 }
