@@ -242,16 +242,20 @@ impl Collector for Metrics {
                 in_flight.push((id(), b.in_flight.load(Relaxed) as i64));
                 healthy.push((id(), i64::from(b.is_healthy())));
                 breaker.push((id(), b.breaker_state().as_gauge()));
-                let mut cumulative = 0u64;
+                // prometheus-client's encoder takes per-bucket counts and accumulates them
+                // itself, and writes `le="+Inf"` only for an upper bound of `f64::MAX`.
+                let mut total = 0u64;
                 let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
                 for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-                    cumulative += c.latency_buckets[i].load(Relaxed);
-                    buckets.push((*le, cumulative));
+                    let n = c.latency_buckets[i].load(Relaxed);
+                    total += n;
+                    buckets.push((*le, n));
                 }
-                cumulative += c.latency_buckets[LATENCY_BUCKETS.len()].load(Relaxed);
-                buckets.push((f64::INFINITY, cumulative));
+                let n = c.latency_buckets[LATENCY_BUCKETS.len()].load(Relaxed);
+                total += n;
+                buckets.push((f64::MAX, n));
                 let sum = c.latency_sum_us.load(Relaxed) as f64 / 1e6;
-                hist.push((id(), sum, cumulative, buckets));
+                hist.push((id(), sum, total, buckets));
             }
         }
         counter(

@@ -74,11 +74,15 @@ impl Pool {
         let n = self.members.len();
         match self.strategy {
             StrategyKind::RoundRobin => {
+                // Each skipped entry takes a cursor step of its own, so the order is the
+                // sequence with unusable members left out: a down backend's share is spread over
+                // the others by weight, not all handed to its successor in the sequence.
                 let len = self.sequence.len();
-                let start = self.cursor.fetch_add(1, Relaxed);
-                (0..len)
-                    .map(|k| self.sequence[(start.wrapping_add(k)) % len] as usize)
-                    .find(|&i| self.usable(i, now, tried))
+                (0..len).find_map(|_| {
+                    let k = self.cursor.fetch_add(1, Relaxed);
+                    let i = self.sequence[k % len] as usize;
+                    self.usable(i, now, tried).then_some(i)
+                })
             }
             StrategyKind::LeastConnections => {
                 // Scanning from a rotating start breaks ties in turn, so no backend wins every

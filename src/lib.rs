@@ -26,6 +26,7 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod config;
+pub mod framing;
 pub mod health;
 pub mod listener;
 pub mod proxy;

@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{Limits, ListenerTls, MIN_HEADER_BUFFER};
+use crate::framing::Sniffer;
 use crate::proxy::{self, ConnInfo};
 use crate::stall::{StallTimeout, StreamExec};
 use crate::state::Shared;
@@ -221,21 +222,51 @@ async fn serve(
     drop(snap);
     match tls {
         None => {
+            if !first_bytes(&stream, limits.header_timeout, &signals).await {
+                tracing::debug!(%peer, "nothing received within header_timeout; closing");
+                return;
+            }
             let info = conn_info(peer, false, &limits, &signals);
-            drive(TokioIo::new(StallTimeout::new(stream, send_timeout(&limits))), info, &limits, shared, signals).await
+            let io = StallTimeout::new(Sniffer::new(stream, Arc::clone(&info)), send_timeout(&limits));
+            drive(TokioIo::new(io), info, &limits, shared, signals).await
         }
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             // A handshake that stalls is cut off like a slow request head.
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
+                Ok(Ok(mut tls)) => {
+                    // Records that came with the handshake may already hold the request.
+                    let buffered = tls
+                        .get_mut()
+                        .1
+                        .process_new_packets()
+                        .map_or(true, |s| s.plaintext_bytes_to_read() > 0);
+                    if !buffered && !first_bytes(tls.get_ref().0, limits.header_timeout, &signals).await {
+                        tracing::debug!(%peer, "nothing received within header_timeout; closing");
+                        return;
+                    }
                     let info = conn_info(peer, true, &limits, &signals);
-                    drive(TokioIo::new(StallTimeout::new(tls, send_timeout(&limits))), info, &limits, shared, signals).await
+                    let io = StallTimeout::new(Sniffer::new(tls, Arc::clone(&info)), send_timeout(&limits));
+                    drive(TokioIo::new(io), info, &limits, shared, signals).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
+    }
+}
+
+/// hyper-util's auto builder first reads to tell HTTP/1 from h2, with no timeout of its own
+/// (hyper's header timeout starts after that): a connection that never sends a byte would hold
+/// its task and its `max_connections` permit forever. It gets `header_timeout` to send one;
+/// a drain or stop closes it at once, like an idle keep-alive connection.
+async fn first_bytes(stream: &TcpStream, limit: Duration, signals: &Signals) -> bool {
+    let (mut drain, mut stop) = (signals.drain.clone(), signals.stop.clone());
+    let mut b = [0u8; 1];
+    tokio::select! {
+        r = tokio::time::timeout(limit, stream.peek(&mut b)) => matches!(r, Ok(Ok(n)) if n > 0),
+        _ = stopped(&mut drain) => false,
+        _ = stopped(&mut stop) => false,
     }
 }
 
@@ -252,6 +283,8 @@ fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) ->
         peer_ip: http::HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(http::HeaderValue::from_static("unknown")),
         drain: Some(signals.drain_guard.clone()),
         body_timeout: limits.header_timeout,
+        requests: std::sync::atomic::AtomicU64::new(0),
+        ambiguous_at: std::sync::atomic::AtomicU64::new(u64::MAX),
     })
 }
 

@@ -34,6 +34,11 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// A client must make progress on its request body within this (limits.header_timeout).
     pub body_timeout: std::time::Duration,
+    /// HTTP/1 requests seen on this connection, and the index of the first one that carried
+    /// both Content-Length and Transfer-Encoding (`u64::MAX`: none), which `framing::Sniffer`
+    /// finds because hyper drops the evidence.
+    pub requests: AtomicU64,
+    pub ambiguous_at: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +218,12 @@ async fn forward(
     req: Request<Incoming>,
     log: &mut Option<Box<LogEntry>>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    if req.version() != Version::HTTP_2 {
+        let index = conn.requests.fetch_add(1, Relaxed);
+        if conn.ambiguous_at.load(Relaxed) == index {
+            return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+        }
+    }
     let (mut parts, body) = req.into_parts();
     check_request(snap, &parts)?;
     let authority = authority(&parts)?;
@@ -663,15 +674,14 @@ fn tunnel(
         let mut log = log;
         match tokio::try_join!(on_client, on_upstream) {
             Ok((client, upstream)) => {
-                let mut client = hyper_util::rt::TokioIo::new(client);
-                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    Ok((_, to_client)) => {
-                        if let Some(l) = log.as_deref_mut() {
-                            l.bytes = to_client;
-                        }
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with an error"),
+                let client = hyper_util::rt::TokioIo::new(client);
+                let upstream = hyper_util::rt::TokioIo::new(upstream);
+                let (to_client, err) = splice(client, upstream).await;
+                if let Some(e) = err {
+                    tracing::debug!(%peer, error = %e, "tunnel ended with an error");
+                }
+                if let Some(l) = log.as_deref_mut() {
+                    l.bytes = to_client;
                 }
             }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
@@ -682,6 +692,52 @@ fn tunnel(
         }
     });
     Response::from_parts(parts, ResponseBody::empty())
+}
+
+/// How long the other direction of a tunnel may go on once one side has closed (a WebSocket
+/// close handshake finishing), before both sockets are closed.
+const TUNNEL_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Copies both ways until one side closes or fails, then gives the other direction
+/// `TUNNEL_LINGER` to finish. Unlike `copy_bidirectional`, a peer that never closes its half
+/// cannot keep the tunnel (and the backend's in-flight slot) once the other side is gone.
+/// Returns the bytes sent to the client and the first error.
+async fn splice<C, U>(client: C, upstream: U) -> (u64, Option<std::io::Error>)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    async fn pump<R, W>(mut r: R, mut w: W, n: &mut u64) -> std::io::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let k = r.read(&mut buf).await?;
+            if k == 0 {
+                return w.shutdown().await;
+            }
+            w.write_all(&buf[..k]).await?;
+            w.flush().await?;
+            *n += k as u64;
+        }
+    }
+    let (cr, cw) = tokio::io::split(client);
+    let (ur, uw) = tokio::io::split(upstream);
+    let (mut to_client, mut to_upstream) = (0u64, 0u64);
+    let err = {
+        let down = pump(ur, cw, &mut to_client);
+        let up = pump(cr, uw, &mut to_upstream);
+        tokio::pin!(down, up);
+        let (first, rest) = tokio::select! {
+            r = &mut down => (r, tokio::time::timeout(TUNNEL_LINGER, &mut up).await),
+            r = &mut up => (r, tokio::time::timeout(TUNNEL_LINGER, &mut down).await),
+        };
+        first.err().or(rest.ok().and_then(|r| r.err()))
+    };
+    (to_client, err)
 }
 
 fn relay(

@@ -254,7 +254,11 @@ async fn exchange(
             None => {
                 let err = e.into_error();
                 let reason = classify_error(&err);
-                let stale = reused && err.is_incomplete_message();
+                // The backend closed the pooled connection as we reused it: EOF (FIN) or a
+                // reset, before any response. Not the backend's sickness: replayable once.
+                let stale = reused
+                    && reason == Reason::UpstreamReset
+                    && (err.is_incomplete_message() || is_reset(&err));
                 Err(Exchange::Failed(SendError::Failed {
                     reason,
                     source: err.into(),
@@ -263,6 +267,19 @@ async fn exchange(
             }
         },
     }
+}
+
+/// A connection reset (or a write into a socket the peer already closed) under a hyper error.
+fn is_reset(err: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// Maps a hyper error from an exchange to a reason; a failure of the client's own request

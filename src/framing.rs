@@ -1,0 +1,294 @@
+//! Spotting ambiguous HTTP/1.1 framing that hyper hides from us.
+//!
+//! A request carrying both `Content-Length` and `Transfer-Encoding` must be refused (the
+//! contract, and the classic request-smuggling vector), but hyper's parser silently drops the
+//! `Content-Length` and hands us a plain chunked request. `Sniffer` wraps the client side of an
+//! HTTP/1 connection and follows the byte stream the client sends, head by head and body by
+//! body, before hyper reads it; it records the index of the first request that had both
+//! headers in `ConnInfo::ambiguous_at`, and `proxy::handle` answers that request `400`
+//! (hyper closes such a connection after its answer anyway).
+//!
+//! The sniffer only needs to find head boundaries: at anything it does not understand (an h2
+//! preface, an upgrade, a malformed head that hyper will refuse itself) it stops looking.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proxy::ConnInfo;
+
+/// Heads longer than this are hyper's to refuse (431); the sniffer gives up on them.
+const MAX_HEAD: usize = 128 * 1024;
+
+enum State {
+    /// Collecting a request head in `head`.
+    Head,
+    /// Skipping a body of known length.
+    Body(u64),
+    /// Inside a chunk-size line: value so far, and whether an extension started.
+    ChunkSize { value: u64, ext: bool },
+    /// Skipping chunk data, then its CRLF.
+    ChunkData(u64),
+    ChunkDataEnd,
+    /// Trailer section after the last chunk: length of the current line.
+    Trailers(usize),
+    /// Not HTTP/1 heads any more (h2, upgrade, garbage): pass bytes through.
+    Off,
+}
+
+pub struct Sniffer<I> {
+    inner: I,
+    state: State,
+    head: Vec<u8>,
+    index: u64,
+    info: Arc<ConnInfo>,
+}
+
+impl<I> Sniffer<I> {
+    pub fn new(inner: I, info: Arc<ConnInfo>) -> Self {
+        Sniffer {
+            inner,
+            state: State::Head,
+            head: Vec::new(),
+            index: 0,
+            info,
+        }
+    }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+
+    fn feed(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            match &mut self.state {
+                State::Off => return,
+                State::Head if self.head.is_empty() => match head_end(buf, 0) {
+                    // The usual case: the whole head arrived in one read; parse it in place.
+                    Some(end) => {
+                        self.state = self.classify(&buf[..end]);
+                        buf = &buf[end..];
+                    }
+                    None => {
+                        self.head.extend_from_slice(&buf[..buf.len().min(MAX_HEAD + 1)]);
+                        return;
+                    }
+                },
+                State::Head => {
+                    let before = self.head.len();
+                    let take = buf.len().min((MAX_HEAD + 1).saturating_sub(before));
+                    self.head.extend_from_slice(&buf[..take]);
+                    match head_end(&self.head, before) {
+                        Some(end) => {
+                            buf = &buf[end - before..];
+                            let head = std::mem::take(&mut self.head);
+                            self.state = self.classify(&head[..end]);
+                        }
+                        None if self.head.len() > MAX_HEAD => {
+                            self.state = State::Off;
+                            self.head = Vec::new();
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+                State::Body(n) => {
+                    let k = (*n).min(buf.len() as u64);
+                    *n -= k;
+                    buf = &buf[k as usize..];
+                    if *n == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::ChunkSize { value, ext } => {
+                    let b = buf[0];
+                    buf = &buf[1..];
+                    match b {
+                        b'\n' => {
+                            self.state = if *value == 0 {
+                                State::Trailers(0)
+                            } else {
+                                State::ChunkData(*value)
+                            };
+                        }
+                        b'\r' => {}
+                        _ if *ext => {}
+                        b';' | b' ' | b'\t' => *ext = true,
+                        _ => match (b as char).to_digit(16) {
+                            Some(d) if *value >> 60 == 0 => *value = (*value << 4) | u64::from(d),
+                            // Overlong or not hex: hyper refuses the body; stop following.
+                            _ => self.state = State::Off,
+                        },
+                    }
+                }
+                State::ChunkData(n) => {
+                    let k = (*n).min(buf.len() as u64);
+                    *n -= k;
+                    buf = &buf[k as usize..];
+                    if *n == 0 {
+                        self.state = State::ChunkDataEnd;
+                    }
+                }
+                State::ChunkDataEnd => {
+                    let b = buf[0];
+                    buf = &buf[1..];
+                    if b == b'\n' {
+                        self.state = State::ChunkSize { value: 0, ext: false };
+                    }
+                }
+                State::Trailers(len) => {
+                    let b = buf[0];
+                    buf = &buf[1..];
+                    match b {
+                        b'\n' if *len == 0 => self.state = State::Head,
+                        b'\n' => *len = 0,
+                        b'\r' => {}
+                        _ => *len += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads one complete head: notes ambiguous framing, and says how its body is framed.
+    fn classify(&mut self, head: &[u8]) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = req.parse(head) else {
+            return State::Off;
+        };
+        let mut cl = false;
+        let mut te: Option<bool> = None;
+        let mut length: Option<u64> = None;
+        let mut upgrade = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                cl = true;
+                length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                te = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if cl && te.is_some() {
+            let _ = self
+                .info
+                .ambiguous_at
+                .compare_exchange(u64::MAX, self.index, Relaxed, Relaxed);
+        }
+        self.index += 1;
+        let method = req.method.unwrap_or("");
+        if upgrade || method == "CONNECT" || method == "PRI" {
+            return State::Off;
+        }
+        match (te, length, cl) {
+            (Some(true), _, _) => State::ChunkSize { value: 0, ext: false },
+            (None, Some(0), true) | (None, _, false) => State::Head,
+            (None, Some(n), true) => State::Body(n),
+            // Not chunked-last, or an unparsable length: hyper answers 400 and closes.
+            _ => State::Off,
+        }
+    }
+}
+
+/// Where the head ends (index just past the blank line), looking at bytes from `from - 3` on.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let mut i = start;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Sniffer<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if !matches!(this.state, State::Off) {
+                this.feed(buf.filled().get(before..).unwrap_or(&[]));
+            }
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffer<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn sniff(chunks: &[&[u8]]) -> u64 {
+        let info = Arc::new(ConnInfo {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+            drain: None,
+            peer_ip: http::HeaderValue::from_static("127.0.0.1"),
+            body_timeout: std::time::Duration::from_secs(1),
+            requests: AtomicU64::new(0),
+            ambiguous_at: AtomicU64::new(u64::MAX),
+        });
+        let mut s = Sniffer::new((), Arc::clone(&info));
+        for c in chunks {
+            s.feed(c);
+        }
+        info.ambiguous_at.load(Relaxed)
+    }
+
+    #[test]
+    fn finds_the_ambiguous_request_after_bodies() {
+        let first = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let second = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext\r\nabc\r\n0\r\nTrailer: 1\r\n\r\n";
+        let third = b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let all = [&first[..], &second[..], &third[..]].concat();
+        assert_eq!(sniff(&[&all]), 2);
+        // The same bytes one at a time.
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        assert_eq!(sniff(&bytes), 2);
+    }
+
+    #[test]
+    fn plain_requests_are_not_flagged() {
+        let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(sniff(&[get]), u64::MAX);
+        let te_first = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n";
+        assert_eq!(sniff(&[te_first]), 0);
+    }
+}
