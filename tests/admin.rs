@@ -1,0 +1,366 @@
+//! The admin API: `/status` has the contract's shape, `/metrics` the contract's families,
+//! `POST /reload` answers with the version, anything else 404, and no admin listener at all
+//! without `[admin]`.
+
+mod common;
+use common::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// `2026-11-24T12:00:00Z`, optionally with fractional seconds.
+fn is_rfc3339_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && s.ends_with('Z')
+}
+
+#[tokio::test]
+async fn status_has_the_contract_shape() {
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    let mut dead = start_backend("dead").await;
+    dead.stop();
+    let template = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = false\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n\
+         [[routes]]\npath_prefix = \"/other\"\npool = \"other\"\n\
+         [[routes]]\npool = \"web\"\n\
+         [pools.web]\nstrategy = \"round_robin\"\nbackends = [\"{}\", {{ address = \"{}\", weight = 3 }}]\n\
+         [pools.other]\nstrategy = \"least_connections\"\nbackends = [\"{}\"]\n\
+         [pools.other.retries]\nattempts = 1\n",
+        a.addr, b.addr, dead.addr
+    );
+    let bal = start_balancer(&template).await;
+    let c = client();
+    for _ in 0..8 {
+        assert_eq!(get(&c, &bal.url("/")).await.status, 200);
+    }
+    assert_eq!(get(&c, &bal.url("/other")).await.status, 502);
+
+    let g = get(&c, &bal.admin_url("/status")).await;
+    assert_eq!(g.status, 200);
+    let ct = g.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(ct.starts_with("application/json"), "content-type {ct:?}");
+    let s: Value = serde_json::from_str(&g.body).unwrap();
+
+    assert_eq!(keys(&s), set(&["config", "pools"]), "{s:#}");
+    let cfg = &s["config"];
+    assert_eq!(keys(cfg), set(&["version", "loaded_at", "last_error"]), "{s:#}");
+    assert_eq!(cfg["version"], 1);
+    assert!(cfg["version"].is_u64());
+    let loaded = cfg["loaded_at"].as_str().expect("loaded_at is a string");
+    assert!(is_rfc3339_utc(loaded), "loaded_at {loaded:?} is not RFC 3339 UTC");
+    assert!(cfg["last_error"].is_null());
+
+    assert_eq!(keys(&s["pools"]), set(&["web", "other"]));
+    let contract = [
+        "address", "weight", "healthy", "breaker", "in_flight", "requests", "failures",
+    ];
+    for (pool, strategy) in [("web", "round_robin"), ("other", "least_connections")] {
+        let p = &s["pools"][pool];
+        assert_eq!(keys(p), set(&["strategy", "backends"]), "{p:#}");
+        assert_eq!(p["strategy"], strategy);
+        for be in p["backends"].as_array().expect("backends is an array") {
+            let k = keys(be);
+            for key in contract {
+                assert!(k.contains(key), "backend entry lacks {key}: {be:#}");
+            }
+            assert!(be["address"].is_string());
+            assert!(be["weight"].is_u64());
+            assert!(be["healthy"].is_boolean());
+            assert!(["closed", "open", "half_open"].contains(&be["breaker"].as_str().unwrap()));
+            assert!(be["in_flight"].is_u64());
+            assert!(be["requests"].is_u64());
+            assert!(be["failures"].is_u64());
+        }
+    }
+
+    // Values: in config order, weights as written, counts as sent.
+    let web = s["pools"]["web"]["backends"].as_array().unwrap();
+    assert_eq!(web.len(), 2);
+    assert_eq!(web[0]["address"], a.addr.to_string());
+    assert_eq!(web[1]["address"], b.addr.to_string());
+    assert_eq!((web[0]["weight"].as_u64(), web[1]["weight"].as_u64()), (Some(1), Some(3)));
+    assert_eq!((web[0]["requests"].as_u64(), web[1]["requests"].as_u64()), (Some(2), Some(6)));
+    for be in web {
+        assert_eq!(be["healthy"], true, "no health check: healthy");
+        assert_eq!(be["breaker"], "closed");
+        assert_eq!(be["in_flight"], 0);
+        assert_eq!(be["failures"], 0);
+    }
+    let other = &s["pools"]["other"]["backends"][0];
+    assert_eq!(other["address"], dead.addr.to_string());
+    assert_eq!(other["requests"], 1);
+    assert_eq!(other["failures"], 1);
+    assert_eq!(other["breaker"], "closed", "one failure of five");
+    bal.shutdown().await;
+}
+
+type Samples = Vec<(String, BTreeMap<String, String>, f64)>;
+
+fn find<'a>(m: &'a Samples, name: &str, labels: &[(&str, &str)]) -> Vec<&'a (String, BTreeMap<String, String>, f64)> {
+    m.iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .collect()
+}
+
+fn value(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let rows = find(m, name, labels);
+    assert_eq!(rows.len(), 1, "want one sample {name}{labels:?}, got {rows:?}");
+    rows[0].2
+}
+
+async fn metrics(bal: &Balancer) -> (String, Samples) {
+    let g = get(&client(), &bal.admin_url("/metrics")).await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    let ct = g.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert!(
+        ct.starts_with("text/plain") || ct.starts_with("application/openmetrics-text"),
+        "content-type {ct:?}"
+    );
+    let samples = parse_metrics(&g.body);
+    (g.body, samples)
+}
+
+fn has_type(text: &str, family: &str, kind: &str) -> bool {
+    text.lines().any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some("#")
+            && w.next() == Some("TYPE")
+            && w.next().is_some_and(|n| n == family || n == format!("{family}_total"))
+            && w.next() == Some(kind)
+    })
+}
+
+#[tokio::test]
+async fn metrics_have_the_contract_families() {
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    let bal = start_balancer(&config(
+        &[a.addr, b.addr],
+        "round_robin",
+        "[pools.web.circuit_breaker]\nconsecutive_failures = 2\nopen_duration = \"30s\"\n",
+    ))
+    .await;
+    let (pa, pb) = (a.addr.to_string(), b.addr.to_string());
+    let c = client();
+    // a: 2 answers of 2xx. b: one 500, then a 500 that opens its breaker.
+    b.set_mode(Mode::Fail500);
+    for _ in 0..4 {
+        get(&c, &bal.url("/")).await;
+    }
+    // Both go to a now: b's breaker is open.
+    for _ in 0..2 {
+        assert_eq!(get(&c, &bal.url("/")).await.status, 200);
+    }
+    // A reload, and a rejected one.
+    let g = post(&c, &bal.admin_url("/reload"), "").await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    let good = std::fs::read_to_string(&bal.config_path).unwrap();
+    std::fs::write(&bal.config_path, format!("{good}\nnonsense = 1\n")).unwrap();
+    assert_eq!(post(&c, &bal.admin_url("/reload"), "").await.status, 400);
+    std::fs::write(&bal.config_path, good).unwrap();
+
+    let (text, m) = metrics(&bal).await;
+    fn web(be: &str) -> Vec<(&'static str, &str)> {
+        vec![("pool", "web"), ("backend", be)]
+    }
+
+    // Requests by pool, backend and status class.
+    assert!(has_type(&text, "balancer_requests", "counter"), "{text}");
+    let class = |be: &str, cl: &str| value(&m, "balancer_requests_total", &[("pool", "web"), ("backend", be), ("class", cl)]);
+    assert_eq!(class(&pa, "2xx"), 4.0, "{text}");
+    assert_eq!(class(&pb, "5xx"), 2.0, "{text}");
+    assert_eq!(class(&pb, "2xx"), 0.0, "{text}");
+
+    // Duration histogram: cumulative buckets ending in +Inf, _sum and _count.
+    assert!(has_type(&text, "balancer_request_duration_seconds", "histogram"), "{text}");
+    let buckets = find(&m, "balancer_request_duration_seconds_bucket", &web(&pa));
+    assert!(buckets.len() >= 2, "{text}");
+    let mut last = 0.0;
+    for (_, l, v) in &buckets {
+        assert!(l.contains_key("le"), "bucket without le: {l:?}");
+        assert!(*v >= last, "buckets are not cumulative: {text}");
+        last = *v;
+    }
+    let inf = value(&m, "balancer_request_duration_seconds_bucket", &[("pool", "web"), ("backend", &pa), ("le", "+Inf")]);
+    assert_eq!(inf, 4.0, "{text}");
+    assert_eq!(value(&m, "balancer_request_duration_seconds_count", &web(&pa)), 4.0, "{text}");
+    let sum = value(&m, "balancer_request_duration_seconds_sum", &web(&pa));
+    assert!(sum > 0.0 && sum < 20.0, "sum {sum}");
+
+    // Gauges per backend.
+    assert!(has_type(&text, "balancer_backend_in_flight", "gauge"), "{text}");
+    assert_eq!(value(&m, "balancer_backend_in_flight", &web(&pa)), 0.0);
+    assert!(has_type(&text, "balancer_backend_healthy", "gauge"), "{text}");
+    assert_eq!(value(&m, "balancer_backend_healthy", &web(&pa)), 1.0);
+    assert!(has_type(&text, "balancer_backend_breaker_state", "gauge"), "{text}");
+    assert_eq!(value(&m, "balancer_backend_breaker_state", &web(&pa)), 0.0, "a is closed");
+    assert_ne!(value(&m, "balancer_backend_breaker_state", &web(&pb)), 0.0, "b is open");
+
+    // Reloads, applied and rejected.
+    assert!(has_type(&text, "balancer_config_reloads", "counter"), "{text}");
+    assert_eq!(value(&m, "balancer_config_reloads_total", &[]), 1.0, "{text}");
+    assert!(has_type(&text, "balancer_config_reload_failures", "counter"), "{text}");
+    assert_eq!(value(&m, "balancer_config_reload_failures_total", &[]), 1.0, "{text}");
+
+    // Upstream failures carry a reason; connections opened are counted.
+    let fails = find(&m, "balancer_upstream_failures_total", &web(&pb));
+    assert!(!fails.is_empty(), "{text}");
+    assert!(fails.iter().all(|(_, l, _)| l.contains_key("reason")), "{fails:?}");
+    assert_eq!(value(&m, "balancer_upstream_failures_total", &[("backend", &pb), ("reason", "upstream_5xx")]), 2.0);
+    assert!(value(&m, "balancer_upstream_connections_opened_total", &web(&pa)) >= 1.0, "{text}");
+    assert!(value(&m, "balancer_upstream_connections_opened_total", &web(&pb)) >= 1.0, "{text}");
+
+    // A refused connection is a failure with its own reason.
+    let mut dead = start_backend("dead").await;
+    dead.stop();
+    bal.write_config(&config(&[a.addr, b.addr, dead.addr], "round_robin", "[pools.web.retries]\nattempts = 1\n"));
+    assert_eq!(post(&c, &bal.admin_url("/reload"), "").await.status, 200);
+    let mut saw_502 = false;
+    for _ in 0..6 {
+        saw_502 |= get(&c, &bal.url("/")).await.status == 502;
+    }
+    assert!(saw_502);
+    let (text, m) = metrics(&bal).await;
+    let pd = dead.addr.to_string();
+    assert!(
+        value(&m, "balancer_upstream_failures_total", &[("backend", &pd), ("reason", "connect_refused")]) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(value(&m, "balancer_config_reloads_total", &[]), 2.0, "{text}");
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_answers_version_and_unknown_paths_404() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
+    let c = client();
+    for want in 2..=4u64 {
+        let g = post(&c, &bal.admin_url("/reload"), "").await;
+        assert_eq!(g.status, 200, "{}", g.body);
+        let ct = g.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert!(ct.starts_with("application/json"), "content-type {ct:?}");
+        let v: Value = serde_json::from_str(&g.body).unwrap();
+        assert_eq!(v, serde_json::json!({ "version": want }));
+        assert_eq!(status(&bal).await["config"]["version"], want);
+    }
+    for path in ["/", "/nope", "/status/x", "/metricsx"] {
+        let g = get(&c, &bal.admin_url(path)).await;
+        assert_eq!(g.status, 404, "GET {path}: {}", g.body);
+    }
+    // The traffic listener does not serve the admin API.
+    let g = get(&c, &bal.url("/status")).await;
+    assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "a"));
+    // Reloading is a POST; a GET does not reload.
+    let g = get(&c, &bal.admin_url("/reload")).await;
+    assert_ne!(g.status, 200);
+    assert_eq!(status(&bal).await["config"]["version"], 4);
+    bal.shutdown().await;
+}
+
+/// Without `[admin]` the binary opens no admin port (in-process tests always pre-bind one, so
+/// this needs the real binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admin_listener_without_admin_table() {
+    let a = start_backend("a").await;
+    let template = format!(
+        "watch = false\n[log]\naccess = false\nlevel = \"warn\"\n[[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\nbackends = [\"{}\"]\n",
+        a.addr
+    );
+    let bin = start_binary(&template, Stdio::null());
+    let g = get(&client(), &format!("http://{}/", bin.addr)).await;
+    assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "a"));
+    let err = std::net::TcpStream::connect_timeout(&bin.admin, Duration::from_secs(2))
+        .expect_err("something listens on the admin port without [admin]");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // The admin paths are not served on the traffic listener either.
+    let g = get(&client(), &format!("http://{}/metrics", bin.addr)).await;
+    assert_eq!(g.body, "a");
+
+    // With [admin] the same binary does listen there.
+    let with_admin = template.replace("[log]", "[admin]\nbind = \"{admin}\"\n[log]");
+    let bin2 = start_binary(&with_admin, Stdio::null());
+    let s = status_at(bin2.admin).await;
+    assert_eq!(s["config"]["version"], 1);
+}
+
+/// Concurrent `POST /reload`s are applied one at a time: every one succeeds with its own
+/// version, and the versions are exactly the next N.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reloads_get_distinct_versions() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let url = bal.admin_url("/reload");
+        tasks.push(tokio::spawn(async move { post(&client(), &url, "").await }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!(g.status, 200, "{}", g.body);
+        let v: Value = serde_json::from_str(&g.body).unwrap();
+        versions.push(v["version"].as_u64().unwrap());
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (2..=13).collect::<Vec<u64>>());
+    assert_eq!(status(&bal).await["config"]["version"], 13);
+    bal.shutdown().await;
+}
+
+/// `in_flight` counts a request until its response body has been relayed, in `/status` and in
+/// `/metrics` alike.
+#[tokio::test]
+async fn in_flight_lasts_until_the_body_ends() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
+    let c = client();
+    // 64 MiB: far more than the socket buffers, so the body cannot be over while unread.
+    let req = hyper::Request::get(bal.url("/bytes/67108864")).body(full("")).unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let s = status(&bal).await;
+    assert_eq!(status_backend(&s, "web", a.addr).unwrap()["in_flight"], 1, "{s}");
+    let (text, m) = metrics(&bal).await;
+    let pa = a.addr.to_string();
+    assert_eq!(value(&m, "balancer_backend_in_flight", &[("backend", &pa)]), 1.0, "{text}");
+    drop(resp);
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            status_backend(&status(&bal).await, "web", a.addr).unwrap()["in_flight"] == 0
+        })
+        .await,
+        "in_flight stuck after the client dropped the body"
+    );
+    bal.shutdown().await;
+}
