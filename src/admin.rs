@@ -93,7 +93,9 @@ async fn handle(
             match prometheus_client::encoding::text::encode(&mut out, &registry) {
                 Ok(()) => reply(
                     StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    // prometheus-client writes OpenMetrics (counter families without `_total`,
+                    // a closing `# EOF`); say so, or Prometheus loses the counter types.
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     out,
                 ),
                 Err(_) => reply(
@@ -129,6 +131,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let snap = shared.snapshot.load();
     let last_error = shared.last_error.load();
     let mut pools = serde_json::Map::new();
+    let now = crate::backend::now_ms();
     for p in &snap.pools {
         let backends: Vec<_> = p
             .members
@@ -143,7 +146,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     "address": b.address,
                     "weight": m.weight,
                     "healthy": b.is_healthy(),
-                    "breaker": b.breaker_state().as_str(),
+                    "breaker": b.breaker.effective_state(&p.breaker, now).as_str(),
                     "in_flight": b.in_flight.load(Relaxed),
                     "requests": c.requests.load(Relaxed),
                     "failures": c.failures.load(Relaxed),

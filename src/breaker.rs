@@ -88,6 +88,18 @@ impl Breaker {
         unpack(self.word.load(Relaxed)).0
     }
 
+    /// The state as an operator should see it: an open breaker whose time is up is half-open,
+    /// even if no request has come along yet to make the move.
+    pub fn effective_state(&self, policy: &BreakerPolicy, now_ms: u64) -> BreakerState {
+        let (state, since) = unpack(self.word.load(Relaxed));
+        match state {
+            BreakerState::Open if elapsed(now_ms, since, policy.open_duration) => {
+                BreakerState::HalfOpen
+            }
+            s => s,
+        }
+    }
+
     /// Read-only: would a request be let through now? Used by the picker to skip backends
     /// without reserving anything.
     pub fn admits(&self, policy: &BreakerPolicy, now_ms: u64) -> bool {
