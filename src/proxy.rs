@@ -197,8 +197,19 @@ pub async fn handle(
                 _ => tracing::debug!(peer = %conn.peer, error = %e, "answering {}", s.as_u16()),
             }
             // A request whose body we did not read leaves the connection out of sync.
-            let close = matches!(e, ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BadRequest(_));
-            Ok(local_response(s, log.0.take(), close))
+            // A refused CONNECT likewise: what follows may be tunnel bytes sent optimistically.
+            let close = matches!(
+                e,
+                ProxyError::BodyTooLarge
+                    | ProxyError::BodyTimeout
+                    | ProxyError::BadRequest(_)
+                    | ProxyError::MethodNotAllowed(_)
+                    | ProxyError::ClientClosed
+            );
+            // 499 is for the access log only: a client that half-closed mid-body may still be
+            // reading, and gets a standard 400 for its incomplete request.
+            let wire = if matches!(e, ProxyError::ClientClosed) { StatusCode::BAD_REQUEST } else { s };
+            Ok(local_response(wire, log.0.take(), close))
         }
     }
 }
@@ -381,6 +392,10 @@ async fn forward(
                     Reason::BodyTimeout => {
                         guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
                         return Err(ProxyError::BodyTimeout);
+                    }
+                    Reason::BadRequest => {
+                        guard.record(Outcome::Neutral, None, sent_at.elapsed(), &pool.breaker);
+                        return Err(ProxyError::BadRequest("malformed request body"));
                     }
                     _ => {}
                 }

@@ -189,6 +189,13 @@ pub async fn send(
     pool: &Pool,
     mut req: Request<UpBody>,
 ) -> Result<Sent, SendError> {
+    // Upstream is HTTP/1.1, where Host is mandatory: a request that came without one (HTTP/1.0,
+    // or h2 without :authority) gets the backend's address, like nginx's $proxy_host.
+    if !req.headers().contains_key(hyper::header::HOST) {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&backend.address) {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+    }
     let mut stale_retried = false;
     if let Some(mut tx) = backend.idle.pop(now_ms(), pool.timeouts.idle) {
         match exchange(&mut tx, req, pool.timeouts.response, true).await {
@@ -288,11 +295,30 @@ fn classify_error(err: &hyper::Error) -> Reason {
     let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
     while let Some(s) = src {
         if let Some(b) = s.downcast_ref::<BodyError>() {
+            if let BodyError::Client(e) = b {
+                if is_malformed_body(e) {
+                    return Reason::BadRequest;
+                }
+            }
             return b.reason();
         }
         src = s.source();
     }
     Reason::UpstreamReset
+}
+
+/// A client body hyper's decoder refused (a bad or overflowing chunk size, say): a malformed
+/// request (400), not a client that went away (an early EOF or a reset).
+fn is_malformed_body(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{InvalidData, InvalidInput};
+    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), InvalidData | InvalidInput);
+        }
+        src = s.source();
+    }
+    false
 }
 
 async fn connect(backend: &Backend, pool: &Pool) -> Result<Sender, (Reason, BoxError)> {
