@@ -56,18 +56,11 @@ impl Pool {
     }
 
     /// Picks a member index, skipping unhealthy backends, open breakers and those in `tried`
-    /// (earlier attempts of this request). When every usable backend was tried, one of them is
-    /// tried again rather than failing a request that a healthy backend could serve.
+    /// (earlier attempts of this request): a retry never goes back to a backend that already
+    /// failed this request (as nginx), so `attempts = 2` with one backend does not double the
+    /// wait for a timed-out answer.
     pub fn pick(&self, now: u64, tried: &[usize]) -> Result<usize, Reason> {
-        if let Some(i) = self.pick_among(now, tried) {
-            return Ok(i);
-        }
-        if !tried.is_empty() {
-            if let Some(i) = self.pick_among(now, &[]) {
-                return Ok(i);
-            }
-        }
-        Err(self.why_none())
+        self.pick_among(now, tried).ok_or_else(|| self.why_none())
     }
 
     fn pick_among(&self, now: u64, tried: &[usize]) -> Option<usize> {

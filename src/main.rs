@@ -79,6 +79,8 @@ fn main() -> ExitCode {
         sighup: true,
     };
     let result = runtime.block_on(async {
+        // Installed before anything is bound, so a SIGTERM that arrives during start-up is a
+        // graceful stop rather than the default kill.
         let shutdown = shutdown_signal();
         balancer::run(opts, shutdown, |_| {}).await
     });
@@ -93,27 +95,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now; the future resolves on the first signal, and a
+/// second one exits at once.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutdown requested; a second signal exits at once");
-    tokio::spawn(async move {
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::warn!("second signal: exiting without waiting");
-        std::process::exit(1);
-    });
+        tracing::info!("shutdown requested; a second signal exits at once");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(1);
+        });
+    }
 }

@@ -73,7 +73,9 @@ pub fn status(e: &ProxyError) -> StatusCode {
         ProxyError::NoRoute => StatusCode::NOT_FOUND,
         ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::Upstream { reason, .. } => match reason {
-            Reason::ResponseTimeout | Reason::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // Only a backend that accepted the request and then took too long is a 504; one
+            // that could not even be reached is a 502, whatever the reason.
+            Reason::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         },
         ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -265,10 +267,10 @@ async fn forward(
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let method = parts.method.clone();
-    // A copy to replay only exists for requests that may be sent twice: bodiless and
-    // idempotent (after it reached a backend), when retries are configured.
-    let replay = (pool.attempts > 1 && bodiless && IDEMPOTENT.contains(&method))
-        .then(|| parts.headers.clone());
+    // A copy to replay only exists for requests that may be sent twice after reaching a
+    // backend: bodiless and idempotent. Even with `attempts = 1` it serves the one free replay
+    // after a stale pooled connection.
+    let replay = (bodiless && IDEMPOTENT.contains(&method)).then(|| parts.headers.clone());
     let mut next = Some(build(
         &method,
         &upstream_uri,
