@@ -590,8 +590,22 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// Request headers that are not hop-by-hop but still stop here: the encoder frames the body,
+/// the balancer answers `Expect` itself, and proxy credentials are for the proxy.
+const NOT_FORWARDED: [HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::EXPECT,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the (few) headers a request carries is cheaper than a hash lookup per
+    // hop-by-hop name, and most requests carry none of them.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -609,16 +623,21 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(n)
+}
+
 static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<HeaderValue>, conn: &ConnInfo) {
     strip_hop_by_hop(h);
-    h.remove(header::CONTENT_LENGTH);
-    h.remove(header::EXPECT);
-    h.remove(header::PROXY_AUTHORIZATION);
-    h.remove(HeaderName::from_static("proxy-authenticate"));
+    if h.keys().any(|k| NOT_FORWARDED.contains(k)) {
+        for n in &NOT_FORWARDED {
+            h.remove(n);
+        }
+    }
     // X-Forwarded-For: the client's chain, then the peer we saw.
     let forwarded = match h.entry(&XFF) {
         Entry::Vacant(_) => conn.peer_ip.clone(),

@@ -285,7 +285,13 @@ impl Controller {
     }
 
     async fn try_apply(&mut self) -> Result<u64, String> {
-        let cfg = Config::load(&self.path).map_err(|e| e.to_string())?;
+        // Reading the file and resolving backend names block; keep them off the workers (on a
+        // single core, the only worker is the one serving traffic).
+        let path = self.path.clone();
+        let cfg = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         let prev = self.shared.snapshot.load_full();
         let next = Snapshot::build(Arc::new(cfg), Some(&prev), prev.generation + 1)?;
 
