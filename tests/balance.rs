@@ -6,7 +6,6 @@ use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::Value;
 
 /// Like `common::config`, with backends written as inline tables carrying a weight.
 fn weighted_config(backends: &[(SocketAddr, u32)], strategy: &str, extra: &str) -> String {
@@ -22,32 +21,6 @@ fn weighted_config(backends: &[(SocketAddr, u32)], strategy: &str, extra: &str) 
 
 /// Fast health checks: one probe decides.
 const HEALTH: &str = "[pools.web.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
-
-/// The `/status` entry of the backend at `addr` in pool `web`.
-fn entry(s: &Value, addr: SocketAddr) -> Value {
-    s["pools"]["web"]["backends"]
-        .as_array()
-        .expect("pools.web.backends")
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
-        .unwrap_or_else(|| panic!("{addr} not in /status: {s}"))
-        .clone()
-}
-
-/// Polls `/status` every 50 ms until `cond` holds; panics with the last document after `limit`.
-async fn wait_status(bal: &Balancer, limit: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let s = status(bal).await;
-        if cond(&s) {
-            return s;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("{what}: not reached within {limit:?}; /status = {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// One GET that must finish within `limit` (a request that lands on a held backend would not).
 async fn get_within(c: &HttpClient, url: &str, limit: Duration) -> Got {

@@ -8,35 +8,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ------------------------------------------------------------------------------------------
 // Helpers
-
-fn entry(s: &Value, addr: SocketAddr) -> Value {
-    s["pools"]["web"]["backends"]
-        .as_array()
-        .expect("pools.web.backends")
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
-        .unwrap_or_else(|| panic!("{addr} not in /status: {s}"))
-        .clone()
-}
-
-async fn wait_status(bal: &Balancer, limit: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let s = status(bal).await;
-        if cond(&s) {
-            return s;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("{what}: not reached within {limit:?}; /status = {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn within<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(limit, f)

@@ -578,3 +578,29 @@ pub fn parse_metrics(text: &str) -> Vec<(String, std::collections::BTreeMap<Stri
     }
     out
 }
+
+/// The `/status` entry of the backend at `addr` in pool `web`.
+pub fn entry(s: &serde_json::Value, addr: SocketAddr) -> serde_json::Value {
+    s["pools"]["web"]["backends"]
+        .as_array()
+        .expect("pools.web.backends")
+        .iter()
+        .find(|b| b["address"] == addr.to_string())
+        .unwrap_or_else(|| panic!("{addr} not in /status: {s}"))
+        .clone()
+}
+
+/// Polls `/status` every 50 ms until `cond` holds; panics with the last document after `limit`.
+pub async fn wait_status(bal: &Balancer, limit: Duration, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = status(bal).await;
+        if cond(&s) {
+            return s;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{what}: not reached within {limit:?}; /status = {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
