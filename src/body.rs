@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::accesslog::{self, LogEntry};
 use crate::backend::{InFlight, Reason};
@@ -54,9 +54,12 @@ pub struct Streaming {
     /// Bytes still allowed by `limits.max_body_bytes`; `u64::MAX` when unlimited.
     remaining: u64,
     /// hyper has no body read timeout: a client that stops sending mid-body would hold a
-    /// backend connection forever. Armed when a read would wait, re-armed on every frame.
+    /// backend connection forever. The timer is created the first time a read waits and only
+    /// re-armed when it fires early: a frame just records when it came (`last`), so a body of
+    /// many frames costs no timer-wheel update per frame.
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
+    last: Instant,
 }
 
 impl UpBody {
@@ -66,6 +69,7 @@ impl UpBody {
             remaining,
             idle,
             timer: None,
+            last: Instant::now(),
         }))
     }
 }
@@ -81,19 +85,23 @@ impl Body for UpBody {
         };
         match Pin::new(&mut s.inner).poll_frame(cx) {
             Poll::Pending => {
-                let idle = s.idle;
-                let timer = s.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Timeout(idle)))),
-                    Poll::Pending => Poll::Pending,
+                let deadline = s.last + s.idle;
+                let timer = s.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                loop {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Some(Err(BodyError::Timeout(s.idle))));
+                    }
+                    // Fired for an older deadline: data came since. Wait for the current one.
+                    timer.as_mut().reset(deadline);
                 }
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(t) = s.timer.as_mut() {
-                    t.as_mut().reset(tokio::time::Instant::now() + s.idle);
-                }
+                s.last = Instant::now();
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > s.remaining {

@@ -223,12 +223,10 @@ async fn serve(
     let limits = snap.limits;
     let tls = bind.and_then(|b| snap.tls_for(b));
     drop(snap);
+    // StallTimeout closes a connection that sends nothing within header_timeout (hyper's own
+    // header timer only starts once the protocol sniff has seen a byte).
     match tls {
         None => {
-            if !first_bytes(&stream, limits.header_timeout, &signals).await {
-                tracing::debug!(%peer, "nothing received within header_timeout; closing");
-                return;
-            }
             let info = conn_info(peer, false, &limits, &signals);
             let io = StallTimeout::new(Sniffer::new(stream, Arc::clone(&info)), send_timeout(&limits));
             drive(TokioIo::new(io), info, &limits, shared, signals).await
@@ -237,17 +235,7 @@ async fn serve(
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             // A handshake that stalls is cut off like a slow request head.
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(mut tls)) => {
-                    // Records that came with the handshake may already hold the request.
-                    let buffered = tls
-                        .get_mut()
-                        .1
-                        .process_new_packets()
-                        .map_or(true, |s| s.plaintext_bytes_to_read() > 0);
-                    if !buffered && !first_bytes(tls.get_ref().0, limits.header_timeout, &signals).await {
-                        tracing::debug!(%peer, "nothing received within header_timeout; closing");
-                        return;
-                    }
+                Ok(Ok(tls)) => {
                     let info = conn_info(peer, true, &limits, &signals);
                     let io = StallTimeout::new(Sniffer::new(tls, Arc::clone(&info)), send_timeout(&limits));
                     drive(TokioIo::new(io), info, &limits, shared, signals).await
@@ -256,20 +244,6 @@ async fn serve(
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
-    }
-}
-
-/// hyper-util's auto builder first reads to tell HTTP/1 from h2, with no timeout of its own
-/// (hyper's header timeout starts after that): a connection that never sends a byte would hold
-/// its task and its `max_connections` permit forever. It gets `header_timeout` to send one;
-/// a drain or stop closes it at once, like an idle keep-alive connection.
-async fn first_bytes(stream: &TcpStream, limit: Duration, signals: &Signals) -> bool {
-    let (mut drain, mut stop) = (signals.drain.clone(), signals.stop.clone());
-    let mut b = [0u8; 1];
-    tokio::select! {
-        r = tokio::time::timeout(limit, stream.peek(&mut b)) => matches!(r, Ok(Ok(n)) if n > 0),
-        _ = stopped(&mut drain) => false,
-        _ = stopped(&mut stop) => false,
     }
 }
 

@@ -24,13 +24,21 @@ use tokio::time::Sleep;
 
 use crate::backend::now_ms;
 
-/// A client socket that gives up on a peer that stops reading: hyper has no write timeout, so
-/// without this a client that never reads its response holds the connection, its backend
-/// connection and its in-flight slot forever. The timer runs only while a write is blocked.
+/// A client socket that gives up on a peer that stalls: one that never sends its first byte
+/// (the protocol sniff of hyper-util's auto builder has no timeout), and one that stops
+/// reading (hyper has no write timeout, so it would hold the connection, its backend
+/// connection and its in-flight slot forever). Both limits are `limit`.
+///
+/// The timer is allocated once, the first time something waits, and re-armed only when a new
+/// wait starts; progress just clears `since`, so a busy connection costs no timer-wheel work.
 pub struct StallTimeout<I> {
     inner: I,
     limit: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the current wait began: the connection's start until its first byte arrives, then
+    /// the start of each blocked write.
+    since: Option<tokio::time::Instant>,
+    first_byte_seen: bool,
 }
 
 impl<I> StallTimeout<I> {
@@ -39,31 +47,49 @@ impl<I> StallTimeout<I> {
             inner,
             limit,
             timer: None,
+            since: Some(tokio::time::Instant::now()),
+            first_byte_seen: false,
         }
     }
 
-    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
-        let limit = self.limit;
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+
+    fn waiting(&mut self, cx: &mut Context<'_>, what: &'static str) -> Poll<std::io::Error> {
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        let deadline = since + self.limit;
         let timer = self
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "client stopped reading",
-            )),
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, what)),
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn progressed(&mut self) {
-        self.timer = None;
+        self.since = None;
     }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if !this.first_byte_seen {
+            match r {
+                Poll::Pending => return this.waiting(cx, "nothing received").map(Err),
+                _ => {
+                    this.first_byte_seen = true;
+                    this.progressed();
+                }
+            }
+        }
+        r
     }
 }
 
@@ -71,7 +97,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Pending => this.blocked(cx).map(Err),
+            Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
             other => {
                 this.progressed();
                 other
@@ -82,7 +108,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.blocked(cx).map(Err),
+            Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
             other => {
                 this.progressed();
                 other
@@ -97,7 +123,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Pending => this.blocked(cx).map(Err),
+            Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
             other => {
                 this.progressed();
                 other
