@@ -120,6 +120,13 @@ else
     BIN=$TARGET_DIR/release/balancer
 fi
 [[ -x $BIN ]] || die "no balancer binary at $BIN"
+if [[ -n ${BALANCER_BIN:-} ]]; then
+    git_desc="binary from BALANCER_BIN"
+else
+    git_desc="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null ||
+        git_desc+=" + uncommitted changes"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Work directory, process bookkeeping, cleanup
@@ -382,12 +389,6 @@ done
 
 first() { head -n1 | tr -d '\n'; }
 cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-if [[ -n ${BALANCER_BIN:-} ]]; then
-    git_desc="binary from BALANCER_BIN"
-else
-    git_desc="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || git_desc+="+uncommitted changes"
-fi
 note=""
 [[ $QUICK == 1 ]] && note="--quick run: one short repetition, indicative only"
 python3 - "$WORK/meta.json" <<EOF

@@ -28,6 +28,8 @@ use crate::config::UpstreamTls;
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub type Sender = http1::SendRequest<UpBody>;
 
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// Idle keep-alive connections kept per backend; beyond it a finished connection is closed.
 const MAX_IDLE_PER_BACKEND: usize = 512;
 
@@ -363,6 +365,10 @@ where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (tx, conn) = http1::Builder::new()
+        // hyper's default lets the read buffer grow to ~400 KiB per connection while a large
+        // response streams to a slower client; 64 KiB keeps a 1 MiB response in flight from
+        // costing most of a MiB of memory, and is still plenty for any response head.
+        .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake(io)
         .await
         .map_err(|e| (Reason::ConnectError, BoxError::from(e)))?;
