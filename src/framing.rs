@@ -5,8 +5,8 @@
 //! `Content-Length` and hands us a plain chunked request. `Sniffer` wraps the client side of an
 //! HTTP/1 connection and follows the byte stream the client sends, head by head and body by
 //! body, before hyper reads it; it records the index of the first request that had both
-//! headers in `ConnInfo::ambiguous_at`, and `proxy::handle` answers that request `400`
-//! (hyper closes such a connection after its answer anyway).
+//! headers (or a `#` in its target, which the URI parser would drop just as silently) in
+//! `ConnInfo::ambiguous_at`, and `proxy::handle` answers that request `400` and closes.
 //!
 //! The sniffer only needs to find head boundaries: at anything it does not understand (an h2
 //! preface, an upgrade, a malformed head that hyper will refuse itself) it stops looking.
@@ -175,7 +175,10 @@ impl<I> Sniffer<I> {
                 upgrade = true;
             }
         }
-        if cl && te.is_some() {
+        // A `#` in the target: the URI parser would silently drop the fragment, so the request
+        // that reaches the backend would not be the one the client sent.
+        let fragment = req.path.is_some_and(|p| p.contains('#'));
+        if (cl && te.is_some()) || fragment {
             let _ = self
                 .info
                 .ambiguous_at
@@ -282,6 +285,12 @@ mod tests {
         // The same bytes one at a time.
         let bytes: Vec<&[u8]> = all.chunks(1).collect();
         assert_eq!(sniff(&bytes), 2);
+    }
+
+    #[test]
+    fn a_fragment_in_the_target_is_flagged() {
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /a#b HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(sniff(&[req]), 1);
     }
 
     #[test]

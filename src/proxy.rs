@@ -234,7 +234,7 @@ async fn forward(
     if req.version() != Version::HTTP_2 {
         let index = conn.requests.fetch_add(1, Relaxed);
         if conn.ambiguous_at.load(Relaxed) == index {
-            return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+            return Err(ProxyError::BadRequest("ambiguous framing or a fragment in the target"));
         }
     }
     let (mut parts, body) = req.into_parts();

@@ -1284,3 +1284,22 @@ async fn half_closed_client_still_gets_its_answer() {
     assert!(text.ends_with("a"), "{text}");
     bal.shutdown().await;
 }
+
+/// `#` never belongs in a request target; the URI parser would drop the fragment silently,
+/// so the balancer refuses the request instead of forwarding a different one.
+#[tokio::test]
+async fn fragment_in_the_target_is_refused() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
+    let addr = bal.addr;
+    let text = tokio::task::spawn_blocking(move || {
+        raw(addr, b"GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(3))
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(a.requests(), 0);
+    let g = get(&client(), &bal.url("/ok")).await;
+    assert_eq!(g.status, 200);
+    bal.shutdown().await;
+}
