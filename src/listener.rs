@@ -186,10 +186,10 @@ fn builder(limits: &Limits) -> auto::Builder<StreamExec> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(usize::try_from(buf).unwrap_or(usize::MAX))
-        .keep_alive(true)
-        // A client that sends its request and shuts down its write side (`nc`, some load
-        // testers) still gets the answer, as with nginx.
-        .half_close(true);
+        // half_close stays off: a client's FIN while its request is in flight means it went
+        // away (nginx's 499), so the request is abandoned at once and never counted against
+        // the backend. The price: `printf ... | nc -N` gets no answer; use curl.
+        .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
