@@ -18,7 +18,11 @@ fn pool(strategy: &str, backends: usize) -> Arc<Pool> {
         .map(|i| {
             // Mixed weights, so round-robin walks a real smooth-weighted sequence.
             let w = 1 + i % 3;
-            format!("{{ address = \"127.0.0.{}:{}\", weight = {w} }}", 1 + i / 200, 9000 + i % 200)
+            format!(
+                "{{ address = \"127.0.0.{}:{}\", weight = {w} }}",
+                1 + i / 200,
+                9000 + i % 200
+            )
         })
         .collect();
     let text = format!(

@@ -46,16 +46,41 @@ fn bench_route(c: &mut Criterion) {
         let last = n - 2; // a plain-host route near the end of the list
         let wild = (0..n).rev().find(|i| i % 4 == 3).expect("n >= 4"); // the last wildcard
         let cases: Vec<(&str, String, String)> = vec![
-            ("first", "svc0.example.com:8080".into(), "/api/v0/users/42".into()),
-            ("last", format!("SVC{last}.example.com"), format!("/api/v{last}/x")),
-            ("wildcard_last", format!("a.b.wild{wild}.example.com"), format!("/api/v{wild}")),
-            ("catch_all", "unknown.example.org".into(), "/index.html".into()),
+            (
+                "first",
+                "svc0.example.com:8080".into(),
+                "/api/v0/users/42".into(),
+            ),
+            (
+                "last",
+                format!("SVC{last}.example.com"),
+                format!("/api/v{last}/x"),
+            ),
+            (
+                "wildcard_last",
+                format!("a.b.wild{wild}.example.com"),
+                format!("/api/v{wild}"),
+            ),
+            (
+                "catch_all",
+                "unknown.example.org".into(),
+                "/index.html".into(),
+            ),
         ];
         for (name, host, path) in &cases {
             assert!(snap.route(Some(host), path).is_some(), "{name} must match");
-            g.bench_with_input(BenchmarkId::new(*name, n), &(host, path), |b, (host, path)| {
-                b.iter(|| black_box(snap.route(Some(black_box(host.as_str())), black_box(path.as_str()))).is_some())
-            });
+            g.bench_with_input(
+                BenchmarkId::new(*name, n),
+                &(host, path),
+                |b, (host, path)| {
+                    b.iter(|| {
+                        black_box(
+                            snap.route(Some(black_box(host.as_str())), black_box(path.as_str())),
+                        )
+                        .is_some()
+                    })
+                },
+            );
         }
     }
     g.finish();
@@ -65,8 +90,14 @@ fn typical_request_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in [
         ("host", "www.example.com"),
-        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
-        ("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
         ("accept-language", "en-US,en;q=0.5"),
         ("accept-encoding", "gzip, deflate, br"),
         ("cookie", "session=0123456789abcdef; theme=dark"),

@@ -18,7 +18,9 @@ async fn backend(addr: SocketAddr, name: &'static str) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
                     let body = if req.uri().path() == "/healthz" {
@@ -40,12 +42,22 @@ async fn backend(addr: SocketAddr, name: &'static str) -> std::io::Result<()> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let path = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "balancer.toml".into()));
+    let path = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "balancer.toml".into()),
+    );
     let config = balancer::Config::load(&path)?;
-    for (port, name) in [(9001, "backend-1"), (9002, "backend-2"), (9003, "backend-3")] {
+    for (port, name) in [
+        (9001, "backend-1"),
+        (9002, "backend-2"),
+        (9003, "backend-3"),
+    ] {
         backend(SocketAddr::from(([127, 0, 0, 1], port)), name).await?;
     }
     let listen = config.listeners[0].bind;
@@ -64,6 +76,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         prebound: Vec::new(),
         sighup: true,
     };
-    balancer::run(opts, async { let _ = tokio::signal::ctrl_c().await; }, |_| {}).await?;
+    balancer::run(
+        opts,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+        |_| {},
+    )
+    .await?;
     Ok(())
 }

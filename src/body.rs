@@ -7,9 +7,9 @@
 //! connection (returned only when the exchange completed cleanly) and the access-log entry
 //! (written when the body ends or the client goes away).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,7 +78,10 @@ impl Body for UpBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let s = match self.get_mut() {
             UpBody::Empty => return Poll::Ready(None),
             UpBody::Stream(s) => &mut **s,
@@ -86,7 +89,9 @@ impl Body for UpBody {
         match Pin::new(&mut s.inner).poll_frame(cx) {
             Poll::Pending => {
                 let deadline = s.last + s.idle;
-                let timer = s.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                let timer = s
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 loop {
                     if timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;

@@ -29,7 +29,10 @@ enum State {
     /// Skipping a body of known length.
     Body(u64),
     /// Inside a chunk-size line: value so far, and whether an extension started.
-    ChunkSize { value: u64, ext: bool },
+    ChunkSize {
+        value: u64,
+        ext: bool,
+    },
     /// Skipping chunk data, then its CRLF.
     ChunkData(u64),
     ChunkDataEnd,
@@ -73,7 +76,8 @@ impl<I> Sniffer<I> {
                         buf = &buf[end..];
                     }
                     None => {
-                        self.head.extend_from_slice(&buf[..buf.len().min(MAX_HEAD + 1)]);
+                        self.head
+                            .extend_from_slice(&buf[..buf.len().min(MAX_HEAD + 1)]);
                         return;
                     }
                 },
@@ -136,7 +140,10 @@ impl<I> Sniffer<I> {
                     let b = buf[0];
                     buf = &buf[1..];
                     if b == b'\n' {
-                        self.state = State::ChunkSize { value: 0, ext: false };
+                        self.state = State::ChunkSize {
+                            value: 0,
+                            ext: false,
+                        };
                     }
                 }
                 State::Trailers(len) => {
@@ -167,7 +174,9 @@ impl<I> Sniffer<I> {
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 cl = true;
-                length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+                length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
                 te = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
@@ -190,7 +199,10 @@ impl<I> Sniffer<I> {
             return State::Off;
         }
         match (te, length, cl) {
-            (Some(true), _, _) => State::ChunkSize { value: 0, ext: false },
+            (Some(true), _, _) => State::ChunkSize {
+                value: 0,
+                ext: false,
+            },
             (None, Some(0), true) | (None, _, false) => State::Head,
             (None, Some(n), true) => State::Body(n),
             // Not chunked-last, or an unparsable length: hyper answers 400 and closes.
@@ -218,7 +230,11 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Sniffer<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -232,11 +248,19 @@ impl<I: AsyncRead + Unpin> AsyncRead for Sniffer<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffer<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
@@ -297,7 +321,8 @@ mod tests {
     fn plain_requests_are_not_flagged() {
         let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(sniff(&[get]), u64::MAX);
-        let te_first = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n";
+        let te_first =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n";
         assert_eq!(sniff(&[te_first]), 0);
     }
 }

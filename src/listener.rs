@@ -228,7 +228,10 @@ async fn serve(
     match tls {
         None => {
             let info = conn_info(peer, false, &limits, &signals);
-            let io = StallTimeout::new(Sniffer::new(stream, Arc::clone(&info)), send_timeout(&limits));
+            let io = StallTimeout::new(
+                Sniffer::new(stream, Arc::clone(&info)),
+                send_timeout(&limits),
+            );
             drive(TokioIo::new(io), info, &limits, shared, signals).await
         }
         Some(cfg) => {
@@ -237,7 +240,10 @@ async fn serve(
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let info = conn_info(peer, true, &limits, &signals);
-                    let io = StallTimeout::new(Sniffer::new(tls, Arc::clone(&info)), send_timeout(&limits));
+                    let io = StallTimeout::new(
+                        Sniffer::new(tls, Arc::clone(&info)),
+                        send_timeout(&limits),
+                    );
                     drive(TokioIo::new(io), info, &limits, shared, signals).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -257,7 +263,8 @@ fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) ->
     Arc::new(ConnInfo {
         peer,
         tls,
-        peer_ip: http::HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(http::HeaderValue::from_static("unknown")),
+        peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or(http::HeaderValue::from_static("unknown")),
         drain: Some(signals.drain_guard.clone()),
         body_timeout: limits.header_timeout,
         requests: std::sync::atomic::AtomicU64::new(0),
@@ -265,8 +272,13 @@ fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) ->
     })
 }
 
-async fn drive<I>(io: I, info: Arc<ConnInfo>, limits: &Limits, shared: Arc<Shared>, mut signals: Signals)
-where
+async fn drive<I>(
+    io: I,
+    info: Arc<ConnInfo>,
+    limits: &Limits,
+    shared: Arc<Shared>,
+    mut signals: Signals,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let b = builder(limits);

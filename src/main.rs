@@ -65,7 +65,9 @@ fn main() -> ExitCode {
     // One worker per core we may run on (taskset/cgroups respected). On a single core the
     // current-thread scheduler does the same work without the work-stealing machinery, like
     // one nginx worker.
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut builder = if cores == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -107,7 +109,10 @@ fn main() -> ExitCode {
 /// second one exits at once.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
     async move {
         let (Ok(mut term), Ok(mut int)) = handlers else {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");

@@ -138,7 +138,8 @@ pub fn local_response(
 }
 
 /// Answers the balancer made itself, by `Reason as usize`, for `/metrics`.
-pub static LOCAL_RESPONSES: [AtomicU64; crate::backend::REASON_SLOTS] = [const { AtomicU64::new(0) }; crate::backend::REASON_SLOTS];
+pub static LOCAL_RESPONSES: [AtomicU64; crate::backend::REASON_SLOTS] =
+    [const { AtomicU64::new(0) }; crate::backend::REASON_SLOTS];
 
 /// Writes the access-log entry if the request's future is dropped (client gone) before it
 /// produced a response, so no request disappears from the log.
@@ -210,7 +211,11 @@ pub async fn handle(
             );
             // 499 is for the access log only: a client that half-closed mid-body may still be
             // reading, and gets a standard 400 for its incomplete request.
-            let wire = if matches!(e, ProxyError::ClientClosed) { StatusCode::BAD_REQUEST } else { s };
+            let wire = if matches!(e, ProxyError::ClientClosed) {
+                StatusCode::BAD_REQUEST
+            } else {
+                s
+            };
             Ok(local_response(wire, log.0.take(), close))
         }
     }
@@ -234,7 +239,9 @@ async fn forward(
     if req.version() != Version::HTTP_2 {
         let index = conn.requests.fetch_add(1, Relaxed);
         if conn.ambiguous_at.load(Relaxed) == index {
-            return Err(ProxyError::BadRequest("ambiguous framing or a fragment in the target"));
+            return Err(ProxyError::BadRequest(
+                "ambiguous framing or a fragment in the target",
+            ));
         }
     }
     let (mut parts, body) = req.into_parts();
@@ -264,7 +271,9 @@ async fn forward(
     rewrite_request_headers(&mut parts.headers, authority, conn);
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::UPGRADE, proto.clone());
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let method = parts.method.clone();
     // A copy to replay only exists for requests that may be sent twice after reaching a
@@ -278,7 +287,11 @@ async fn forward(
         if bodiless {
             UpBody::Empty
         } else {
-            UpBody::stream(body, if limit == 0 { u64::MAX } else { limit }, conn.body_timeout)
+            UpBody::stream(
+                body,
+                if limit == 0 { u64::MAX } else { limit },
+                conn.body_timeout,
+            )
         },
     ));
 
@@ -342,7 +355,9 @@ async fn forward(
                 }
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     return match (&upgrade, client_upgrade.take()) {
-                        (Some(_), Some(on_client)) if answers_websocket(sent.response.headers()) => {
+                        (Some(_), Some(on_client))
+                            if answers_websocket(sent.response.headers()) =>
+                        {
                             Ok(tunnel(sent.response, on_client, guard, log.take(), conn))
                         }
                         _ => Err(ProxyError::Upstream {
@@ -355,7 +370,8 @@ async fn forward(
                 if upgrade.is_some() {
                     // The client asked to switch protocols and was refused: bytes it sends next
                     // may be WebSocket frames, never a request to parse. Close after this answer.
-                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 return Ok(resp);
             }
@@ -652,7 +668,10 @@ fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<HeaderValue>, co
         }
     };
     h.insert(XFF.clone(), forwarded);
-    h.insert(XFP.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+    h.insert(
+        XFP.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
     if let Some(a) = authority {
         h.insert(XFH.clone(), a.clone());
         // The client's Host is kept; for h2 and absolute-form it is the authority.
@@ -673,7 +692,9 @@ fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
     if parts.version != Version::HTTP_11 || parts.method != Method::GET {
         return None;
     }
-    if !has_token(&parts.headers, header::CONNECTION, "upgrade") || !has_token(&parts.headers, header::UPGRADE, "websocket") {
+    if !has_token(&parts.headers, header::CONNECTION, "upgrade")
+        || !has_token(&parts.headers, header::UPGRADE, "websocket")
+    {
         return None;
     }
     Some(HeaderValue::from_static("websocket"))
@@ -701,7 +722,9 @@ fn tunnel(
     if let Some(u) = upgrade {
         parts.headers.insert(header::UPGRADE, u);
     }
-    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let drain = conn.drain.clone();
     let peer = conn.peer;
     tokio::spawn(async move {

@@ -77,7 +77,11 @@ impl<I> StallTimeout<I> {
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if !this.first_byte_seen {
@@ -94,7 +98,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
@@ -105,7 +113,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
         }
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
@@ -136,7 +148,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
     }
 }
 
-
 thread_local! {
     /// The progress cell of the h2 stream being polled on this thread, if any.
     static CURRENT: RefCell<Option<Arc<AtomicU64>>> = const { RefCell::new(None) };
@@ -149,7 +160,10 @@ const WAITING_ON_BACKEND: u64 = 1;
 pub fn note_progress(waiting_on_backend: bool) {
     CURRENT.with(|c| {
         if let Some(cell) = c.borrow().as_ref() {
-            cell.store((now_ms().max(1) << 1) | u64::from(waiting_on_backend), Relaxed);
+            cell.store(
+                (now_ms().max(1) << 1) | u64::from(waiting_on_backend),
+                Relaxed,
+            );
         }
     });
 }
@@ -206,11 +220,17 @@ impl<F: Future> Future for Watched<F> {
         let last = p >> 1;
         let now = now_ms();
         if now.saturating_sub(last) >= limit_ms {
-            tracing::debug!("h2 stream reset: peer did not open its window for {:?}", this.limit);
+            tracing::debug!(
+                "h2 stream reset: peer did not open its window for {:?}",
+                this.limit
+            );
             return Poll::Ready(());
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(limit_ms - now.saturating_sub(last));
-        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(limit_ms - now.saturating_sub(last));
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
         }

@@ -26,7 +26,8 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 /// `2026-11-24T12:00:00Z`, optionally with fractional seconds.
 fn is_rfc3339_utc(s: &str) -> bool {
     let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
     b.len() >= 20
         && digits(0..4)
         && b[4] == b'-'
@@ -67,22 +68,39 @@ async fn status_has_the_contract_shape() {
 
     let g = get(&c, &bal.admin_url("/status")).await;
     assert_eq!(g.status, 200);
-    let ct = g.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = g
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     assert!(ct.starts_with("application/json"), "content-type {ct:?}");
     let s: Value = serde_json::from_str(&g.body).unwrap();
 
     assert_eq!(keys(&s), set(&["config", "pools"]), "{s:#}");
     let cfg = &s["config"];
-    assert_eq!(keys(cfg), set(&["version", "loaded_at", "last_error"]), "{s:#}");
+    assert_eq!(
+        keys(cfg),
+        set(&["version", "loaded_at", "last_error"]),
+        "{s:#}"
+    );
     assert_eq!(cfg["version"], 1);
     assert!(cfg["version"].is_u64());
     let loaded = cfg["loaded_at"].as_str().expect("loaded_at is a string");
-    assert!(is_rfc3339_utc(loaded), "loaded_at {loaded:?} is not RFC 3339 UTC");
+    assert!(
+        is_rfc3339_utc(loaded),
+        "loaded_at {loaded:?} is not RFC 3339 UTC"
+    );
     assert!(cfg["last_error"].is_null());
 
     assert_eq!(keys(&s["pools"]), set(&["web", "other"]));
     let contract = [
-        "address", "weight", "healthy", "breaker", "in_flight", "requests", "failures",
+        "address",
+        "weight",
+        "healthy",
+        "breaker",
+        "in_flight",
+        "requests",
+        "failures",
     ];
     for (pool, strategy) in [("web", "round_robin"), ("other", "least_connections")] {
         let p = &s["pools"][pool];
@@ -108,8 +126,14 @@ async fn status_has_the_contract_shape() {
     assert_eq!(web.len(), 2);
     assert_eq!(web[0]["address"], a.addr.to_string());
     assert_eq!(web[1]["address"], b.addr.to_string());
-    assert_eq!((web[0]["weight"].as_u64(), web[1]["weight"].as_u64()), (Some(1), Some(3)));
-    assert_eq!((web[0]["requests"].as_u64(), web[1]["requests"].as_u64()), (Some(2), Some(6)));
+    assert_eq!(
+        (web[0]["weight"].as_u64(), web[1]["weight"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(
+        (web[0]["requests"].as_u64(), web[1]["requests"].as_u64()),
+        (Some(2), Some(6))
+    );
     for be in web {
         assert_eq!(be["healthy"], true, "no health check: healthy");
         assert_eq!(be["breaker"], "closed");
@@ -126,22 +150,40 @@ async fn status_has_the_contract_shape() {
 
 type Samples = Vec<(String, BTreeMap<String, String>, f64)>;
 
-fn find<'a>(m: &'a Samples, name: &str, labels: &[(&str, &str)]) -> Vec<&'a (String, BTreeMap<String, String>, f64)> {
+fn find<'a>(
+    m: &'a Samples,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Vec<&'a (String, BTreeMap<String, String>, f64)> {
     m.iter()
-        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
         .collect()
 }
 
 fn value(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     let rows = find(m, name, labels);
-    assert_eq!(rows.len(), 1, "want one sample {name}{labels:?}, got {rows:?}");
+    assert_eq!(
+        rows.len(),
+        1,
+        "want one sample {name}{labels:?}, got {rows:?}"
+    );
     rows[0].2
 }
 
 async fn metrics(bal: &Balancer) -> (String, Samples) {
     let g = get(&client(), &bal.admin_url("/metrics")).await;
     assert_eq!(g.status, 200, "{}", g.body);
-    let ct = g.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let ct = g
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     assert!(
         ct.starts_with("text/plain") || ct.starts_with("application/openmetrics-text"),
         "content-type {ct:?}"
@@ -155,7 +197,8 @@ fn has_type(text: &str, family: &str, kind: &str) -> bool {
         let mut w = l.split_whitespace();
         w.next() == Some("#")
             && w.next() == Some("TYPE")
-            && w.next().is_some_and(|n| n == family || n == format!("{family}_total"))
+            && w.next()
+                .is_some_and(|n| n == family || n == format!("{family}_total"))
             && w.next() == Some(kind)
     })
 }
@@ -196,13 +239,22 @@ async fn metrics_have_the_contract_families() {
 
     // Requests by pool, backend and status class.
     assert!(has_type(&text, "balancer_requests", "counter"), "{text}");
-    let class = |be: &str, cl: &str| value(&m, "balancer_requests_total", &[("pool", "web"), ("backend", be), ("class", cl)]);
+    let class = |be: &str, cl: &str| {
+        value(
+            &m,
+            "balancer_requests_total",
+            &[("pool", "web"), ("backend", be), ("class", cl)],
+        )
+    };
     assert_eq!(class(&pa, "2xx"), 4.0, "{text}");
     assert_eq!(class(&pb, "5xx"), 2.0, "{text}");
     assert_eq!(class(&pb, "2xx"), 0.0, "{text}");
 
     // Duration histogram: cumulative buckets ending in +Inf, _sum and _count.
-    assert!(has_type(&text, "balancer_request_duration_seconds", "histogram"), "{text}");
+    assert!(
+        has_type(&text, "balancer_request_duration_seconds", "histogram"),
+        "{text}"
+    );
     let buckets = find(&m, "balancer_request_duration_seconds_bucket", &web(&pa));
     assert!(buckets.len() >= 2, "{text}");
     let mut last = 0.0;
@@ -211,39 +263,98 @@ async fn metrics_have_the_contract_families() {
         assert!(*v >= last, "buckets are not cumulative: {text}");
         last = *v;
     }
-    let inf = value(&m, "balancer_request_duration_seconds_bucket", &[("pool", "web"), ("backend", &pa), ("le", "+Inf")]);
+    let inf = value(
+        &m,
+        "balancer_request_duration_seconds_bucket",
+        &[("pool", "web"), ("backend", &pa), ("le", "+Inf")],
+    );
     assert_eq!(inf, 4.0, "{text}");
-    assert_eq!(value(&m, "balancer_request_duration_seconds_count", &web(&pa)), 4.0, "{text}");
+    assert_eq!(
+        value(&m, "balancer_request_duration_seconds_count", &web(&pa)),
+        4.0,
+        "{text}"
+    );
     let sum = value(&m, "balancer_request_duration_seconds_sum", &web(&pa));
     assert!(sum > 0.0 && sum < 20.0, "sum {sum}");
 
     // Gauges per backend.
-    assert!(has_type(&text, "balancer_backend_in_flight", "gauge"), "{text}");
+    assert!(
+        has_type(&text, "balancer_backend_in_flight", "gauge"),
+        "{text}"
+    );
     assert_eq!(value(&m, "balancer_backend_in_flight", &web(&pa)), 0.0);
-    assert!(has_type(&text, "balancer_backend_healthy", "gauge"), "{text}");
+    assert!(
+        has_type(&text, "balancer_backend_healthy", "gauge"),
+        "{text}"
+    );
     assert_eq!(value(&m, "balancer_backend_healthy", &web(&pa)), 1.0);
-    assert!(has_type(&text, "balancer_backend_breaker_state", "gauge"), "{text}");
-    assert_eq!(value(&m, "balancer_backend_breaker_state", &web(&pa)), 0.0, "a is closed");
-    assert_ne!(value(&m, "balancer_backend_breaker_state", &web(&pb)), 0.0, "b is open");
+    assert!(
+        has_type(&text, "balancer_backend_breaker_state", "gauge"),
+        "{text}"
+    );
+    assert_eq!(
+        value(&m, "balancer_backend_breaker_state", &web(&pa)),
+        0.0,
+        "a is closed"
+    );
+    assert_ne!(
+        value(&m, "balancer_backend_breaker_state", &web(&pb)),
+        0.0,
+        "b is open"
+    );
 
     // Reloads, applied and rejected.
-    assert!(has_type(&text, "balancer_config_reloads", "counter"), "{text}");
-    assert_eq!(value(&m, "balancer_config_reloads_total", &[]), 1.0, "{text}");
-    assert!(has_type(&text, "balancer_config_reload_failures", "counter"), "{text}");
-    assert_eq!(value(&m, "balancer_config_reload_failures_total", &[]), 1.0, "{text}");
+    assert!(
+        has_type(&text, "balancer_config_reloads", "counter"),
+        "{text}"
+    );
+    assert_eq!(
+        value(&m, "balancer_config_reloads_total", &[]),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        has_type(&text, "balancer_config_reload_failures", "counter"),
+        "{text}"
+    );
+    assert_eq!(
+        value(&m, "balancer_config_reload_failures_total", &[]),
+        1.0,
+        "{text}"
+    );
 
     // Upstream failures carry a reason; connections opened are counted.
     let fails = find(&m, "balancer_upstream_failures_total", &web(&pb));
     assert!(!fails.is_empty(), "{text}");
-    assert!(fails.iter().all(|(_, l, _)| l.contains_key("reason")), "{fails:?}");
-    assert_eq!(value(&m, "balancer_upstream_failures_total", &[("backend", &pb), ("reason", "upstream_5xx")]), 2.0);
-    assert!(value(&m, "balancer_upstream_connections_opened_total", &web(&pa)) >= 1.0, "{text}");
-    assert!(value(&m, "balancer_upstream_connections_opened_total", &web(&pb)) >= 1.0, "{text}");
+    assert!(
+        fails.iter().all(|(_, l, _)| l.contains_key("reason")),
+        "{fails:?}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "balancer_upstream_failures_total",
+            &[("backend", &pb), ("reason", "upstream_5xx")]
+        ),
+        2.0
+    );
+    assert!(
+        value(&m, "balancer_upstream_connections_opened_total", &web(&pa)) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value(&m, "balancer_upstream_connections_opened_total", &web(&pb)) >= 1.0,
+        "{text}"
+    );
 
     // A refused connection is a failure with its own reason.
     let mut dead = start_backend("dead").await;
     dead.stop();
-    bal.write_config(&config(&[a.addr, b.addr, dead.addr], "round_robin", "[pools.web.retries]\nattempts = 1\n"));
+    bal.write_config(&config(
+        &[a.addr, b.addr, dead.addr],
+        "round_robin",
+        "[pools.web.retries]\nattempts = 1\n",
+    ));
     assert_eq!(post(&c, &bal.admin_url("/reload"), "").await.status, 200);
     let mut saw_502 = false;
     for _ in 0..6 {
@@ -253,10 +364,18 @@ async fn metrics_have_the_contract_families() {
     let (text, m) = metrics(&bal).await;
     let pd = dead.addr.to_string();
     assert!(
-        value(&m, "balancer_upstream_failures_total", &[("backend", &pd), ("reason", "connect_refused")]) >= 1.0,
+        value(
+            &m,
+            "balancer_upstream_failures_total",
+            &[("backend", &pd), ("reason", "connect_refused")]
+        ) >= 1.0,
         "{text}"
     );
-    assert_eq!(value(&m, "balancer_config_reloads_total", &[]), 2.0, "{text}");
+    assert_eq!(
+        value(&m, "balancer_config_reloads_total", &[]),
+        2.0,
+        "{text}"
+    );
     bal.shutdown().await;
 }
 
@@ -268,7 +387,11 @@ async fn reload_answers_version_and_unknown_paths_404() {
     for want in 2..=4u64 {
         let g = post(&c, &bal.admin_url("/reload"), "").await;
         assert_eq!(g.status, 200, "{}", g.body);
-        let ct = g.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = g
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         assert!(ct.starts_with("application/json"), "content-type {ct:?}");
         let v: Value = serde_json::from_str(&g.body).unwrap();
         assert_eq!(v, serde_json::json!({ "version": want }));
@@ -346,14 +469,24 @@ async fn in_flight_lasts_until_the_body_ends() {
     let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
     let c = client();
     // 64 MiB: far more than the socket buffers, so the body cannot be over while unread.
-    let req = hyper::Request::get(bal.url("/bytes/67108864")).body(full("")).unwrap();
+    let req = hyper::Request::get(bal.url("/bytes/67108864"))
+        .body(full(""))
+        .unwrap();
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let s = status(&bal).await;
-    assert_eq!(status_backend(&s, "web", a.addr).unwrap()["in_flight"], 1, "{s}");
+    assert_eq!(
+        status_backend(&s, "web", a.addr).unwrap()["in_flight"],
+        1,
+        "{s}"
+    );
     let (text, m) = metrics(&bal).await;
     let pa = a.addr.to_string();
-    assert_eq!(value(&m, "balancer_backend_in_flight", &[("backend", &pa)]), 1.0, "{text}");
+    assert_eq!(
+        value(&m, "balancer_backend_in_flight", &[("backend", &pa)]),
+        1.0,
+        "{text}"
+    );
     drop(resp);
     assert!(
         eventually_async(Duration::from_secs(5), || async {

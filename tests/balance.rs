@@ -6,7 +6,6 @@ use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-
 /// Like `common::config`, with backends written as inline tables carrying a weight.
 fn weighted_config(backends: &[(SocketAddr, u32)], strategy: &str, extra: &str) -> String {
     let list: Vec<String> = backends
@@ -85,14 +84,23 @@ async fn least_connections_avoids_the_busy_backend() {
         let before = slow.requests() + fast.requests();
         held.push(spawn_get(bal.url("/")));
         assert!(
-            eventually(Duration::from_secs(5), || slow.requests() + fast.requests() > before).await,
+            eventually(Duration::from_secs(5), || slow.requests() + fast.requests()
+                > before)
+            .await,
             "background request never reached a backend"
         );
     }
-    assert_eq!(slow.requests(), 1, "no request got held by the slow backend");
-    wait_status(&bal, Duration::from_secs(5), "slow in flight 1, fast 0", |s| {
-        entry(s, slow.addr)["in_flight"] == 1 && entry(s, fast.addr)["in_flight"] == 0
-    })
+    assert_eq!(
+        slow.requests(),
+        1,
+        "no request got held by the slow backend"
+    );
+    wait_status(
+        &bal,
+        Duration::from_secs(5),
+        "slow in flight 1, fast 0",
+        |s| entry(s, slow.addr)["in_flight"] == 1 && entry(s, fast.addr)["in_flight"] == 0,
+    )
     .await;
 
     // Every new request must go to the backend with nothing in flight.
@@ -111,7 +119,9 @@ async fn least_connections_avoids_the_busy_backend() {
         let before = slow.requests() + fast.requests();
         held.push(spawn_get(bal.url("/")));
         assert!(
-            eventually(Duration::from_secs(5), || slow.requests() + fast.requests() > before).await,
+            eventually(Duration::from_secs(5), || slow.requests() + fast.requests()
+                > before)
+            .await,
             "held request {k} never reached a backend"
         );
     }
@@ -194,7 +204,12 @@ async fn unhealthy_backend_gets_no_traffic() {
         let bal = start_balancer(&config(&[a.addr, b.addr, c.addr], strategy, HEALTH)).await;
         // The health checker is running.
         assert!(
-            eventually(Duration::from_secs(5), || b.state.health_probes.load(std::sync::atomic::Ordering::SeqCst) > 0).await,
+            eventually(Duration::from_secs(5), || b
+                .state
+                .health_probes
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0)
+            .await,
             "{strategy}: b is never probed"
         );
         b.set_health(false);
@@ -209,15 +224,26 @@ async fn unhealthy_backend_gets_no_traffic() {
         for _ in 0..20 {
             let g = get_within(&cl, &bal.url("/"), Duration::from_secs(10)).await;
             assert_eq!(g.status, 200, "{strategy}: {}", g.body);
-            assert_ne!(g.body, "b", "{strategy}: traffic reached the unhealthy backend");
+            assert_ne!(
+                g.body, "b",
+                "{strategy}: traffic reached the unhealthy backend"
+            );
         }
         assert_eq!(b.requests(), before, "{strategy}");
-        assert!(a.requests() >= 5 && c.requests() >= 5, "{strategy}: a={} c={}", a.requests(), c.requests());
+        assert!(
+            a.requests() >= 5 && c.requests() >= 5,
+            "{strategy}: a={} c={}",
+            a.requests(),
+            c.requests()
+        );
         if strategy == "round_robin" {
             // The unhealthy backend's share is spread over the others, not all handed to its
             // neighbour in the rotation (which would double that one's load).
             let (ra, rc) = (a.requests() as i64, c.requests() as i64);
-            assert!((ra - rc).abs() <= 2, "round_robin skew with b down: a={ra} c={rc}");
+            assert!(
+                (ra - rc).abs() <= 2,
+                "round_robin skew with b down: a={ra} c={rc}"
+            );
         }
 
         // Healthy again: traffic comes back.
@@ -230,7 +256,10 @@ async fn unhealthy_backend_gets_no_traffic() {
             let g = get_within(&cl, &bal.url("/"), Duration::from_secs(10)).await;
             assert_eq!(g.status, 200);
         }
-        assert!(b.requests() > before, "{strategy}: b gets nothing after recovering");
+        assert!(
+            b.requests() > before,
+            "{strategy}: b gets nothing after recovering"
+        );
         bal.shutdown().await;
     }
 }

@@ -50,7 +50,12 @@ async fn hit(bal: &Balancer, target: &TestBackend, n: u64) -> Vec<Got> {
             got.push(g);
         }
     }
-    assert_eq!(target.requests(), goal, "could not reach {}", target.state.name);
+    assert_eq!(
+        target.requests(),
+        goal,
+        "could not reach {}",
+        target.state.name
+    );
     got
 }
 
@@ -84,7 +89,10 @@ async fn trial(bal: &Balancer, target: &TestBackend, other: &str) -> JoinHandle<
                 assert_eq!((g.status.as_u16(), g.body.as_str()), (200, other));
                 break;
             }
-            assert!(Instant::now() < deadline, "request neither finished nor reached the target");
+            assert!(
+                Instant::now() < deadline,
+                "request neither finished nor reached the target"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -123,7 +131,11 @@ async fn open_then_half_open_then_closed_by_a_trial_success() {
     let ra = a.requests();
     let checked = all_go_to(&bal, "b", 6, opened + Duration::from_millis(400)).await;
     assert!(checked >= 3, "machine too slow to observe the open period");
-    assert_eq!(a.requests(), ra, "a request reached a backend whose breaker is open");
+    assert_eq!(
+        a.requests(),
+        ra,
+        "a request reached a backend whose breaker is open"
+    );
 
     // After open_duration a trial goes through; while it is out the breaker is half-open and
     // other requests still avoid a.
@@ -137,7 +149,11 @@ async fn open_then_half_open_then_closed_by_a_trial_success() {
     let c = client();
     for _ in 0..4 {
         let g = get(&c, &bal.url("/")).await;
-        assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "b"), "only one trial at a time");
+        assert_eq!(
+            (g.status.as_u16(), g.body.as_str()),
+            (200, "b"),
+            "only one trial at a time"
+        );
     }
     assert_eq!(a.requests(), ra);
 
@@ -210,7 +226,11 @@ async fn all_breakers_open_answers_503() {
         }
     }
     assert!(checked >= 2, "machine too slow to observe the open period");
-    assert_eq!((a.requests(), b.requests()), (ra, rb), "a request reached an open breaker");
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (ra, rb),
+        "a request reached an open breaker"
+    );
     bal.shutdown().await;
 }
 
@@ -234,7 +254,8 @@ async fn client_disconnect_is_not_a_backend_failure() {
     for _ in 0..4 {
         let before = a.requests();
         let mut s = StdTcpStream::connect(bal.addr).unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n").unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            .unwrap();
         assert!(
             eventually(Duration::from_secs(5), || a.requests() > before).await,
             "request never reached the backend"
@@ -247,8 +268,10 @@ async fn client_disconnect_is_not_a_backend_failure() {
     for _ in 0..4 {
         let before = a.requests();
         let mut s = StdTcpStream::connect(bal.addr).unwrap();
-        s.write_all(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 100000\r\n\r\n")
-            .unwrap();
+        s.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 100000\r\n\r\n",
+        )
+        .unwrap();
         s.write_all(&[b'y'; 1000]).unwrap();
         assert!(
             eventually(Duration::from_secs(5), || a.requests() > before).await,
@@ -300,9 +323,17 @@ async fn refused_timed_out_and_reset_attempts_open_the_breaker() {
         let mut n = 0;
         while breaker_state(&bal, &a).await != "open" {
             n += 1;
-            assert!(n <= 20, "{kind}: breaker still closed after {n} requests: {}", breaker_of(&bal, &a).await);
+            assert!(
+                n <= 20,
+                "{kind}: breaker still closed after {n} requests: {}",
+                breaker_of(&bal, &a).await
+            );
             let g = get(&c, &bal.url("/")).await;
-            assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "b"), "{kind}: retried on b");
+            assert_eq!(
+                (g.status.as_u16(), g.body.as_str()),
+                (200, "b"),
+                "{kind}: retried on b"
+            );
         }
         let entry = breaker_of(&bal, &a).await;
         assert_eq!(entry["failures"], 3, "{kind}: {entry}");
@@ -314,7 +345,10 @@ async fn refused_timed_out_and_reset_attempts_open_the_breaker() {
         }
         let now = breaker_of(&bal, &a).await;
         if now["breaker"] == "open" {
-            assert_eq!(now["requests"], attempts, "{kind}: attempts on an open breaker");
+            assert_eq!(
+                now["requests"], attempts,
+                "{kind}: attempts on an open breaker"
+            );
         }
 
         // Back to normal: after open_duration a trial closes it.
@@ -324,7 +358,11 @@ async fn refused_timed_out_and_reset_attempts_open_the_breaker() {
         }
         tokio::time::sleep(OPEN + Duration::from_millis(100)).await;
         let got = hit(&bal, &a, 1).await;
-        assert_eq!((got[0].status.as_u16(), got[0].body.as_str()), (200, "a"), "{kind}");
+        assert_eq!(
+            (got[0].status.as_u16(), got[0].body.as_str()),
+            (200, "a"),
+            "{kind}"
+        );
         assert_eq!(breaker_state(&bal, &a).await, "closed", "{kind}");
         bal.shutdown().await;
     }

@@ -1269,7 +1269,11 @@ async fn fragment_in_the_target_is_refused() {
     let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
     let addr = bal.addr;
     let text = tokio::task::spawn_blocking(move || {
-        raw(addr, b"GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(3))
+        raw(
+            addr,
+            b"GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(3),
+        )
     })
     .await
     .unwrap();

@@ -69,8 +69,15 @@ impl RecBackend {
     }
     fn assert_clean(&self) {
         let v = self.st.violations.lock().unwrap();
-        assert!(v.is_empty(), "the backend received malformed requests: {v:#?}");
-        assert_eq!(self.st.parse_errors.load(SeqCst), 0, "the backend failed to parse what it was sent");
+        assert!(
+            v.is_empty(),
+            "the backend received malformed requests: {v:#?}"
+        );
+        assert_eq!(
+            self.st.parse_errors.load(SeqCst),
+            0,
+            "the backend failed to parse what it was sent"
+        );
     }
 }
 
@@ -97,24 +104,39 @@ fn check_well_formed(req: &Request<hyper::body::Incoming>) -> Result<(), String>
     }
     let h = req.headers();
     for (n, v) in h {
-        if v.as_bytes().iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+        if v.as_bytes()
+            .iter()
+            .any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+        {
             return Err(format!("header {n}: {v:?} holds control bytes"));
         }
     }
     if h.get_all(http::header::HOST).iter().count() != 1 {
-        return Err(format!("{} Host headers", h.get_all(http::header::HOST).iter().count()));
+        return Err(format!(
+            "{} Host headers",
+            h.get_all(http::header::HOST).iter().count()
+        ));
     }
     let cl = h.get_all(http::header::CONTENT_LENGTH).iter().count();
     let te = h.get_all(http::header::TRANSFER_ENCODING).iter().count();
     if cl > 1 || (cl > 0 && te > 0) {
-        return Err(format!("ambiguous framing: {cl} Content-Length, {te} Transfer-Encoding"));
+        return Err(format!(
+            "ambiguous framing: {cl} Content-Length, {te} Transfer-Encoding"
+        ));
     }
     if let Some(te) = h.get(http::header::TRANSFER_ENCODING) {
         if te != "chunked" {
             return Err(format!("Transfer-Encoding {te:?}"));
         }
     }
-    for hop in ["keep-alive", "proxy-connection", "te", "trailer", "http2-settings", "proxy-authorization"] {
+    for hop in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "http2-settings",
+        "proxy-authorization",
+    ] {
         if h.contains_key(hop) {
             return Err(format!("hop-by-hop header {hop} forwarded"));
         }
@@ -132,7 +154,9 @@ async fn start_rec_backend() -> RecBackend {
     let st2 = Arc::clone(&st);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let st = Arc::clone(&st2);
             tokio::spawn(async move {
                 let st3 = Arc::clone(&st);
@@ -149,13 +173,28 @@ async fn start_rec_backend() -> RecBackend {
                         let _done = Done(Arc::clone(&st));
                         st.requests.fetch_add(1, SeqCst);
                         if let Err(why) = check_well_formed(&req) {
-                            st.violations.lock().unwrap().push(format!("{why} in {} {}", req.method(), req.uri()));
+                            st.violations.lock().unwrap().push(format!(
+                                "{why} in {} {}",
+                                req.method(),
+                                req.uri()
+                            ));
                         }
                         let method = req.method().to_string();
                         let uri = req.uri().to_string();
-                        let host = req.headers().get("host").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default();
-                        let declared: Option<usize> = req.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse().ok());
-                        let body = tokio::time::timeout(Duration::from_secs(30), req.into_body().collect()).await;
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                            .unwrap_or_default();
+                        let declared: Option<usize> = req
+                            .headers()
+                            .get("content-length")
+                            .and_then(|v| v.to_str().ok()?.parse().ok());
+                        let body = tokio::time::timeout(
+                            Duration::from_secs(30),
+                            req.into_body().collect(),
+                        )
+                        .await;
                         let (body_len, body_ok) = match body {
                             Ok(Ok(b)) => (b.to_bytes().len(), true),
                             _ => (0, false),
@@ -170,11 +209,21 @@ async fn start_rec_backend() -> RecBackend {
                         {
                             let mut log = st.log.lock().unwrap();
                             if log.len() < 10_000 {
-                                log.push(Rec { method, uri: uri.clone(), host, body_len, body_ok });
+                                log.push(Rec {
+                                    method,
+                                    uri: uri.clone(),
+                                    host,
+                                    body_len,
+                                    body_ok,
+                                });
                             }
                         }
                         let mut r = Response::new(full("ok"));
-                        r.headers_mut().insert("x-uri", http::HeaderValue::from_str(&uri).unwrap_or(http::HeaderValue::from_static("?")));
+                        r.headers_mut().insert(
+                            "x-uri",
+                            http::HeaderValue::from_str(&uri)
+                                .unwrap_or(http::HeaderValue::from_static("?")),
+                        );
                         Ok::<_, std::convert::Infallible>(r)
                     }
                 });
@@ -214,8 +263,16 @@ impl Raw {
         let s = self.statuses();
         format!(
             "{} {} in {:?}",
-            if s.is_empty() { "no response".to_owned() } else { format!("{s:?}") },
-            if self.closed { "then closed" } else { "still open" },
+            if s.is_empty() {
+                "no response".to_owned()
+            } else {
+                format!("{s:?}")
+            },
+            if self.closed {
+                "then closed"
+            } else {
+                "still open"
+            },
             self.elapsed
         )
     }
@@ -263,13 +320,16 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8], fin: bool, limit: Duration
 fn complete_responses(mut buf: &[u8]) -> bool {
     let mut any = false;
     while !buf.is_empty() {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
         let mut rest = &buf[end + 4..];
-        let cl = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
+        let cl = head.lines().find_map(|l| {
+            l.strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        });
         if (100..200).contains(&status) || status == 204 || status == 304 {
         } else if let Some(cl) = cl {
             if rest.len() < cl {
@@ -277,7 +337,9 @@ fn complete_responses(mut buf: &[u8]) -> bool {
             }
             rest = &rest[cl..];
         } else if head.contains("transfer-encoding: chunked") {
-            let Some(e) = rest.windows(5).position(|w| w == b"0\r\n\r\n") else { return false };
+            let Some(e) = rest.windows(5).position(|w| w == b"0\r\n\r\n") else {
+                return false;
+            };
             rest = &rest[e + 5..];
         } else {
             return false;
@@ -289,7 +351,11 @@ fn complete_responses(mut buf: &[u8]) -> bool {
 }
 
 fn hard_config(backends: &[SocketAddr], extra: &str) -> String {
-    config(backends, "round_robin", &format!("[limits]\nheader_timeout = \"1s\"\n{extra}"))
+    config(
+        backends,
+        "round_robin",
+        &format!("[limits]\nheader_timeout = \"1s\"\n{extra}"),
+    )
 }
 
 async fn assert_normal_request_works(bal: &Balancer, why: &str) {
@@ -325,7 +391,11 @@ fn smuggle_body() -> String {
 /// CL and TE together, with `te_line` the (possibly obfuscated) Transfer-Encoding line.
 fn cl_te(te_line: &str) -> Vec<u8> {
     let body = smuggle_body();
-    format!("POST /cl-te HTTP/1.1\r\nHost: h.test\r\nContent-Length: {}\r\n{te_line}\r\n\r\n{body}", body.len()).into_bytes()
+    format!(
+        "POST /cl-te HTTP/1.1\r\nHost: h.test\r\nContent-Length: {}\r\n{te_line}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 fn cases() -> Vec<(&'static str, Vec<u8>, May)> {
@@ -400,9 +470,15 @@ fn cases() -> Vec<(&'static str, Vec<u8>, May)> {
     many.extend_from_slice(b"\r\n");
     v.push(("120 header fields", many, Exactly(431)));
     // Over max_header_bytes (64 KiB) -> 431.
-    let big = format!("GET / HTTP/1.1\r\nHost: h.test\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: h.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
     v.push(("a 70 KB header", big.into_bytes(), Exactly(431)));
-    let long_target = format!("GET /{} HTTP/1.1\r\nHost: h.test\r\n\r\n", "a".repeat(70_000));
+    let long_target = format!(
+        "GET /{} HTTP/1.1\r\nHost: h.test\r\n\r\n",
+        "a".repeat(70_000)
+    );
     v.push(("a 70 KB target", long_target.into_bytes(), Reject));
     v
 }
@@ -422,7 +498,19 @@ async fn malformed_and_ambiguous_requests_never_reach_a_backend() {
         let forwarded = backend.requests() - before;
         let new: Vec<Rec> = backend.log().into_iter().skip(before as usize).collect();
         let statuses = r.statuses();
-        let line = format!("{name}: {} ; forwarded {forwarded} {:?}", r.summary(), new.iter().map(|x| format!("{} {} body={}{}", x.method, x.uri, x.body_len, if x.body_ok { "" } else { " (aborted)" })).collect::<Vec<_>>());
+        let line = format!(
+            "{name}: {} ; forwarded {forwarded} {:?}",
+            r.summary(),
+            new.iter()
+                .map(|x| format!(
+                    "{} {} body={}{}",
+                    x.method,
+                    x.uri,
+                    x.body_len,
+                    if x.body_ok { "" } else { " (aborted)" }
+                ))
+                .collect::<Vec<_>>()
+        );
         println!("{line}");
         report.push(line.clone());
         // Real 4xx codes only: nginx's 499 is for logs, never for a client still listening.
@@ -432,29 +520,48 @@ async fn malformed_and_ambiguous_requests_never_reach_a_backend() {
         } else {
             match may {
                 May::Exactly(code) => forwarded == 0 && statuses == [code],
-                May::Reject => forwarded == 0 && all_4xx && statuses.len() <= 1 && (r.closed || !statuses.is_empty()),
+                May::Reject => {
+                    forwarded == 0
+                        && all_4xx
+                        && statuses.len() <= 1
+                        && (r.closed || !statuses.is_empty())
+                }
                 May::BodyRejected => {
-                    forwarded <= 1 && new.iter().all(|x| !x.body_ok) && r.closed && (statuses.is_empty() || statuses == [400])
+                    forwarded <= 1
+                        && new.iter().all(|x| !x.body_ok)
+                        && r.closed
+                        && (statuses.is_empty() || statuses == [400])
                 }
                 May::ForwardOnce => {
-                    (forwarded == 0 && all_4xx && statuses.len() <= 1) || (forwarded == 1 && statuses.len() == 1)
+                    (forwarded == 0 && all_4xx && statuses.len() <= 1)
+                        || (forwarded == 1 && statuses.len() == 1)
                 }
             }
         };
         if !ok {
-            failures.push(format!("{line}\n    expected {may:?}; response: {:?}", r.text.chars().take(300).collect::<String>()));
+            failures.push(format!(
+                "{line}\n    expected {may:?}; response: {:?}",
+                r.text.chars().take(300).collect::<String>()
+            ));
         }
         assert_normal_request_works(&bal, name).await;
     }
     backend.assert_clean();
-    assert!(failures.is_empty(), "cases with unexpected results:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "cases with unexpected results:\n{}",
+        failures.join("\n")
+    );
     let st = status(&bal).await;
     let b = status_backend(&st, "web", backend.addr).unwrap();
-    assert!(eventually_async(Duration::from_secs(10), || async {
-        let st = status(&bal).await;
-        status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
-    })
-    .await, "{b}");
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            let st = status(&bal).await;
+            status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
+        })
+        .await,
+        "{b}"
+    );
     bal.shutdown().await;
 }
 
@@ -463,12 +570,22 @@ async fn request_without_host_still_reaches_the_backend_with_one() {
     // HTTP/1.0 allows a request without Host; upstream is HTTP/1.1, where it is mandatory.
     let backend = start_rec_backend().await;
     let bal = start_balancer(&hard_config(&[backend.addr], "")).await;
-    let r = raw_exchange(bal.addr, b"GET /old HTTP/1.0\r\n\r\n", false, Duration::from_secs(4)).await;
+    let r = raw_exchange(
+        bal.addr,
+        b"GET /old HTTP/1.0\r\n\r\n",
+        false,
+        Duration::from_secs(4),
+    )
+    .await;
     println!("HTTP/1.0 without Host: {}", r.summary());
     assert_eq!(r.statuses(), [200], "{}", r.text);
     let rec = backend.log();
     assert_eq!(rec.len(), 1);
-    assert_eq!(rec[0].host, backend.addr.to_string(), "Host upstream must be the backend's address");
+    assert_eq!(
+        rec[0].host,
+        backend.addr.to_string(),
+        "Host upstream must be the backend's address"
+    );
     backend.assert_clean();
     bal.shutdown().await;
 }
@@ -484,12 +601,22 @@ async fn client_half_closing_mid_body_gets_a_standard_400() {
         let r = raw_exchange(bal.addr, req, true, Duration::from_secs(4)).await;
         println!("half-closed mid-body: {}", r.summary());
         // nginx's 499 belongs in the access log, not on the wire.
-        assert!(r.statuses().is_empty() || r.statuses() == [400], "{}", r.text);
+        assert!(
+            r.statuses().is_empty() || r.statuses() == [400],
+            "{}",
+            r.text
+        );
         assert!(r.closed);
     }
-    assert!(backend.log().iter().all(|x| !x.body_ok), "an incomplete body must not arrive complete");
+    assert!(
+        backend.log().iter().all(|x| !x.body_ok),
+        "an incomplete body must not arrive complete"
+    );
     let st = status(&bal).await;
-    assert_eq!(status_backend(&st, "web", backend.addr).unwrap()["failures"], 0);
+    assert_eq!(
+        status_backend(&st, "web", backend.addr).unwrap()["failures"],
+        0
+    );
     assert_normal_request_works(&bal, "half-closed bodies").await;
     backend.assert_clean();
     bal.shutdown().await;
@@ -508,26 +635,67 @@ async fn absolute_form_authority_wins_over_host() {
     );
     let bal = start_balancer(&cfg).await;
     for (req, path) in [
-        ("GET http://b.example/x?q=1 HTTP/1.1\r\nHost: a.example\r\n\r\n", "/x?q=1"),
-        ("GET http://b.example:8080/y HTTP/1.1\r\nHost: a.example\r\n\r\n", "/y"),
-        ("GET http://B.EXAMPLE/z HTTP/1.1\r\nHost: a.example\r\n\r\n", "/z"),
+        (
+            "GET http://b.example/x?q=1 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "/x?q=1",
+        ),
+        (
+            "GET http://b.example:8080/y HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "/y",
+        ),
+        (
+            "GET http://B.EXAMPLE/z HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "/z",
+        ),
     ] {
         let before = b.requests();
         let r = raw_exchange(bal.addr, req.as_bytes(), false, Duration::from_secs(4)).await;
         println!("absolute-form {req:?}: {}", r.summary());
         assert_eq!(r.statuses(), [200], "{req:?}: {}", r.text);
-        assert_eq!(b.requests(), before + 1, "{req:?} must go to the b.example route");
+        assert_eq!(
+            b.requests(),
+            before + 1,
+            "{req:?} must go to the b.example route"
+        );
         let last = b.log().last().cloned().unwrap();
         assert_eq!(last.uri, path, "the backend gets origin-form");
-        assert!(last.host.to_ascii_lowercase().starts_with("b.example"), "forwarded Host must follow the target: {last:?}");
+        assert!(
+            last.host.to_ascii_lowercase().starts_with("b.example"),
+            "forwarded Host must follow the target: {last:?}"
+        );
     }
-    assert_eq!(a.requests(), 0, "the Host header must not win over the absolute-form authority");
+    assert_eq!(
+        a.requests(),
+        0,
+        "the Host header must not win over the absolute-form authority"
+    );
     // Userinfo in the authority must not route by its user part.
-    let r = raw_exchange(bal.addr, b"GET http://a.example@b.example/u HTTP/1.1\r\nHost: a.example\r\n\r\n", false, Duration::from_secs(4)).await;
-    println!("absolute-form with userinfo: {} ; a={} b={}", r.summary(), a.requests(), b.requests());
-    assert_eq!(a.requests(), 0, "userinfo a.example@ must not route to a.example");
+    let r = raw_exchange(
+        bal.addr,
+        b"GET http://a.example@b.example/u HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        false,
+        Duration::from_secs(4),
+    )
+    .await;
+    println!(
+        "absolute-form with userinfo: {} ; a={} b={}",
+        r.summary(),
+        a.requests(),
+        b.requests()
+    );
+    assert_eq!(
+        a.requests(),
+        0,
+        "userinfo a.example@ must not route to a.example"
+    );
     // Origin-form uses Host as usual.
-    let r = raw_exchange(bal.addr, b"GET /o HTTP/1.1\r\nHost: a.example\r\n\r\n", false, Duration::from_secs(4)).await;
+    let r = raw_exchange(
+        bal.addr,
+        b"GET /o HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        false,
+        Duration::from_secs(4),
+    )
+    .await;
     assert_eq!(r.statuses(), [200]);
     assert_eq!(a.requests(), 1);
     a.assert_clean();
@@ -562,29 +730,54 @@ async fn dot_segments_cannot_escape_a_path_prefix_route() {
         let before_pub = public.requests();
         let req = format!("GET {target} HTTP/1.1\r\nHost: h.test\r\n\r\n");
         let r = raw_exchange(bal.addr, req.as_bytes(), false, Duration::from_secs(4)).await;
-        println!("{target}: {} ; public={} internal={}", r.summary(), public.requests(), admin.requests());
-        assert_eq!(public.requests(), before_pub, "{target} reached the /public route");
+        println!(
+            "{target}: {} ; public={} internal={}",
+            r.summary(),
+            public.requests(),
+            admin.requests()
+        );
+        assert_eq!(
+            public.requests(),
+            before_pub,
+            "{target} reached the /public route"
+        );
         let st = r.statuses();
         assert_eq!(st.len(), 1, "{target}: {}", r.text);
         if st[0] == 200 {
             let last = admin.log().last().cloned().unwrap();
-            assert!(last.uri.starts_with("/admin"), "{target}: routed as /admin but the backend got {:?}", last.uri);
+            assert!(
+                last.uri.starts_with("/admin"),
+                "{target}: routed as /admin but the backend got {:?}",
+                last.uri
+            );
         } else {
             assert!((400..500).contains(&st[0]), "{target}: {}", r.text);
         }
     }
     // What stays inside /public is still served by it, normalised.
-    for (target, want) in [("/public/a/../b", "/public/b"), ("/public/./c", "/public/c"), ("/public//../d", "/public/d")] {
+    for (target, want) in [
+        ("/public/a/../b", "/public/b"),
+        ("/public/./c", "/public/c"),
+        ("/public//../d", "/public/d"),
+    ] {
         let req = format!("GET {target} HTTP/1.1\r\nHost: h.test\r\n\r\n");
         let r = raw_exchange(bal.addr, req.as_bytes(), false, Duration::from_secs(4)).await;
         assert_eq!(r.statuses(), [200], "{target}");
         assert_eq!(public.log().last().unwrap().uri, want, "{target}");
     }
     // Encoded slashes and dots that are not a whole segment are not dot segments: observed only.
-    for target in ["/public/..%2fadmin", "/public/%2e%2e%2fadmin", "/public/..;/admin"] {
+    for target in [
+        "/public/..%2fadmin",
+        "/public/%2e%2e%2fadmin",
+        "/public/..;/admin",
+    ] {
         let req = format!("GET {target} HTTP/1.1\r\nHost: h.test\r\n\r\n");
         let r = raw_exchange(bal.addr, req.as_bytes(), false, Duration::from_secs(4)).await;
-        println!("(observed) {target}: {} ; public got {:?}", r.summary(), public.log().last().map(|x| x.uri.clone()));
+        println!(
+            "(observed) {target}: {} ; public got {:?}",
+            r.summary(),
+            public.log().last().map(|x| x.uri.clone())
+        );
     }
     public.assert_clean();
     admin.assert_clean();
@@ -624,15 +817,28 @@ async fn slowloris_headers_are_cut_off_after_header_timeout() {
                 }
             };
             writer.abort();
-            (closed, start.elapsed(), String::from_utf8_lossy(&out).into_owned())
+            (
+                closed,
+                start.elapsed(),
+                String::from_utf8_lossy(&out).into_owned(),
+            )
         }));
     }
     for t in tasks {
         let (closed, elapsed, text) = t.await.unwrap();
-        println!("slowloris: closed={closed} after {elapsed:?}, answer {:?}", text.lines().next());
+        println!(
+            "slowloris: closed={closed} after {elapsed:?}, answer {:?}",
+            text.lines().next()
+        );
         assert!(closed, "a slowloris connection was not cut off");
-        assert!(elapsed < Duration::from_secs(5), "cut off too late: {elapsed:?}");
-        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text:?}");
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "cut off too late: {elapsed:?}"
+        );
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text:?}"
+        );
     }
     assert_eq!(backend.requests(), 0);
     assert_normal_request_works(&bal, "slowloris").await;
@@ -645,9 +851,15 @@ async fn slow_body_gets_408_or_close_and_frees_the_backend() {
     let bal = start_balancer(&hard_config(&[backend.addr], "")).await;
     let start = Instant::now();
     let mut s = TcpStream::connect(bal.addr).await.unwrap();
-    s.write_all(b"POST /upload HTTP/1.1\r\nHost: h.test\r\nContent-Length: 1000\r\n\r\n0123456789").await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: h.test\r\nContent-Length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
     // The head and the first bytes are forwarded; the backend waits for the rest.
-    assert!(eventually(Duration::from_secs(5), || backend.st.active.load(SeqCst) == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || backend.st.active.load(SeqCst)
+            == 1)
+        .await
+    );
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     let closed = loop {
@@ -659,24 +871,43 @@ async fn slow_body_gets_408_or_close_and_frees_the_backend() {
     };
     let elapsed = start.elapsed();
     let text = String::from_utf8_lossy(&out).into_owned();
-    println!("slow body: closed={closed} after {elapsed:?}, answer {:?}", text.lines().next());
+    println!(
+        "slow body: closed={closed} after {elapsed:?}, answer {:?}",
+        text.lines().next()
+    );
     assert!(closed, "a stalled body must end the connection: {text:?}");
     assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
     assert!(elapsed >= Duration::from_millis(800), "{elapsed:?}");
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text:?}"
+    );
     // The backend's handler ends (its connection was dropped), and in_flight returns to 0.
-    assert!(eventually(Duration::from_secs(5), || backend.st.active.load(SeqCst) == 0).await, "backend still held");
-    assert!(eventually_async(Duration::from_secs(5), || async {
-        let st = status(&bal).await;
-        status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(5), || backend.st.active.load(SeqCst)
+            == 0)
+        .await,
+        "backend still held"
+    );
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            let st = status(&bal).await;
+            status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
+        })
+        .await
+    );
     let rec = backend.log();
     assert_eq!(rec.len(), 1);
-    assert!(!rec[0].body_ok, "the backend must not see a complete body: {rec:?}");
+    assert!(
+        !rec[0].body_ok,
+        "the backend must not see a complete body: {rec:?}"
+    );
     // A slow body is the client's fault, not the backend's.
     let st = status(&bal).await;
-    assert_eq!(status_backend(&st, "web", backend.addr).unwrap()["failures"], 0);
+    assert_eq!(
+        status_backend(&st, "web", backend.addr).unwrap()["failures"],
+        0
+    );
     assert_normal_request_works(&bal, "slow body").await;
     backend.assert_clean();
     bal.shutdown().await;
@@ -691,10 +922,14 @@ async fn client_that_never_reads_is_disconnected_and_in_flight_returns_to_zero()
     sock.connect(&bal.addr.into()).unwrap();
     sock.set_nonblocking(true).unwrap();
     let mut s = TcpStream::from_std(sock.into()).unwrap();
-    s.write_all(b"GET /bytes/200000000 HTTP/1.1\r\nHost: h.test\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /bytes/200000000 HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        .await
+        .unwrap();
     let in_flight = || async {
         let st = status(&bal).await;
-        status_backend(&st, "web", backend.addr).unwrap()["in_flight"].as_u64().unwrap()
+        status_backend(&st, "web", backend.addr).unwrap()["in_flight"]
+            .as_u64()
+            .unwrap()
     };
     assert!(eventually_async(Duration::from_secs(5), || async { in_flight().await == 1 }).await);
     let started = Instant::now();
@@ -704,7 +939,10 @@ async fn client_that_never_reads_is_disconnected_and_in_flight_returns_to_zero()
     );
     let held = started.elapsed();
     println!("never-reading client released after {held:?}");
-    assert!(held >= Duration::from_millis(500), "released too early: {held:?}");
+    assert!(
+        held >= Duration::from_millis(500),
+        "released too early: {held:?}"
+    );
     // Now read: whatever was buffered, then the end; far less than the 200 MB body.
     let mut total = 0usize;
     let mut buf = vec![0u8; 1 << 16];
@@ -730,7 +968,12 @@ async fn two_thousand_idle_connections_do_not_block_a_normal_request() {
         }
     }
     let backend = start_rec_backend().await;
-    let bal = start_balancer(&config(&[backend.addr], "round_robin", "[limits]\nheader_timeout = \"60s\"\n")).await;
+    let bal = start_balancer(&config(
+        &[backend.addr],
+        "round_robin",
+        "[limits]\nheader_timeout = \"60s\"\n",
+    ))
+    .await;
     let shared = bal.shared();
     let base = shared.open_connections.load(SeqCst);
     let mut idle = Vec::with_capacity(2000);
@@ -744,20 +987,39 @@ async fn two_thousand_idle_connections_do_not_block_a_normal_request() {
         }
     }
     assert!(
-        eventually(Duration::from_secs(20), || shared.open_connections.load(SeqCst) >= base + 2000).await,
+        eventually(Duration::from_secs(20), || shared
+            .open_connections
+            .load(SeqCst)
+            >= base + 2000)
+        .await,
         "only {} connections accepted",
         shared.open_connections.load(SeqCst)
     );
     let start = Instant::now();
     assert_normal_request_works(&bal, "2000 idle connections").await;
-    println!("normal request with 2000 idle connections open took {:?}", start.elapsed());
+    println!(
+        "normal request with 2000 idle connections open took {:?}",
+        start.elapsed()
+    );
     // The oldest idle connection is still served.
-    idle[0].write_all(b"GET /first HTTP/1.1\r\nHost: h.test\r\n\r\n").await.unwrap();
+    idle[0]
+        .write_all(b"GET /first HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     drop(idle);
-    assert!(eventually(Duration::from_secs(20), || shared.open_connections.load(SeqCst) <= base + 1).await);
+    assert!(
+        eventually(Duration::from_secs(20), || shared
+            .open_connections
+            .load(SeqCst)
+            <= base + 1)
+        .await
+    );
     bal.shutdown().await;
 }
 
@@ -817,7 +1079,11 @@ fn mutate(rng: &mut XorShift, mut v: Vec<u8>) -> Vec<u8> {
             }
             1 => {
                 let i = rng.below(v.len() + 1);
-                let b = if rng.chance(70) { *rng.pick(INTERESTING) } else { rng.next() as u8 };
+                let b = if rng.chance(70) {
+                    *rng.pick(INTERESTING)
+                } else {
+                    rng.next() as u8
+                };
                 v.insert(i, b);
             }
             2 if !v.is_empty() => {
@@ -827,7 +1093,12 @@ fn mutate(rng: &mut XorShift, mut v: Vec<u8>) -> Vec<u8> {
             3 => {
                 // Duplicate a header line.
                 let text = v.clone();
-                let lines: Vec<usize> = text.windows(2).enumerate().filter(|(_, w)| w == b"\r\n").map(|(i, _)| i + 2).collect();
+                let lines: Vec<usize> = text
+                    .windows(2)
+                    .enumerate()
+                    .filter(|(_, w)| w == b"\r\n")
+                    .map(|(i, _)| i + 2)
+                    .collect();
                 if lines.len() >= 2 {
                     let k = rng.below(lines.len() - 1);
                     let (s, e) = (lines[k], lines[k + 1]);
@@ -837,12 +1108,43 @@ fn mutate(rng: &mut XorShift, mut v: Vec<u8>) -> Vec<u8> {
                 }
             }
             4 => {
-                let cl = *rng.pick(&["0", "1", "5", "-1", "+3", "0x10", "99999999999999999999", "4, 4", "4, 5", " 7", "1 1", "", "14"]);
+                let cl = *rng.pick(&[
+                    "0",
+                    "1",
+                    "5",
+                    "-1",
+                    "+3",
+                    "0x10",
+                    "99999999999999999999",
+                    "4, 4",
+                    "4, 5",
+                    " 7",
+                    "1 1",
+                    "",
+                    "14",
+                ]);
                 insert_header(rng, &mut v, &format!("Content-Length: {cl}"));
             }
             5 => {
-                let te = *rng.pick(&["chunked", "identity", "chunked, identity", "gzip, chunked", " chunked", "CHUNKED", "chunked\x0b", "xchunked", "chunked;q=1", ""]);
-                let name = *rng.pick(&["Transfer-Encoding", "transfer-encoding", "Transfer-Encoding ", "Transfer_Encoding", " Transfer-Encoding"]);
+                let te = *rng.pick(&[
+                    "chunked",
+                    "identity",
+                    "chunked, identity",
+                    "gzip, chunked",
+                    " chunked",
+                    "CHUNKED",
+                    "chunked\x0b",
+                    "xchunked",
+                    "chunked;q=1",
+                    "",
+                ]);
+                let name = *rng.pick(&[
+                    "Transfer-Encoding",
+                    "transfer-encoding",
+                    "Transfer-Encoding ",
+                    "Transfer_Encoding",
+                    " Transfer-Encoding",
+                ]);
                 insert_header(rng, &mut v, &format!("{name}: {te}"));
             }
             6 if !v.is_empty() => {
@@ -856,14 +1158,29 @@ fn mutate(rng: &mut XorShift, mut v: Vec<u8>) -> Vec<u8> {
                 v.splice(i..i, junk);
             }
             8 => {
-                let h = *rng.pick(&["Host: evil.test", "Host: ", "Connection: close", "Connection: upgrade", "Upgrade: websocket", "Expect: 100-continue", "X-Forwarded-For: 1.2.3.4", "Content-Length: 3\r\nContent-Length: 4"]);
+                let h = *rng.pick(&[
+                    "Host: evil.test",
+                    "Host: ",
+                    "Connection: close",
+                    "Connection: upgrade",
+                    "Upgrade: websocket",
+                    "Expect: 100-continue",
+                    "X-Forwarded-For: 1.2.3.4",
+                    "Content-Length: 3\r\nContent-Length: 4",
+                ]);
                 insert_header(rng, &mut v, h);
             }
             9 => {
                 // Swap CRLF for bare LF or CR somewhere.
                 if let Some(p) = v.windows(2).position(|w| w == b"\r\n") {
                     let mut positions = vec![p];
-                    positions.extend(v.windows(2).enumerate().filter(|(_, w)| w == b"\r\n").map(|(i, _)| i).take(8));
+                    positions.extend(
+                        v.windows(2)
+                            .enumerate()
+                            .filter(|(_, w)| w == b"\r\n")
+                            .map(|(i, _)| i)
+                            .take(8),
+                    );
                     let at = *rng.pick(&positions);
                     if rng.chance(50) {
                         v.remove(at);
@@ -874,7 +1191,12 @@ fn mutate(rng: &mut XorShift, mut v: Vec<u8>) -> Vec<u8> {
             }
             _ => {
                 // Append a second request or a smuggled fragment.
-                let tail = *rng.pick(&[&b"GET /second HTTP/1.1\r\nHost: h.test\r\n\r\n"[..], b"0\r\n\r\n", b"\r\n", b"GET /x HTTP/1.1\r\n"]);
+                let tail = *rng.pick(&[
+                    &b"GET /second HTTP/1.1\r\nHost: h.test\r\n\r\n"[..],
+                    b"0\r\n\r\n",
+                    b"\r\n",
+                    b"GET /x HTTP/1.1\r\n",
+                ]);
                 v.extend_from_slice(tail);
             }
         }
@@ -883,8 +1205,18 @@ fn mutate(rng: &mut XorShift, mut v: Vec<u8>) -> Vec<u8> {
 }
 
 fn insert_header(rng: &mut XorShift, v: &mut Vec<u8>, line: &str) {
-    let ends: Vec<usize> = v.windows(2).enumerate().filter(|(_, w)| w == b"\r\n").map(|(i, _)| i + 2).take(12).collect();
-    let at = if ends.is_empty() { v.len() } else { *rng.pick(&ends) };
+    let ends: Vec<usize> = v
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w == b"\r\n")
+        .map(|(i, _)| i + 2)
+        .take(12)
+        .collect();
+    let at = if ends.is_empty() {
+        v.len()
+    } else {
+        *rng.pick(&ends)
+    };
     let mut l = line.as_bytes().to_vec();
     l.extend_from_slice(b"\r\n");
     v.splice(at..at, l);
@@ -915,7 +1247,10 @@ fn randomized_mutations_never_crash_or_reach_a_backend_malformed() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_ba1a_0c3e_2026);
-    let cases: usize = std::env::var("BALANCER_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    let cases: usize = std::env::var("BALANCER_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
     println!("fuzz seed {seed} (set BALANCER_FUZZ_SEED to replay), {cases} cases");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -955,7 +1290,19 @@ fn randomized_mutations_never_crash_or_reach_a_backend_malformed() {
                     println!("499 for fin={fin} {:?}", String::from_utf8_lossy(&bytes));
                 }
                 let all = r.statuses();
-                (all.clone(), r.statuses().first().map(|s| s.to_string()).unwrap_or_else(|| if r.closed { "closed".into() } else { "open".into() }))
+                (
+                    all.clone(),
+                    r.statuses()
+                        .first()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| {
+                            if r.closed {
+                                "closed".into()
+                            } else {
+                                "open".into()
+                            }
+                        }),
+                )
             });
             while let Some(Ok((all, s))) = set.try_join_next() {
                 *statuses.entry(s).or_default() += 1;
@@ -970,23 +1317,42 @@ fn randomized_mutations_never_crash_or_reach_a_backend_malformed() {
             *statuses.entry(s).or_default() += 1;
             seen.extend(all);
         }
-        println!("fuzz: {cases} cases in {:?}; first answers: {statuses:?}; backend got {} requests", start.elapsed(), backend.requests());
+        println!(
+            "fuzz: {cases} cases in {:?}; first answers: {statuses:?}; backend got {} requests",
+            start.elapsed(),
+            backend.requests()
+        );
         assert_normal_request_works(&bal, "the fuzz run").await;
         backend.assert_clean();
         // Only standard answers on the wire, and never a 5xx: the backend is healthy, so client
         // garbage must not turn into a gateway error (or count against the backend).
-        let allowed = [100u16, 200, 400, 404, 405, 408, 413, 414, 417, 431, 501, 505];
-        let odd: Vec<u16> = seen.iter().copied().filter(|s| !allowed.contains(s)).collect();
-        assert!(odd.is_empty(), "unexpected statuses {odd:?} (all seen: {seen:?})");
+        let allowed = [
+            100u16, 200, 400, 404, 405, 408, 413, 414, 417, 431, 501, 505,
+        ];
+        let odd: Vec<u16> = seen
+            .iter()
+            .copied()
+            .filter(|s| !allowed.contains(s))
+            .collect();
+        assert!(
+            odd.is_empty(),
+            "unexpected statuses {odd:?} (all seen: {seen:?})"
+        );
         let st = status(&bal).await;
         let b = status_backend(&st, "web", backend.addr).unwrap();
-        assert_eq!(b["failures"], 0, "client garbage counted as backend failures: {b}");
+        assert_eq!(
+            b["failures"], 0,
+            "client garbage counted as backend failures: {b}"
+        );
         assert_eq!(b["breaker"], "closed", "{b}");
-        assert!(eventually_async(Duration::from_secs(15), || async {
-            let st = status(&bal).await;
-            status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
-        })
-        .await, "in_flight did not return to 0 after the fuzz run");
+        assert!(
+            eventually_async(Duration::from_secs(15), || async {
+                let st = status(&bal).await;
+                status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
+            })
+            .await,
+            "in_flight did not return to 0 after the fuzz run"
+        );
         bal.shutdown().await;
     });
     let p = PANICS.lock().unwrap();
@@ -1004,7 +1370,9 @@ async fn many_concurrent_h2c_streams_on_one_connection_spread_over_backends() {
     b.set_delay(Duration::from_millis(300));
     let bal = start_balancer(&config(&[a.addr, b.addr], "round_robin", "")).await;
     let tcp = TcpStream::connect(bal.addr).await.unwrap();
-    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let n = 200;
     let start = Instant::now();
@@ -1013,7 +1381,9 @@ async fn many_concurrent_h2c_streams_on_one_connection_spread_over_backends() {
         let mut tx = tx.clone();
         let addr = bal.addr;
         set.spawn(async move {
-            let req = Request::get(format!("http://{addr}/s/{i}")).body(Empty::<Bytes>::new()).unwrap();
+            let req = Request::get(format!("http://{addr}/s/{i}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
             let resp = tx.send_request(req).await.unwrap();
             let st = resp.status();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -1029,9 +1399,15 @@ async fn many_concurrent_h2c_streams_on_one_connection_spread_over_backends() {
     let took = start.elapsed();
     println!("{n} h2c streams on one connection in {took:?}: {by:?}");
     assert_eq!(by.values().sum::<u32>(), n);
-    assert!(by.get("a").copied().unwrap_or(0) >= n / 4 && by.get("b").copied().unwrap_or(0) >= n / 4, "{by:?}");
+    assert!(
+        by.get("a").copied().unwrap_or(0) >= n / 4 && by.get("b").copied().unwrap_or(0) >= n / 4,
+        "{by:?}"
+    );
     // 200 x 300 ms one after the other would take a minute.
-    assert!(took < Duration::from_secs(15), "streams were not concurrent: {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "streams were not concurrent: {took:?}"
+    );
     assert_eq!(a.requests() + b.requests(), n as u64);
     bal.shutdown().await;
 }
@@ -1039,7 +1415,10 @@ async fn many_concurrent_h2c_streams_on_one_connection_spread_over_backends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
     let backend = start_backend("web").await;
-    let mut bin = start_binary(&config(&[backend.addr], "round_robin", ""), std::process::Stdio::null());
+    let mut bin = start_binary(
+        &config(&[backend.addr], "round_robin", ""),
+        std::process::Stdio::null(),
+    );
     let addr = bin.addr;
 
     async fn flood(addr: SocketAddr, resets: usize) -> (usize, usize) {
@@ -1047,8 +1426,14 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
         let mut conns = 0usize;
         while sent < resets && conns < 2000 {
             conns += 1;
-            let Ok(tcp) = TcpStream::connect(addr).await else { continue };
-            let Ok(Ok((mut sender, conn))) = tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(tcp)).await else { continue };
+            let Ok(tcp) = TcpStream::connect(addr).await else {
+                continue;
+            };
+            let Ok(Ok((mut sender, conn))) =
+                tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(tcp)).await
+            else {
+                continue;
+            };
             let conn_task = tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -1057,7 +1442,9 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
                     Ok(Ok(h)) => h,
                     _ => break,
                 };
-                let req = Request::get(format!("http://{addr}/reset")).body(()).unwrap();
+                let req = Request::get(format!("http://{addr}/reset"))
+                    .body(())
+                    .unwrap();
                 match sender.send_request(req, false) {
                     Ok((_resp, mut stream)) => {
                         stream.send_reset(h2::Reason::CANCEL);
@@ -1082,7 +1469,10 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
     let after = bin.rss_kib();
     println!("rapid reset: {sent} streams reset over {conns} connections in {:?}; RSS {base} KiB -> {after} KiB; backend saw {} requests", start.elapsed(), backend.requests());
     assert_eq!(sent, 10_000, "the flood was cut short");
-    assert!(after < base + 64 * 1024, "RSS grew from {base} KiB to {after} KiB");
+    assert!(
+        after < base + 64 * 1024,
+        "RSS grew from {base} KiB to {after} KiB"
+    );
     assert_eq!(bin.child.try_wait().unwrap(), None, "the balancer died");
 
     // Normal service, h2c and HTTP/1.1.
@@ -1090,11 +1480,14 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
     assert_eq!(g.status, 200);
     let g = get(&client(), &format!("http://{addr}/after")).await;
     assert_eq!(g.status, 200);
-    assert!(eventually_async(Duration::from_secs(15), || async {
-        let st = status_at(bin.admin).await;
-        status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
-    })
-    .await, "in_flight did not return to 0 after the flood");
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            let st = status_at(bin.admin).await;
+            status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
+        })
+        .await,
+        "in_flight did not return to 0 after the flood"
+    );
     bin.signal("TERM");
     assert_eq!(bin.wait_exit(Duration::from_secs(15)), Some(0));
 }

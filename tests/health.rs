@@ -104,8 +104,14 @@ async fn thresholds_are_counted_probe_by_probe() {
             assert_eq!(n, 3, "marked unhealthy after {n} failed probes, want 3");
             break;
         }
-        assert!(n <= 3, "still healthy after {n} failed probes (threshold 3)");
-        assert!(tokio::time::Instant::now() < deadline, "never marked unhealthy");
+        assert!(
+            n <= 3,
+            "still healthy after {n} failed probes (threshold 3)"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked unhealthy"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(!status_healthy(&bal, &a).await, "/status disagrees");
@@ -122,8 +128,14 @@ async fn thresholds_are_counted_probe_by_probe() {
             assert_eq!(n, 2, "healthy again after {n} passing probes, want 2");
             break;
         }
-        assert!(n <= 2, "still unhealthy after {n} passing probes (threshold 2)");
-        assert!(tokio::time::Instant::now() < deadline, "never healthy again");
+        assert!(
+            n <= 2,
+            "still unhealthy after {n} passing probes (threshold 2)"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never healthy again"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(status_healthy(&bal, &a).await);
@@ -138,7 +150,9 @@ async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let h = Arc::clone(&heads);
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             let h = Arc::clone(&h);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -146,7 +160,9 @@ async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                 loop {
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head: Vec<u8> = buf.drain(..end + 4).collect();
-                        h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                        h.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
                         let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if s.write_all(resp).await.is_err() {
                             return;
@@ -187,10 +203,16 @@ async fn probes_identify_themselves_and_carry_host() {
         let line = head.lines().next().unwrap_or_default();
         assert_eq!(line, "GET /custom/health?deep=1 HTTP/1.1", "{head}");
         let ua = header(head, "user-agent").unwrap_or_else(|| panic!("no User-Agent:\n{head}"));
-        assert!(ua.contains("balancer"), "User-Agent {ua:?} does not name the balancer");
+        assert!(
+            ua.contains("balancer"),
+            "User-Agent {ua:?} does not name the balancer"
+        );
         let host = header(head, "host").unwrap_or_else(|| panic!("no Host:\n{head}"));
         assert!(!host.is_empty(), "empty Host header");
-        assert!(host.contains(&addr.port().to_string()), "Host {host:?} is not the backend's address {addr}");
+        assert!(
+            host.contains(&addr.port().to_string()),
+            "Host {host:?} is not the backend's address {addr}"
+        );
     }
     bal.shutdown().await;
 }
@@ -210,7 +232,10 @@ async fn unhealthy_backend_gets_no_traffic_and_returns_when_healthy() {
 
     a.set_health(false);
     assert!(
-        eventually_async(Duration::from_secs(5), || async { !status_healthy(&bal, &a).await }).await,
+        eventually_async(Duration::from_secs(5), || async {
+            !status_healthy(&bal, &a).await
+        })
+        .await,
         "a never marked unhealthy"
     );
     let before = a.requests();
@@ -223,7 +248,10 @@ async fn unhealthy_backend_gets_no_traffic_and_returns_when_healthy() {
 
     a.set_health(true);
     assert!(
-        eventually_async(Duration::from_secs(5), || async { status_healthy(&bal, &a).await }).await,
+        eventually_async(Duration::from_secs(5), || async {
+            status_healthy(&bal, &a).await
+        })
+        .await,
         "a never healthy again"
     );
     let back = spread(&bal, 30).await;
@@ -243,7 +271,9 @@ async fn all_unhealthy_answers_503() {
     a.set_health(false);
     b.set_health(false);
     assert!(
-        eventually(Duration::from_secs(5), || !healthy(&bal, &a) && !healthy(&bal, &b)).await,
+        eventually(Duration::from_secs(5), || !healthy(&bal, &a)
+            && !healthy(&bal, &b))
+        .await,
         "backends never marked unhealthy"
     );
     let (ra, rb) = (a.requests(), b.requests());
@@ -253,7 +283,11 @@ async fn all_unhealthy_answers_503() {
         assert_eq!(g.status, 503, "{}", g.body);
         assert!(g.body.contains("503"), "{:?}", g.body);
     }
-    assert_eq!((a.requests(), b.requests()), (ra, rb), "a request reached an unhealthy backend");
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (ra, rb),
+        "a request reached an unhealthy backend"
+    );
 
     b.set_health(true);
     assert!(eventually(Duration::from_secs(5), || healthy(&bal, &b)).await);
@@ -282,11 +316,17 @@ async fn hanging_health_endpoint_fails_by_timeout() {
     let hung_from = a.requests();
     let started = tokio::time::Instant::now();
     assert!(
-        eventually_async(Duration::from_secs(5), || async { !status_healthy(&bal, &a).await }).await,
+        eventually_async(Duration::from_secs(5), || async {
+            !status_healthy(&bal, &a).await
+        })
+        .await,
         "a hanging health endpoint never made the backend unhealthy"
     );
     // Two probes had to reach the backend and time out (200 ms each) first.
-    assert!(a.requests() >= hung_from + 2, "probes did not reach the hanging backend");
+    assert!(
+        a.requests() >= hung_from + 2,
+        "probes did not reach the hanging backend"
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "unhealthy after {:?}, faster than two probe timeouts",
@@ -319,7 +359,10 @@ async fn refusing_backend_is_marked_unhealthy() {
     next_probe(&a).await;
     a.stop();
     assert!(
-        eventually_async(Duration::from_secs(5), || async { !status_healthy(&bal, &a).await }).await,
+        eventually_async(Duration::from_secs(5), || async {
+            !status_healthy(&bal, &a).await
+        })
+        .await,
         "a refusing backend never marked unhealthy"
     );
     let bodies = spread(&bal, 10).await;
@@ -341,7 +384,9 @@ async fn status_backend_server(code: Arc<std::sync::atomic::AtomicU16>) -> Socke
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             let code = Arc::clone(&code);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -350,7 +395,9 @@ async fn status_backend_server(code: Arc<std::sync::atomic::AtomicU16>) -> Socke
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..end + 4);
                         let c = code.load(SeqCst);
-                        let resp = format!("HTTP/1.1 {c} X\r\nlocation: /elsewhere\r\ncontent-length: 2\r\n\r\nok");
+                        let resp = format!(
+                            "HTTP/1.1 {c} X\r\nlocation: /elsewhere\r\ncontent-length: 2\r\n\r\nok"
+                        );
                         if s.write_all(resp.as_bytes()).await.is_err() {
                             return;
                         }
@@ -384,7 +431,14 @@ async fn redirects_pass_and_errors_fail() {
             .unwrap()
             .is_healthy()
     };
-    for (c, want) in [(404, false), (302, true), (500, false), (204, true), (503, false), (301, true)] {
+    for (c, want) in [
+        (404, false),
+        (302, true),
+        (500, false),
+        (204, true),
+        (503, false),
+        (301, true),
+    ] {
         code.store(c, SeqCst);
         assert!(
             eventually(Duration::from_secs(5), || is_healthy() == want).await,
@@ -403,15 +457,22 @@ async fn redirects_pass_and_errors_fail() {
 async fn health_state_across_reloads() {
     let a = start_backend("a").await;
     let b = start_backend("b").await;
-    let hc = "interval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_threshold = 2\nhealthy_threshold = 2";
+    let hc =
+        "interval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_threshold = 2\nhealthy_threshold = 2";
     let bal = start_balancer(&hc_config(&[a.addr, b.addr], hc)).await;
     a.set_health(false);
     assert!(eventually(Duration::from_secs(5), || !healthy(&bal, &a)).await);
 
     // Other check settings: the task restarts, the verdict stays.
     bal.write_config(&hc_config(&[a.addr, b.addr], &hc.replace("100ms", "150ms")));
-    assert_eq!(bal.handle.reload(balancer::reload::Trigger::Admin).await, Ok(2));
-    assert!(!healthy(&bal, &a), "a reload made an unhealthy backend healthy");
+    assert_eq!(
+        bal.handle.reload(balancer::reload::Trigger::Admin).await,
+        Ok(2)
+    );
+    assert!(
+        !healthy(&bal, &a),
+        "a reload made an unhealthy backend healthy"
+    );
     assert!(!status_healthy(&bal, &a).await);
     let before = a.requests();
     let bodies = spread(&bal, 6).await;
@@ -420,18 +481,31 @@ async fn health_state_across_reloads() {
 
     // No check any more: healthy at once, and in service.
     bal.write_config(&config(&[a.addr, b.addr], "round_robin", ""));
-    assert_eq!(bal.handle.reload(balancer::reload::Trigger::Admin).await, Ok(3));
-    assert!(status_healthy(&bal, &a).await, "without a health check a backend is healthy");
+    assert_eq!(
+        bal.handle.reload(balancer::reload::Trigger::Admin).await,
+        Ok(3)
+    );
+    assert!(
+        status_healthy(&bal, &a).await,
+        "without a health check a backend is healthy"
+    );
     let bodies = spread(&bal, 6).await;
     assert_eq!(count(&bodies, "a"), 3, "{bodies:?}");
     let probes_a = probes(&a);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(probes(&a), probes_a, "probes continue without a health check");
+    assert_eq!(
+        probes(&a),
+        probes_a,
+        "probes continue without a health check"
+    );
 
     // The check is back (a still fails it), and b is removed: a goes unhealthy again, and b
     // is probed no more.
     bal.write_config(&hc_config(&[a.addr], hc));
-    assert_eq!(bal.handle.reload(balancer::reload::Trigger::Admin).await, Ok(4));
+    assert_eq!(
+        bal.handle.reload(balancer::reload::Trigger::Admin).await,
+        Ok(4)
+    );
     assert!(eventually(Duration::from_secs(5), || !healthy(&bal, &a)).await);
     let probes_b = probes(&b);
     tokio::time::sleep(Duration::from_millis(400)).await;

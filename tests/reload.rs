@@ -37,7 +37,11 @@ fn load_config(addrs: &[SocketAddr], i: usize, watch: bool) -> (String, BTreeSet
             format!("{{ address = \"{}\", weight = {w} }}", addrs[j])
         })
         .collect();
-    let strategy = if i % 4 == 3 { "least_connections" } else { "round_robin" };
+    let strategy = if i % 4 == 3 {
+        "least_connections"
+    } else {
+        "round_robin"
+    };
     let text = format!(
         "watch = {watch}\nshutdown_grace = \"5s\"\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = false\nlevel = \"warn\"\n\
          [[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\nstrategy = \"{strategy}\"\nbackends = [{}]\n",
@@ -105,16 +109,26 @@ impl Tally {
 }
 
 /// One client on its own keep-alive connection(s): GETs, or POSTs whose body must come back.
-async fn load_client(url: String, echo: bool, names: Arc<Vec<String>>, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+async fn load_client(
+    url: String,
+    echo: bool,
+    names: Arc<Vec<String>>,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
     let c = client();
     let mut n = 0u64;
     while !stop.load(SeqCst) {
         n += 1;
         let req = if echo {
             let body = format!("payload-{n}");
-            Request::post(format!("{url}/echo/{n}")).body(full(body)).unwrap()
+            Request::post(format!("{url}/echo/{n}"))
+                .body(full(body))
+                .unwrap()
         } else {
-            Request::get(format!("{url}/load/{n}")).body(full(Bytes::new())).unwrap()
+            Request::get(format!("{url}/load/{n}"))
+                .body(full(Bytes::new()))
+                .unwrap()
         };
         let resp = match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
             Ok(Ok(r)) => r,
@@ -167,13 +181,21 @@ async fn observer(admin: SocketAddr, survivors: Vec<SocketAddr>, stop: Arc<Atomi
     while !stop.load(SeqCst) {
         let s = status_at(admin).await;
         let v = s["config"]["version"].as_u64().unwrap();
-        assert!(v >= last_version, "version went back from {last_version} to {v}");
+        assert!(
+            v >= last_version,
+            "version went back from {last_version} to {v}"
+        );
         last_version = v;
         let now = requests_by_backend(&s);
         for a in &survivors {
-            let n = *now.get(a).unwrap_or_else(|| panic!("survivor {a} missing from /status"));
+            let n = *now
+                .get(a)
+                .unwrap_or_else(|| panic!("survivor {a} missing from /status"));
             let before = last.get(a).copied().unwrap_or(0);
-            assert!(n >= before, "requests of survivor {a} went from {before} to {n}");
+            assert!(
+                n >= before,
+                "requests of survivor {a} went from {before} to {n}"
+            );
             last.insert(*a, n);
         }
         seen += 1;
@@ -195,9 +217,14 @@ async fn slow_stream(url: String, started: Arc<AtomicBool>, reloads_done: Arc<At
     let mut paced = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.expect("stream broke");
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         for piece in data.chunks(xs.len()) {
-            assert!(piece == &xs[..piece.len()], "stream corrupted at byte {got}");
+            assert!(
+                piece == &xs[..piece.len()],
+                "stream corrupted at byte {got}"
+            );
         }
         got += data.len() as u64;
         started.store(true, SeqCst);
@@ -223,7 +250,12 @@ async fn reload_under_load_loses_no_request() {
         backends.push(start_backend(&format!("b{i}")).await);
     }
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let names = Arc::new(backends.iter().map(|b| b.state.name.clone()).collect::<Vec<_>>());
+    let names = Arc::new(
+        backends
+            .iter()
+            .map(|b| b.state.name.clone())
+            .collect::<Vec<_>>(),
+    );
     let (first, mut expected) = load_config(&addrs, 0, false);
     let bin = start_binary(&first, Stdio::null());
     let url = format!("http://{}", bin.addr);
@@ -238,7 +270,10 @@ async fn reload_under_load_loses_no_request() {
         Arc::clone(&started),
         Arc::clone(&reloads_done),
     ));
-    assert!(eventually(Duration::from_secs(10), || started.load(SeqCst)).await, "stream never started");
+    assert!(
+        eventually(Duration::from_secs(10), || started.load(SeqCst)).await,
+        "stream never started"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
@@ -252,7 +287,11 @@ async fn reload_under_load_loses_no_request() {
             Arc::clone(&stop),
         )));
     }
-    let watcher = tokio::spawn(observer(admin, addrs[..SURVIVORS].to_vec(), Arc::clone(&stop)));
+    let watcher = tokio::spawn(observer(
+        admin,
+        addrs[..SURVIVORS].to_vec(),
+        Arc::clone(&stop),
+    ));
 
     let began = Instant::now();
     let mut version = 1u64;
@@ -261,15 +300,25 @@ async fn reload_under_load_loses_no_request() {
     let mut reload = 0usize;
     // After each reload: the version went up, the backends are the new ones, and a backend
     // present before and after kept its counter.
-    let mut check = |s: &serde_json::Value, expected: &BTreeSet<SocketAddr>, prev: &BTreeSet<SocketAddr>| {
-        assert_eq!(&listed(s), expected, "backends after a reload");
-        assert!(s["config"]["last_error"].is_null(), "{}", s["config"]["last_error"]);
-        let now = requests_by_backend(s);
-        for a in expected.intersection(prev) {
-            assert!(now[a] >= counts[a], "{a}: requests went from {} to {}", counts[a], now[a]);
-        }
-        counts = now;
-    };
+    let mut check =
+        |s: &serde_json::Value, expected: &BTreeSet<SocketAddr>, prev: &BTreeSet<SocketAddr>| {
+            assert_eq!(&listed(s), expected, "backends after a reload");
+            assert!(
+                s["config"]["last_error"].is_null(),
+                "{}",
+                s["config"]["last_error"]
+            );
+            let now = requests_by_backend(s);
+            for a in expected.intersection(prev) {
+                assert!(
+                    now[a] >= counts[a],
+                    "{a}: requests went from {} to {}",
+                    counts[a],
+                    now[a]
+                );
+            }
+            counts = now;
+        };
 
     // Phase 1: POST /reload.
     for _ in 0..20 {
@@ -347,7 +396,10 @@ async fn reload_under_load_loses_no_request() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let reload_time = began.elapsed();
-    assert!(!stream.is_finished(), "the stream ended before the last reload");
+    assert!(
+        !stream.is_finished(),
+        "the stream ended before the last reload"
+    );
     reloads_done.store(true, SeqCst);
 
     // A little more traffic on the last config, then stop.
@@ -364,7 +416,12 @@ async fn reload_under_load_loses_no_request() {
 
     let metrics = get(&ac, &format!("http://{admin}/metrics")).await.body;
     let m = parse_metrics(&metrics);
-    let metric = |name: &str| m.iter().find(|(n, _, _)| n == name).map(|r| r.2).unwrap_or(-1.0);
+    let metric = |name: &str| {
+        m.iter()
+            .find(|(n, _, _)| n == name)
+            .map(|r| r.2)
+            .unwrap_or(-1.0)
+    };
     let applied = metric("balancer_config_reloads_total");
     let rejected = metric("balancer_config_reload_failures_total");
 
@@ -376,9 +433,17 @@ async fn reload_under_load_loses_no_request() {
          {observations} /status observations; stream {streamed} bytes",
         by_trigger[0], by_trigger[1], by_trigger[2]
     );
-    assert_eq!(failed, 0, "failed requests: {:?}", tally.errors.lock().unwrap());
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {:?}",
+        tally.errors.lock().unwrap()
+    );
     assert!(ok > 1000, "too little load: {ok} requests");
-    assert!(reload >= 60 && by_trigger.iter().all(|&n| n >= 20), "{by_trigger:?}");
+    assert!(
+        reload >= 60 && by_trigger.iter().all(|&n| n >= 20),
+        "{by_trigger:?}"
+    );
     assert_eq!(rejected, 0.0, "a reload was rejected");
     assert_eq!(applied, (version - 1) as f64, "applied reloads vs versions");
     assert_eq!(streamed, STREAM_BYTES, "the stream was cut short");
@@ -392,7 +457,10 @@ async fn reload_under_load_loses_no_request() {
 // (2) A config that does not validate
 
 fn line_of(text: &str, needle: &str) -> usize {
-    text.lines().position(|l| l.contains(needle)).expect("needle in config") + 1
+    text.lines()
+        .position(|l| l.contains(needle))
+        .expect("needle in config")
+        + 1
 }
 
 #[tokio::test]
@@ -407,17 +475,34 @@ async fn invalid_config_keeps_the_old_one_serving() {
 
     let bad: [(String, &str); 3] = [
         // Unknown key.
-        (config(&[a.addr, b.addr], "round_robin", "[pools.web.health_check]\nintervall = \"1s\"\n"), "intervall"),
+        (
+            config(
+                &[a.addr, b.addr],
+                "round_robin",
+                "[pools.web.health_check]\nintervall = \"1s\"\n",
+            ),
+            "intervall",
+        ),
         // Weight 0.
         (
             config(&[a.addr], "round_robin", "").replace(
                 &format!("backends = [\"{}\"]", a.addr),
-                &format!("backends = [\"{}\", {{ address = \"{}\", weight = 0 }}]", a.addr, b.addr),
+                &format!(
+                    "backends = [\"{}\", {{ address = \"{}\", weight = 0 }}]",
+                    a.addr, b.addr
+                ),
             ),
             "weight = 0",
         ),
         // A duration without a unit.
-        (config(&[a.addr, b.addr], "round_robin", "[pools.web.timeouts]\nconnect = \"2\"\n"), "connect = \"2\""),
+        (
+            config(
+                &[a.addr, b.addr],
+                "round_robin",
+                "[pools.web.timeouts]\nconnect = \"2\"\n",
+            ),
+            "connect = \"2\"",
+        ),
     ];
     for (n, (template, needle)) in bad.iter().enumerate() {
         bal.write_config(template);
@@ -426,18 +511,35 @@ async fn invalid_config_keeps_the_old_one_serving() {
         let g = post(&c, &bal.admin_url("/reload"), "").await;
         assert_eq!(g.status, 400, "bad config #{n} accepted: {}", g.body);
         let where_ = format!("{path}:{line}");
-        assert!(g.body.contains(&where_), "POST /reload error {:?} does not name {where_}", g.body);
+        assert!(
+            g.body.contains(&where_),
+            "POST /reload error {:?} does not name {where_}",
+            g.body
+        );
 
         let s = status(&bal).await;
-        assert_eq!(s["config"]["version"], 1, "a rejected reload changed the version");
-        let last = s["config"]["last_error"].as_str().unwrap_or_else(|| panic!("no last_error: {s}"));
-        assert!(last.contains(&where_), "last_error {last:?} does not name {where_}");
-        let body: serde_json::Value = serde_json::from_str(&g.body).unwrap_or(serde_json::Value::Null);
+        assert_eq!(
+            s["config"]["version"], 1,
+            "a rejected reload changed the version"
+        );
+        let last = s["config"]["last_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no last_error: {s}"));
+        assert!(
+            last.contains(&where_),
+            "last_error {last:?} does not name {where_}"
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(&g.body).unwrap_or(serde_json::Value::Null);
         if let Some(e) = body["error"].as_str() {
             assert_eq!(e, last, "POST /reload and /status disagree");
         }
         // The in-process trigger reports the same.
-        let e = bal.handle.reload(balancer::reload::Trigger::Admin).await.unwrap_err();
+        let e = bal
+            .handle
+            .reload(balancer::reload::Trigger::Admin)
+            .await
+            .unwrap_err();
         assert!(e.contains(&where_), "{e}");
 
         // The old config keeps serving: only a, never b.
@@ -453,7 +555,10 @@ async fn invalid_config_keeps_the_old_one_serving() {
     bal.write_config(&config(&[a.addr, b.addr], "round_robin", ""));
     let g = post(&c, &bal.admin_url("/reload"), "").await;
     assert_eq!(g.status, 200, "{}", g.body);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["version"], 2);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["version"],
+        2
+    );
     let s = status(&bal).await;
     assert_eq!(s["config"]["version"], 2);
     assert!(s["config"]["last_error"].is_null(), "{s}");
@@ -492,7 +597,11 @@ async fn surviving_backends_keep_their_state_and_removed_ones_get_nothing() {
     let d = start_backend("d").await;
     let e = start_backend("e").await;
     let f = start_backend("f").await;
-    let bal = start_balancer(&carry_config(&[(a.addr, 1), (b.addr, 1), (c.addr, 1)], &[e.addr, f.addr])).await;
+    let bal = start_balancer(&carry_config(
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        &[e.addr, f.addr],
+    ))
+    .await;
     let cl = client();
 
     // b's breaker opens; a and c serve.
@@ -535,23 +644,42 @@ async fn surviving_backends_keep_their_state_and_removed_ones_get_nothing() {
     let a_conns = a.connections();
 
     // Reload: c goes, d comes, a's weight changes, b and the hc pool stay.
-    bal.write_config(&carry_config(&[(a.addr, 2), (b.addr, 1), (d.addr, 1)], &[e.addr, f.addr]));
-    let v = bal.handle.reload(balancer::reload::Trigger::Admin).await.unwrap();
+    bal.write_config(&carry_config(
+        &[(a.addr, 2), (b.addr, 1), (d.addr, 1)],
+        &[e.addr, f.addr],
+    ));
+    let v = bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .unwrap();
     assert_eq!(v, 2);
     let after = status(&bal).await;
     let aa = status_backend(&after, "web", a.addr).unwrap();
     let ab = status_backend(&after, "web", b.addr).unwrap();
-    assert_eq!(aa["requests"], ba["requests"], "a's counter reset by the reload");
+    assert_eq!(
+        aa["requests"], ba["requests"],
+        "a's counter reset by the reload"
+    );
     assert_eq!(aa["weight"], 2);
     assert_eq!(ab["breaker"], "open", "b's breaker reset by the reload");
-    assert_eq!(ab["failures"], bb["failures"], "b's failures reset by the reload");
+    assert_eq!(
+        ab["failures"], bb["failures"],
+        "b's failures reset by the reload"
+    );
     assert_eq!(
         status_backend(&after, "hc", e.addr).unwrap()["healthy"],
         false,
         "e's health reset by the reload"
     );
-    assert!(status_backend(&after, "web", c.addr).is_none(), "removed backend still listed");
-    assert_eq!(status_backend(&after, "web", d.addr).unwrap()["requests"], 0);
+    assert!(
+        status_backend(&after, "web", c.addr).is_none(),
+        "removed backend still listed"
+    );
+    assert_eq!(
+        status_backend(&after, "web", d.addr).unwrap()["requests"],
+        0
+    );
 
     // The request on c finishes on the config it started with.
     let g = in_flight.await.unwrap();
@@ -572,9 +700,15 @@ async fn surviving_backends_keep_their_state_and_removed_ones_get_nothing() {
     let to_d = names.iter().filter(|n| *n == "d").count() as u64;
     assert_eq!(to_a + to_d, 15, "{names:?}");
     assert!(to_a >= 5 && to_d >= 3, "{names:?}");
-    assert_eq!(a.connections(), a_conns, "a's pooled connection was dropped by the reload");
+    assert_eq!(
+        a.connections(),
+        a_conns,
+        "a's pooled connection was dropped by the reload"
+    );
     let s = status(&bal).await;
-    let a_now = status_backend(&s, "web", a.addr).unwrap()["requests"].as_u64().unwrap();
+    let a_now = status_backend(&s, "web", a.addr).unwrap()["requests"]
+        .as_u64()
+        .unwrap();
     assert_eq!(a_now, 4 + to_a, "a's counter after the reload");
     // The hc pool: only f serves.
     for _ in 0..4 {
@@ -597,10 +731,16 @@ async fn listeners_are_bound_and_released_on_reload() {
         &format!("[[listeners]]\nbind = \"{extra}\"\n[pools.web]"),
     );
     let c = client();
-    assert!(std::net::TcpStream::connect(extra).is_err(), "port {extra} taken already");
+    assert!(
+        std::net::TcpStream::connect(extra).is_err(),
+        "port {extra} taken already"
+    );
 
     bal.write_config(&with_extra);
-    assert_eq!(bal.handle.reload(balancer::reload::Trigger::Admin).await, Ok(2));
+    assert_eq!(
+        bal.handle.reload(balancer::reload::Trigger::Admin).await,
+        Ok(2)
+    );
     let g = get(&c, &format!("http://{extra}/")).await;
     assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "a"));
     assert_eq!(get(&c, &bal.url("/")).await.body, "a");
@@ -613,17 +753,34 @@ async fn listeners_are_bound_and_released_on_reload() {
     assert!(eventually(Duration::from_secs(5), || a.requests() > before).await);
 
     bal.write_config(&base);
-    assert_eq!(bal.handle.reload(balancer::reload::Trigger::Admin).await, Ok(3));
-    let refused = eventually(Duration::from_secs(5), || std::net::TcpStream::connect(extra).is_err()).await;
+    assert_eq!(
+        bal.handle.reload(balancer::reload::Trigger::Admin).await,
+        Ok(3)
+    );
+    let refused = eventually(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(extra).is_err()
+    })
+    .await;
     assert!(refused, "the removed listener still accepts connections");
     let g = slow.await.unwrap();
-    assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "a"), "in-flight request on a removed listener");
+    assert_eq!(
+        (g.status.as_u16(), g.body.as_str()),
+        (200, "a"),
+        "in-flight request on a removed listener"
+    );
     a.set_delay(Duration::ZERO);
-    assert_eq!(get(&c, &bal.url("/")).await.body, "a", "the remaining listener stopped");
+    assert_eq!(
+        get(&c, &bal.url("/")).await.body,
+        "a",
+        "the remaining listener stopped"
+    );
 
     // And it can come back.
     bal.write_config(&with_extra);
-    assert_eq!(bal.handle.reload(balancer::reload::Trigger::Admin).await, Ok(4));
+    assert_eq!(
+        bal.handle.reload(balancer::reload::Trigger::Admin).await,
+        Ok(4)
+    );
     let g = get(&client(), &format!("http://{extra}/")).await;
     assert_eq!(g.body, "a");
     bal.shutdown().await;
@@ -641,7 +798,9 @@ async fn a_busy_port_rejects_the_whole_reload() {
     let free = free_port();
     let text = config(&[a.addr, b.addr], "round_robin", "").replace(
         "[pools.web]",
-        &format!("[[listeners]]\nbind = \"{free}\"\n[[listeners]]\nbind = \"{busy_addr}\"\n[pools.web]"),
+        &format!(
+            "[[listeners]]\nbind = \"{free}\"\n[[listeners]]\nbind = \"{busy_addr}\"\n[pools.web]"
+        ),
     );
     bal.write_config(&text);
     let c = client();
@@ -650,9 +809,21 @@ async fn a_busy_port_rejects_the_whole_reload() {
     assert!(g.body.contains(&busy_addr.to_string()), "{}", g.body);
     let s = status(&bal).await;
     assert_eq!(s["config"]["version"], 1);
-    assert!(s["config"]["last_error"].as_str().is_some_and(|e| e.contains(&busy_addr.to_string())), "{s}");
-    assert_eq!(listed(&s), [a.addr].into_iter().collect(), "half of a rejected reload applied");
-    assert!(std::net::TcpStream::connect(free).is_err(), "a listener of a rejected reload was bound");
+    assert!(
+        s["config"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&busy_addr.to_string())),
+        "{s}"
+    );
+    assert_eq!(
+        listed(&s),
+        [a.addr].into_iter().collect(),
+        "half of a rejected reload applied"
+    );
+    assert!(
+        std::net::TcpStream::connect(free).is_err(),
+        "a listener of a rejected reload was bound"
+    );
     for _ in 0..4 {
         assert_eq!(get(&c, &bal.url("/")).await.body, "a");
     }
@@ -681,7 +852,11 @@ async fn the_admin_listener_moves_with_its_config() {
     let s = status_at(moved).await;
     assert_eq!(s["config"]["version"], 2);
     assert!(
-        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(bal.admin).is_err()).await,
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            bal.admin
+        )
+        .is_err())
+        .await,
         "the old admin address still accepts"
     );
     assert_eq!(get(&c, &bal.url("/")).await.body, "a");

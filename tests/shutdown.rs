@@ -49,7 +49,9 @@ async fn start_slow_stream_backend(chunks: usize, every: Duration) -> SocketAddr
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
                     let (mut tx, body) =
@@ -64,8 +66,10 @@ async fn start_slow_stream_backend(chunks: usize, every: Duration) -> SocketAddr
                         }
                     });
                     let mut r = Response::new(body);
-                    r.headers_mut()
-                        .insert("content-length", (chunks * CHUNK).to_string().parse().unwrap());
+                    r.headers_mut().insert(
+                        "content-length",
+                        (chunks * CHUNK).to_string().parse().unwrap(),
+                    );
                     Ok::<_, Infallible>(r)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -87,7 +91,12 @@ async fn read_response(s: &mut TcpStream, limit: Duration) -> Result<(u16, Vec<u
                 break p + 4;
             }
             match s.read(&mut b).await {
-                Ok(0) => return Err(format!("closed before a response head ({} bytes)", buf.len())),
+                Ok(0) => {
+                    return Err(format!(
+                        "closed before a response head ({} bytes)",
+                        buf.len()
+                    ))
+                }
                 Ok(n) => buf.extend_from_slice(&b[..n]),
                 Err(e) => return Err(e.to_string()),
             }
@@ -107,7 +116,9 @@ async fn read_response(s: &mut TcpStream, limit: Duration) -> Result<(u16, Vec<u
             Some(n) => {
                 while body.len() < n {
                     match s.read(&mut b).await {
-                        Ok(0) => return Err(format!("closed after {} of {n} body bytes", body.len())),
+                        Ok(0) => {
+                            return Err(format!("closed after {} of {n} body bytes", body.len()))
+                        }
                         Ok(k) => body.extend_from_slice(&b[..k]),
                         Err(e) => return Err(e.to_string()),
                     }
@@ -127,9 +138,13 @@ async fn read_response(s: &mut TcpStream, limit: Duration) -> Result<(u16, Vec<u
                 let mut out = Vec::new();
                 let mut rest = &body[..];
                 loop {
-                    let p = rest.windows(2).position(|w| w == b"\r\n").ok_or("bad chunk")?;
-                    let size = usize::from_str_radix(std::str::from_utf8(&rest[..p]).unwrap().trim(), 16)
-                        .map_err(|e| e.to_string())?;
+                    let p = rest
+                        .windows(2)
+                        .position(|w| w == b"\r\n")
+                        .ok_or("bad chunk")?;
+                    let size =
+                        usize::from_str_radix(std::str::from_utf8(&rest[..p]).unwrap().trim(), 16)
+                            .map_err(|e| e.to_string())?;
                     rest = &rest[p + 2..];
                     if size == 0 {
                         break;
@@ -194,7 +209,10 @@ async fn sigterm_lets_a_streaming_response_finish() {
 
     // New connections are refused at once...
     let refused = wait_refused(bal.addr, t_term, Duration::from_secs(3)).await;
-    assert!(refused.is_some(), "still accepting connections 3 s after SIGTERM");
+    assert!(
+        refused.is_some(),
+        "still accepting connections 3 s after SIGTERM"
+    );
     // ...while the process keeps serving the stream in flight.
     assert!(
         bal.child.try_wait().unwrap().is_none(),
@@ -224,14 +242,22 @@ async fn sigterm_lets_a_streaming_response_finish() {
         );
     }
     // The stream was still going when SIGTERM came, not done before it.
-    assert!(t_term.elapsed() >= Duration::from_millis(800), "{:?}", t_term.elapsed());
+    assert!(
+        t_term.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t_term.elapsed()
+    );
 
     // Then it exits 0, well within shutdown_grace.
     drop(body);
     drop(c);
     let code = wait_exit(&mut bal, Duration::from_secs(12)).await;
     assert_eq!(code, Some(Some(0)), "exit after draining");
-    assert!(t_term.elapsed() < Duration::from_secs(14), "{:?}", t_term.elapsed());
+    assert!(
+        t_term.elapsed() < Duration::from_secs(14),
+        "{:?}",
+        t_term.elapsed()
+    );
 }
 
 /// A frame header: payload length, type, flags, stream id.
@@ -253,14 +279,20 @@ const H2_GOAWAY: u8 = 7;
 /// SETTINGS.
 async fn h2_idle_connection(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    s.write_all(&[0, 0, 0, H2_SETTINGS, 0, 0, 0, 0, 0]).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[0, 0, 0, H2_SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
     let (ty, _, _, _) = tokio::time::timeout(Duration::from_secs(5), h2_frame(&mut s))
         .await
         .expect("no h2 SETTINGS from the balancer")
         .unwrap();
     assert_eq!(ty, H2_SETTINGS);
-    s.write_all(&[0, 0, 0, H2_SETTINGS, 1, 0, 0, 0, 0]).await.unwrap();
+    s.write_all(&[0, 0, 0, H2_SETTINGS, 1, 0, 0, 0, 0])
+        .await
+        .unwrap();
     s
 }
 
@@ -296,7 +328,9 @@ async fn sigterm_closes_idle_keepalive_connections() {
     for _ in 0..3 {
         let mut s = TcpStream::connect(bal.addr).await.unwrap();
         raw_get(&mut s, "/").await;
-        let (st, body) = read_response(&mut s, Duration::from_secs(10)).await.unwrap();
+        let (st, body) = read_response(&mut s, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!(st, 200);
         assert_eq!(body, b"a");
         conns.push(s);
@@ -305,7 +339,9 @@ async fn sigterm_closes_idle_keepalive_connections() {
     let t_term = Instant::now();
     bal.signal("TERM");
     // An idle HTTP/2 connection is told (GOAWAY) and closed.
-    let goaway = h2_until_closed(&mut h2, Duration::from_secs(5)).await.unwrap();
+    let goaway = h2_until_closed(&mut h2, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(goaway, "h2 connection closed without a GOAWAY");
     // Each idle keep-alive connection is closed by the balancer (EOF), promptly.
     for (i, s) in conns.iter_mut().enumerate() {
@@ -335,12 +371,18 @@ async fn shutdown_grace_bounds_the_wait() {
     let code = wait_exit(&mut bal, Duration::from_secs(8)).await;
     let took = t_term.elapsed();
     assert_eq!(code, Some(Some(0)), "exit when shutdown_grace expires");
-    assert!(took >= Duration::from_millis(800), "did not wait for the request in flight ({took:?})");
+    assert!(
+        took >= Duration::from_millis(800),
+        "did not wait for the request in flight ({took:?})"
+    );
     assert!(took < Duration::from_secs(6), "{took:?}");
     // The unfinished request's connection is cut.
     let mut b = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
-    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "connection left open: {r:?}");
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "connection left open: {r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,16 +414,26 @@ async fn sigint_shuts_down_gracefully_too() {
     let mut bal = start_binary(&config_grace(&[a.addr], "30s", ""), Stdio::null());
     let mut s = TcpStream::connect(bal.addr).await.unwrap();
     raw_get(&mut s, "/").await;
-    let (st, _) = read_response(&mut s, Duration::from_secs(10)).await.unwrap();
+    let (st, _) = read_response(&mut s, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(st, 200);
     bal.signal("INT");
-    assert_eq!(wait_exit(&mut bal, Duration::from_secs(5)).await, Some(Some(0)));
+    assert_eq!(
+        wait_exit(&mut bal, Duration::from_secs(5)).await,
+        Some(Some(0))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_back_the_third() {
     let a = start_backend("a").await;
-    let bal = start_balancer(&config(&[a.addr], "round_robin", "[limits]\nmax_connections = 2\n")).await;
+    let bal = start_balancer(&config(
+        &[a.addr],
+        "round_robin",
+        "[limits]\nmax_connections = 2\n",
+    ))
+    .await;
     let mut c1 = TcpStream::connect(bal.addr).await.unwrap();
     let mut c2 = TcpStream::connect(bal.addr).await.unwrap();
     for s in [&mut c1, &mut c2] {
@@ -394,11 +446,16 @@ async fn max_connections_holds_back_the_third() {
     raw_get(&mut c3, "/").await;
     let mut b = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(800), c3.peek(&mut b)).await;
-    assert!(early.is_err(), "a third connection was served beyond max_connections = 2: {early:?}");
+    assert!(
+        early.is_err(),
+        "a third connection was served beyond max_connections = 2: {early:?}"
+    );
     assert_eq!(a.requests(), 2);
     // The two are still served.
     raw_get(&mut c2, "/").await;
-    let (st, _) = read_response(&mut c2, Duration::from_secs(10)).await.unwrap();
+    let (st, _) = read_response(&mut c2, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(st, 200);
     // One closes: the third is served.
     drop(c1);

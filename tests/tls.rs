@@ -22,9 +22,12 @@ use http_body_util::{BodyExt, Empty};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -96,10 +99,18 @@ fn tls_config(backends: &[SocketAddr], certs: &[(PathBuf, PathBuf)], extra: &str
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
     let mut tls = String::new();
     if certs.len() == 1 {
-        tls.push_str(&format!("tls = {{ cert = {}, key = {} }}\n", q(&certs[0].0), q(&certs[0].1)));
+        tls.push_str(&format!(
+            "tls = {{ cert = {}, key = {} }}\n",
+            q(&certs[0].0),
+            q(&certs[0].1)
+        ));
     } else {
         for (c, k) in certs {
-            tls.push_str(&format!("[[listeners.tls.certificates]]\ncert = {}\nkey = {}\n", q(c), q(k)));
+            tls.push_str(&format!(
+                "[[listeners.tls.certificates]]\ncert = {}\nkey = {}\n",
+                q(c),
+                q(k)
+            ));
         }
     }
     format!(
@@ -164,14 +175,26 @@ impl ServerCertVerifier for AcceptAny {
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Ok(HandshakeSignatureValid::assertion())
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -187,7 +210,11 @@ fn accept_any_client(sni: bool) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
-async fn tls_connect(addr: SocketAddr, name: &str, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
+async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(cfg);
     let name = ServerName::try_from(name.to_owned()).unwrap();
@@ -197,14 +224,23 @@ async fn tls_connect(addr: SocketAddr, name: &str, cfg: Arc<rustls::ClientConfig
 }
 
 fn peer_cert(s: &TlsStream<TcpStream>) -> Vec<u8> {
-    s.get_ref().1.peer_certificates().expect("server sent a certificate")[0].to_vec()
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .expect("server sent a certificate")[0]
+        .to_vec()
 }
 
 /// One HTTP/1.1 GET over an established stream: (status, body).
 async fn h1_get(stream: TlsStream<TcpStream>, host: &str, path: &str) -> (u16, String) {
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = Request::get(path).header("host", host).body(Empty::<Bytes>::new()).unwrap();
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
         .await
         .expect("response in time")
@@ -226,7 +262,9 @@ async fn https_get_reaches_backend_with_forwarded_proto_https() {
     let a = write_leaf(dir.path(), "a", &leaf);
     let bal = start_balancer(&tls_config(&[backend.addr], &[a], "")).await;
 
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.expect("handshake");
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .expect("handshake");
     assert_eq!(peer_cert(&s), leaf.der);
     let (status, body) = h1_get(s, "a.test", "/hello").await;
     assert_eq!(status, 200);
@@ -239,7 +277,9 @@ async fn https_get_reaches_backend_with_forwarded_proto_https() {
 
     // Plain HTTP on a TLS listener is not served as HTTP.
     let mut tcp = TcpStream::connect(bal.addr).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
     assert!(!String::from_utf8_lossy(&buf).contains("web1"));
@@ -260,27 +300,49 @@ async fn sni_selects_the_certificate_and_the_first_is_the_default() {
     let verified = default_client(&ca.pem);
 
     // SNI b.test: the b certificate, which verifies for b.test against the CA.
-    let s = tls_connect(bal.addr, "b.test", Arc::clone(&verified)).await.expect("b.test handshake");
-    assert_eq!(peer_cert(&s), leaf_b.der, "SNI b.test must get the b certificate");
+    let s = tls_connect(bal.addr, "b.test", Arc::clone(&verified))
+        .await
+        .expect("b.test handshake");
+    assert_eq!(
+        peer_cert(&s),
+        leaf_b.der,
+        "SNI b.test must get the b certificate"
+    );
     let (status, body) = h1_get(s, "b.test", "/").await;
     assert_eq!((status, body.as_str()), (200, "web1"));
 
     // SNI a.test: the a certificate.
-    let s = tls_connect(bal.addr, "a.test", Arc::clone(&verified)).await.expect("a.test handshake");
+    let s = tls_connect(bal.addr, "a.test", Arc::clone(&verified))
+        .await
+        .expect("a.test handshake");
     assert_eq!(peer_cert(&s), leaf_a.der);
 
     // No SNI at all: the first certificate (a), which still verifies for a.test.
     let mut no_sni = (*verified).clone();
     no_sni.enable_sni = false;
-    let s = tls_connect(bal.addr, "a.test", Arc::new(no_sni)).await.expect("handshake without SNI");
-    assert_eq!(peer_cert(&s), leaf_a.der, "no SNI must get the first certificate");
+    let s = tls_connect(bal.addr, "a.test", Arc::new(no_sni))
+        .await
+        .expect("handshake without SNI");
+    assert_eq!(
+        peer_cert(&s),
+        leaf_a.der,
+        "no SNI must get the first certificate"
+    );
     let (status, _) = h1_get(s, "a.test", "/").await;
     assert_eq!(status, 200);
 
     // An unknown name: the first certificate, not a failed handshake.
-    let s = tls_connect(bal.addr, "c.test", accept_any_client(true)).await.expect("handshake with unknown SNI");
-    assert_eq!(peer_cert(&s), leaf_a.der, "unknown SNI must get the first certificate");
-    let s = tls_connect(bal.addr, "b.test", accept_any_client(false)).await.expect("handshake without SNI");
+    let s = tls_connect(bal.addr, "c.test", accept_any_client(true))
+        .await
+        .expect("handshake with unknown SNI");
+    assert_eq!(
+        peer_cert(&s),
+        leaf_a.der,
+        "unknown SNI must get the first certificate"
+    );
+    let s = tls_connect(bal.addr, "b.test", accept_any_client(false))
+        .await
+        .expect("handshake without SNI");
     assert_eq!(peer_cert(&s), leaf_a.der);
 
     // A client that verifies c.test refuses the default certificate (it is for a.test).
@@ -298,13 +360,23 @@ async fn alpn_h2_and_http11_both_work() {
     let bal = start_balancer(&tls_config(&[backend.addr], &[a], "")).await;
 
     // h2 offered first: negotiated, and spoken.
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.unwrap();
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for i in 0..3 {
-        let req = Request::get(format!("https://a.test/h2/{i}")).body(Empty::<Bytes>::new()).unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req)).await.unwrap().unwrap();
+        let req = Request::get(format!("https://a.test/h2/{i}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(resp.version(), http::Version::HTTP_2);
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -313,7 +385,10 @@ async fn alpn_h2_and_http11_both_work() {
     let h = backend.state.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     assert_eq!(h.get("host").unwrap(), "a.test");
-    assert_eq!(backend.state.last_uri.lock().unwrap().as_deref(), Some("/h2/2"));
+    assert_eq!(
+        backend.state.last_uri.lock().unwrap().as_deref(),
+        Some("/h2/2")
+    );
 
     // http/1.1 only: negotiated, and spoken.
     let s = tls_connect(
@@ -327,7 +402,13 @@ async fn alpn_h2_and_http11_both_work() {
     assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
 
     // No ALPN at all: HTTP/1.1.
-    let s = tls_connect(bal.addr, "a.test", client_config(&ca.pem, &[&rustls::version::TLS13], &[])).await.unwrap();
+    let s = tls_connect(
+        bal.addr,
+        "a.test",
+        client_config(&ca.pem, &[&rustls::version::TLS13], &[]),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), None);
     assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
     bal.shutdown().await;
@@ -345,9 +426,13 @@ async fn tls12_and_tls13_are_both_accepted() {
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
     ] {
-        let s = tls_connect(bal.addr, "a.test", client_config(&ca.pem, &[v], &[b"http/1.1"]))
-            .await
-            .unwrap_or_else(|e| panic!("{want:?} handshake failed: {e}"));
+        let s = tls_connect(
+            bal.addr,
+            "a.test",
+            client_config(&ca.pem, &[v], &[b"http/1.1"]),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{want:?} handshake failed: {e}"));
         assert_eq!(s.get_ref().1.protocol_version(), Some(want));
         let (status, body) = h1_get(s, "a.test", "/").await;
         assert_eq!((status, body.as_str()), (200, "web1"), "{want:?}");
@@ -390,12 +475,20 @@ async fn stalled_handshake_is_cut_off_after_header_timeout() {
     );
     for (what, t) in [("silent", t1), ("partial", t2)] {
         let t = t.unwrap_or_else(|| panic!("{what} handshake was not cut off within 8s"));
-        assert!(t >= Duration::from_millis(800), "{what} handshake cut off too early: {t:?}");
-        assert!(t < Duration::from_secs(5), "{what} handshake cut off too late: {t:?}");
+        assert!(
+            t >= Duration::from_millis(800),
+            "{what} handshake cut off too early: {t:?}"
+        );
+        assert!(
+            t < Duration::from_secs(5),
+            "{what} handshake cut off too late: {t:?}"
+        );
     }
 
     // The listener still serves.
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.unwrap();
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .unwrap();
     assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
     bal.shutdown().await;
 }
@@ -410,28 +503,54 @@ async fn renewed_certificate_is_served_after_reload_without_restart() {
     let cfg = tls_config(&[backend.addr], &[a], "");
     let bal = start_balancer(&cfg).await;
 
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.unwrap();
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .unwrap();
     assert_eq!(peer_cert(&s), v1.der);
     // A connection open across the renewal keeps working.
-    let (mut old_tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (mut old_tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
 
     let v2 = make_leaf(&ca, "a.test");
     assert_ne!(v1.der, v2.der);
     write_leaf(dir.path(), "a", &v2);
     // Not re-read until a reload.
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.unwrap();
-    assert_eq!(peer_cert(&s), v1.der, "certificate changed before any reload");
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .unwrap();
+    assert_eq!(
+        peer_cert(&s),
+        v1.der,
+        "certificate changed before any reload"
+    );
 
-    let v = bal.handle.reload(balancer::reload::Trigger::Admin).await.expect("reload accepted");
+    let v = bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .expect("reload accepted");
     assert!(v >= 2);
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.unwrap();
-    assert_eq!(peer_cert(&s), v2.der, "renewed certificate not served after the reload");
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .unwrap();
+    assert_eq!(
+        peer_cert(&s),
+        v2.der,
+        "renewed certificate not served after the reload"
+    );
     let (status, body) = h1_get(s, "a.test", "/").await;
     assert_eq!((status, body.as_str()), (200, "web1"));
 
-    let req = Request::get("/old").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), old_tx.send_request(req)).await.unwrap().unwrap();
+    let req = Request::get("/old")
+        .header("host", "a.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), old_tx.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
 
     // The renewal also works through POST /reload.
@@ -439,7 +558,9 @@ async fn renewed_certificate_is_served_after_reload_without_restart() {
     write_leaf(dir.path(), "a", &v3);
     let g = post(&client(), &bal.admin_url("/reload"), "").await;
     assert_eq!(g.status, 200, "{}", g.body);
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.unwrap();
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .unwrap();
     assert_eq!(peer_cert(&s), v3.der);
     bal.shutdown().await;
 }
@@ -466,56 +587,112 @@ async fn missing_certificate_fails_check_and_is_rejected_on_reload() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stdout: {} stderr: {stderr}", String::from_utf8_lossy(&out.stdout));
-    assert!(stderr.contains("missing-cert.pem"), "stderr must name the file: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {} stderr: {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("missing-cert.pem"),
+        "stderr must name the file: {stderr}"
+    );
     // A missing key is caught the same way.
-    let bad_key = tls_config(&[backend.addr], &[(a.0.clone(), dir.path().join("missing-key.key"))], "")
-        .replace("{listen}", "127.0.0.1:1")
-        .replace("{admin}", "127.0.0.1:2");
+    let bad_key = tls_config(
+        &[backend.addr],
+        &[(a.0.clone(), dir.path().join("missing-key.key"))],
+        "",
+    )
+    .replace("{listen}", "127.0.0.1:1")
+    .replace("{admin}", "127.0.0.1:2");
     std::fs::write(&bad_path, &bad_key).unwrap();
-    let out = std::process::Command::new(binary()).args(["check", "--config"]).arg(&bad_path).output().unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&bad_path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("missing-key.key"), "stderr must name the file: {stderr}");
+    assert!(
+        stderr.contains("missing-key.key"),
+        "stderr must name the file: {stderr}"
+    );
     // And the good file passes.
     let good = tls_config(&[backend.addr], &[a.clone()], "")
         .replace("{listen}", "127.0.0.1:1")
         .replace("{admin}", "127.0.0.1:2");
     std::fs::write(&bad_path, &good).unwrap();
-    let out = std::process::Command::new(binary()).args(["check", "--config"]).arg(&bad_path).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&bad_path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Running: a reload onto a missing certificate is rejected and the old one keeps serving.
     let bal = start_balancer(&tls_config(&[backend.addr], &[a.clone()], "")).await;
     let before = status(&bal).await["config"]["version"].as_u64().unwrap();
     bal.write_config(&tls_config(&[backend.addr], &[missing], ""));
-    let err = bal.handle.reload(balancer::reload::Trigger::Admin).await.expect_err("reload must be rejected");
-    assert!(err.contains("missing-cert.pem"), "error must name the file: {err}");
+    let err = bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .expect_err("reload must be rejected");
+    assert!(
+        err.contains("missing-cert.pem"),
+        "error must name the file: {err}"
+    );
     let st = status(&bal).await;
     assert_eq!(st["config"]["version"].as_u64().unwrap(), before);
-    assert!(st["config"]["last_error"].as_str().unwrap_or("").contains("missing-cert.pem"), "{st}");
+    assert!(
+        st["config"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing-cert.pem"),
+        "{st}"
+    );
     let g = post(&client(), &bal.admin_url("/reload"), "").await;
     assert_eq!(g.status, 400);
     assert!(g.body.contains("missing-cert.pem"), "{}", g.body);
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.expect("old certificate still served");
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .expect("old certificate still served");
     assert_eq!(peer_cert(&s), leaf.der);
     assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
 
     // The file the running config names disappears: a reload is rejected, serving goes on.
     bal.write_config(&tls_config(&[backend.addr], &[a.clone()], ""));
     std::fs::remove_file(&a.0).unwrap();
-    let err = bal.handle.reload(balancer::reload::Trigger::Admin).await.expect_err("reload must be rejected");
+    let err = bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .expect_err("reload must be rejected");
     assert!(err.contains("a.pem"), "error must name the file: {err}");
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem)).await.expect("old certificate still served");
+    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+        .await
+        .expect("old certificate still served");
     assert_eq!(peer_cert(&s), leaf.der);
     assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
 
     // A garbage certificate file is rejected too.
     std::fs::write(&a.0, "not a certificate\n").unwrap();
-    assert!(bal.handle.reload(balancer::reload::Trigger::Admin).await.is_err());
+    assert!(bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .is_err());
     // Restored: the reload goes through.
     std::fs::write(&a.0, &leaf.cert_pem).unwrap();
-    bal.handle.reload(balancer::reload::Trigger::Admin).await.expect("valid again");
+    bal.handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .expect("valid again");
     bal.shutdown().await;
 }
 
@@ -540,9 +717,10 @@ impl Drop for TlsBackend {
 async fn start_tls_backend(name: &'static str, leaf: &Leaf) -> TlsBackend {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::PrivateKeyDer;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
     let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -559,7 +737,9 @@ async fn start_tls_backend(name: &'static str, leaf: &Leaf) -> TlsBackend {
     let (r, f) = (Arc::clone(&requests), Arc::clone(&handshakes_failed));
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let (r, f) = (Arc::clone(&r), Arc::clone(&f));
             tokio::spawn(async move {
@@ -578,7 +758,8 @@ async fn start_tls_backend(name: &'static str, leaf: &Leaf) -> TlsBackend {
                         for h in ["host", "x-forwarded-proto"] {
                             if let Some(v) = req.headers().get(h) {
                                 resp.headers_mut().insert(
-                                    http::HeaderName::from_bytes(format!("x-saw-{h}").as_bytes()).unwrap(),
+                                    http::HeaderName::from_bytes(format!("x-saw-{h}").as_bytes())
+                                        .unwrap(),
                                     v.clone(),
                                 );
                             }
@@ -660,17 +841,29 @@ async fn assert_upstream_tls_fails(tls: impl Fn(&Path) -> String, why: &str) {
         let st = status(&bal).await;
         let b = status_backend(&st, "web", backend.addr).unwrap();
         let failures = b["failures"].as_u64().unwrap();
-        assert!(failures > last && failures >= i, "{why}: failures must grow: {b}");
+        assert!(
+            failures > last && failures >= i,
+            "{why}: failures must grow: {b}"
+        );
         last = failures;
     }
-    assert_eq!(backend.requests.load(SeqCst), 0, "{why}: no request may reach an unverified backend");
+    assert_eq!(
+        backend.requests.load(SeqCst),
+        0,
+        "{why}: no request may reach an unverified backend"
+    );
     bal.shutdown().await;
 }
 
 #[tokio::test]
 async fn upstream_tls_with_wrong_server_name_gives_502_and_counts_failures() {
     assert_upstream_tls_fails(
-        |d| format!("{{ ca = {}, server_name = \"b.test\" }}", q(&d.join("ca.pem"))),
+        |d| {
+            format!(
+                "{{ ca = {}, server_name = \"b.test\" }}",
+                q(&d.join("ca.pem"))
+            )
+        },
         "wrong server_name",
     )
     .await;
@@ -679,7 +872,12 @@ async fn upstream_tls_with_wrong_server_name_gives_502_and_counts_failures() {
 #[tokio::test]
 async fn upstream_tls_with_wrong_ca_gives_502_and_counts_failures() {
     assert_upstream_tls_fails(
-        |d| format!("{{ ca = {}, server_name = \"a.test\" }}", q(&d.join("other-ca.pem"))),
+        |d| {
+            format!(
+                "{{ ca = {}, server_name = \"a.test\" }}",
+                q(&d.join("other-ca.pem"))
+            )
+        },
         "wrong CA",
     )
     .await;
@@ -689,5 +887,9 @@ async fn upstream_tls_with_wrong_ca_gives_502_and_counts_failures() {
 async fn upstream_tls_default_name_is_the_backend_host() {
     // Without server_name the backend's address (an IP here) is the name: a.test's
     // certificate does not cover 127.0.0.1, so this fails verification.
-    assert_upstream_tls_fails(|d| format!("{{ ca = {} }}", q(&d.join("ca.pem"))), "IP name").await;
+    assert_upstream_tls_fails(
+        |d| format!("{{ ca = {} }}", q(&d.join("ca.pem"))),
+        "IP name",
+    )
+    .await;
 }

@@ -103,7 +103,9 @@ async fn start_raw(mode: Raw) -> RawBackend {
     let (acc, op, sv) = (accepted.clone(), open.clone(), served.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             acc.fetch_add(1, SeqCst);
             op.fetch_add(1, SeqCst);
             let (op, sv) = (op.clone(), sv.clone());
@@ -186,11 +188,21 @@ async fn connect_timeout_moves_on_to_the_next_backend() {
     let took = t0.elapsed();
     assert_eq!(g.status, 200, "{}", g.body);
     assert_eq!(g.body, "b");
-    assert!(took >= Duration::from_millis(250), "the black hole was not tried ({took:?})");
-    assert!(took < Duration::from_secs(5), "connect timeout not applied ({took:?})");
+    assert!(
+        took >= Duration::from_millis(250),
+        "the black hole was not tried ({took:?})"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "connect timeout not applied ({took:?})"
+    );
     let s = status(&bal).await;
     assert_eq!(entry(&s, bh.addr)["failures"], 1, "{s}");
-    assert_eq!(entry(&s, bh.addr)["last_error"]["reason"], "connect_timeout", "{s}");
+    assert_eq!(
+        entry(&s, bh.addr)["last_error"]["reason"],
+        "connect_timeout",
+        "{s}"
+    );
     assert_eq!(b.requests(), 1);
     bal.shutdown().await;
 }
@@ -240,7 +252,10 @@ async fn response_timeout_is_504_in_about_the_configured_time() {
     let g = within(T, get(&client(), &bal.url("/"))).await;
     let took = t0.elapsed();
     assert_eq!(g.status, 504, "{}", g.body);
-    assert!(took >= Duration::from_millis(450), "504 before the timeout ({took:?})");
+    assert!(
+        took >= Duration::from_millis(450),
+        "504 before the timeout ({took:?})"
+    );
     assert!(took < Duration::from_secs(3), "504 far too late ({took:?})");
     assert_eq!(a.requests(), 1);
     bal.shutdown().await;
@@ -348,17 +363,31 @@ async fn stale_connection_case(mode: Raw, extra: &str) {
     let g = within(T, get(&c, &bal.url("/one"))).await;
     assert_eq!(g.status, 200, "{mode:?}: {}", g.body);
     // The connection is back in the balancer's pool before the next request.
-    wait_status(&bal, Duration::from_secs(5), "one idle upstream connection", |s| {
-        entry(s, raw.addr)["idle_connections"] == 1
-    })
+    wait_status(
+        &bal,
+        Duration::from_secs(5),
+        "one idle upstream connection",
+        |s| entry(s, raw.addr)["idle_connections"] == 1,
+    )
     .await;
     let g = within(T, get(&c, &bal.url("/two"))).await;
-    assert_eq!(g.status, 200, "{mode:?}: a stale pooled connection failed the request: {}", g.body);
-    assert_eq!(raw.accepted.load(SeqCst), 2, "{mode:?}: the pooled connection was not reused");
+    assert_eq!(
+        g.status, 200,
+        "{mode:?}: a stale pooled connection failed the request: {}",
+        g.body
+    );
+    assert_eq!(
+        raw.accepted.load(SeqCst),
+        2,
+        "{mode:?}: the pooled connection was not reused"
+    );
     assert_eq!(raw.served.load(SeqCst), 2);
     let s = status(&bal).await;
     let e = entry(&s, raw.addr);
-    assert_eq!(e["failures"], 0, "{mode:?}: a keep-alive race counted against the backend: {s}");
+    assert_eq!(
+        e["failures"], 0,
+        "{mode:?}: a keep-alive race counted against the backend: {s}"
+    );
     assert_eq!(e["breaker"], "closed", "{s}");
     // And it keeps working.
     let g = within(T, get(&c, &bal.url("/three"))).await;
@@ -393,9 +422,12 @@ async fn backend_restart_does_not_fail_the_next_request() {
     let c = client();
     let g = within(T, get(&c, &bal.url("/"))).await;
     assert_eq!(g.status, 200);
-    wait_status(&bal, Duration::from_secs(5), "one idle upstream connection", |s| {
-        entry(s, a.addr)["idle_connections"] == 1
-    })
+    wait_status(
+        &bal,
+        Duration::from_secs(5),
+        "one idle upstream connection",
+        |s| entry(s, a.addr)["idle_connections"] == 1,
+    )
     .await;
     // Stop closes every connection the backend has (our pooled one included).
     a.stop();
@@ -411,7 +443,11 @@ async fn backend_restart_does_not_fail_the_next_request() {
     a.restart().await;
     for i in 0..3 {
         let g = within(T, get(&c, &bal.url("/"))).await;
-        assert_eq!(g.status, 200, "request {i} after the backend restarted: {}", g.body);
+        assert_eq!(
+            g.status, 200,
+            "request {i} after the backend restarted: {}",
+            g.body
+        );
     }
     bal.shutdown().await;
 }
@@ -466,6 +502,10 @@ async fn pooled_connections_stay_open_within_the_idle_timeout() {
     assert_eq!(raw.open.load(SeqCst), 1);
     let g = within(T, get(&c, &bal.url("/"))).await;
     assert_eq!(g.status, 200);
-    assert_eq!(raw.accepted.load(SeqCst), 1, "the pooled connection was not reused");
+    assert_eq!(
+        raw.accepted.load(SeqCst),
+        1,
+        "the pooled connection was not reused"
+    );
     bal.shutdown().await;
 }

@@ -41,10 +41,16 @@ async fn start_ws_backend() -> WsBackend {
     let upgrades = Arc::new(AtomicU64::new(0));
     let open = Arc::new(AtomicU64::new(0));
     let last_headers = Arc::new(Mutex::new(None));
-    let (u, o, h) = (Arc::clone(&upgrades), Arc::clone(&open), Arc::clone(&last_headers));
+    let (u, o, h) = (
+        Arc::clone(&upgrades),
+        Arc::clone(&open),
+        Arc::clone(&last_headers),
+    );
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let (u, o, h) = (Arc::clone(&u), Arc::clone(&o), Arc::clone(&h));
             tokio::spawn(async move {
                 let cb = move |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
@@ -52,7 +58,9 @@ async fn start_ws_backend() -> WsBackend {
                     *h.lock().unwrap() = Some(req.headers().clone());
                     Ok(resp)
                 };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
+                    return;
+                };
                 u.fetch_add(1, SeqCst);
                 o.fetch_add(1, SeqCst);
                 while let Some(Ok(m)) = ws.next().await {
@@ -83,10 +91,13 @@ async fn start_ws_backend() -> WsBackend {
 async fn ws_connect(bal: &Balancer, path: &str) -> WebSocketStream<TcpStream> {
     let tcp = TcpStream::connect(bal.addr).await.unwrap();
     let url = format!("ws://{}{}", bal.addr, path);
-    let (ws, resp) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::client_async(url, tcp))
-        .await
-        .expect("handshake in time")
-        .expect("handshake through the balancer");
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake through the balancer");
     assert_eq!(resp.status(), 101);
     ws
 }
@@ -103,7 +114,9 @@ async fn echo(ws: &mut WebSocketStream<TcpStream>, m: Message) {
 
 async fn in_flight(bal: &Balancer, addr: SocketAddr) -> u64 {
     let st = status(bal).await;
-    status_backend(&st, "web", addr).unwrap()["in_flight"].as_u64().unwrap()
+    status_backend(&st, "web", addr).unwrap()["in_flight"]
+        .as_u64()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -123,14 +136,26 @@ async fn messages_cross_the_tunnel_and_in_flight_follows_the_socket() {
     }
     assert_eq!(backend.upgrades.load(SeqCst), 1);
     let h = backend.last_headers.lock().unwrap().clone().unwrap();
-    assert!(h.get("upgrade").unwrap().to_str().unwrap().eq_ignore_ascii_case("websocket"));
+    assert!(h
+        .get("upgrade")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .eq_ignore_ascii_case("websocket"));
     assert!(h.get("sec-websocket-key").is_some());
     assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
     assert!(h.get("x-forwarded-for").is_some());
 
-    assert_eq!(in_flight(&bal, backend.addr).await, 1, "an open WebSocket is in flight");
+    assert_eq!(
+        in_flight(&bal, backend.addr).await,
+        1,
+        "an open WebSocket is in flight"
+    );
     let st = status(&bal).await;
-    assert_eq!(status_backend(&st, "web", backend.addr).unwrap()["requests"], 1);
+    assert_eq!(
+        status_backend(&st, "web", backend.addr).unwrap()["requests"],
+        1
+    );
 
     // A second socket counts too.
     let mut ws2 = ws_connect(&bal, "/chat?room=2").await;
@@ -139,16 +164,25 @@ async fn messages_cross_the_tunnel_and_in_flight_follows_the_socket() {
 
     ws.close(None).await.unwrap();
     // Drain until the close handshake completes.
-    let _ = tokio::time::timeout(Duration::from_secs(10), async { while ws.next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
     assert!(
-        eventually_async(Duration::from_secs(10), || async { in_flight(&bal, backend.addr).await == 1 }).await,
+        eventually_async(Duration::from_secs(10), || async {
+            in_flight(&bal, backend.addr).await == 1
+        })
+        .await,
         "in_flight must drop to 1 after the first socket closed"
     );
     echo(&mut ws2, Message::text("still here")).await;
     // A client that just drops the TCP connection also ends the tunnel.
     drop(ws2);
     assert!(
-        eventually_async(Duration::from_secs(10), || async { in_flight(&bal, backend.addr).await == 0 }).await,
+        eventually_async(Duration::from_secs(10), || async {
+            in_flight(&bal, backend.addr).await == 0
+        })
+        .await,
         "in_flight must return to 0 after every socket closed"
     );
     assert!(eventually(Duration::from_secs(10), || backend.open.load(SeqCst) == 0).await);
@@ -166,7 +200,11 @@ async fn reload_keeping_the_backend_does_not_close_the_socket() {
     echo(&mut ws, Message::text("before")).await;
 
     // 1: the same file, through the handle.
-    let v1 = bal.handle.reload(balancer::reload::Trigger::Admin).await.unwrap();
+    let v1 = bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .unwrap();
     echo(&mut ws, Message::text("after reload 1")).await;
     assert_eq!(in_flight(&bal, backend.addr).await, 1);
 
@@ -187,18 +225,38 @@ async fn reload_keeping_the_backend_does_not_close_the_socket() {
     assert_eq!(st["pools"]["web"]["strategy"], "least_connections");
     echo(&mut ws, Message::text("after reload 2")).await;
     echo(&mut ws, Message::binary(vec![7u8; 70_000])).await;
-    assert_eq!(in_flight(&bal, backend.addr).await, 1, "the tunnel keeps its in-flight slot across reloads");
+    assert_eq!(
+        in_flight(&bal, backend.addr).await,
+        1,
+        "the tunnel keeps its in-flight slot across reloads"
+    );
     assert_eq!(get(&client(), &bal.url("/other")).await.body, "other");
 
     // 3: a rejected reload changes nothing either.
     std::fs::write(&bal.config_path, "this is not toml [[[").unwrap();
-    assert!(bal.handle.reload(balancer::reload::Trigger::Admin).await.is_err());
+    assert!(bal
+        .handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .is_err());
     echo(&mut ws, Message::text("after failed reload")).await;
 
     ws.close(None).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(10), async { while ws.next().await.is_some() {} }).await;
-    assert!(eventually_async(Duration::from_secs(10), || async { in_flight(&bal, backend.addr).await == 0 }).await);
-    assert_eq!(backend.upgrades.load(SeqCst), 1, "one handshake: the socket was never re-established");
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            in_flight(&bal, backend.addr).await == 0
+        })
+        .await
+    );
+    assert_eq!(
+        backend.upgrades.load(SeqCst),
+        1,
+        "one handshake: the socket was never re-established"
+    );
     bal.shutdown().await;
 }
 
@@ -220,10 +278,13 @@ async fn exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> (String, b
 }
 
 fn status_lines(resp: &str) -> Vec<&str> {
-    resp.split("\r\n").filter(|l| l.starts_with("HTTP/1.")).collect()
+    resp.split("\r\n")
+        .filter(|l| l.starts_with("HTTP/1."))
+        .collect()
 }
 
-const UPGRADE_THEN_PIPELINED: &[u8] = b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+const UPGRADE_THEN_PIPELINED: &[u8] =
+    b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
 GET /second HTTP/1.1\r\nHost: app.test\r\n\r\n";
 
@@ -233,14 +294,32 @@ async fn refused_upgrade_with_200_is_relayed_and_the_connection_closed() {
     let backend = start_backend("plain").await;
     let bal = start_balancer(&config(&[backend.addr], "round_robin", "")).await;
     let (resp, closed) = exchange(bal.addr, UPGRADE_THEN_PIPELINED, Duration::from_secs(8)).await;
-    assert!(closed, "connection must close after a refused upgrade: {resp:?}");
+    assert!(
+        closed,
+        "connection must close after a refused upgrade: {resp:?}"
+    );
     let lines = status_lines(&resp);
-    assert_eq!(lines, ["HTTP/1.1 200 OK"], "exactly the backend's answer: {resp:?}");
+    assert_eq!(
+        lines,
+        ["HTTP/1.1 200 OK"],
+        "exactly the backend's answer: {resp:?}"
+    );
     assert!(resp.ends_with("plain"), "{resp:?}");
-    assert_eq!(backend.requests(), 1, "the pipelined request must not be forwarded");
-    assert_eq!(backend.state.last_uri.lock().unwrap().as_deref(), Some("/ws"));
+    assert_eq!(
+        backend.requests(),
+        1,
+        "the pipelined request must not be forwarded"
+    );
+    assert_eq!(
+        backend.state.last_uri.lock().unwrap().as_deref(),
+        Some("/ws")
+    );
     let h = backend.state.last_headers.lock().unwrap().clone().unwrap();
-    assert_eq!(h.get("upgrade").unwrap(), "websocket", "a WebSocket handshake keeps its Upgrade");
+    assert_eq!(
+        h.get("upgrade").unwrap(),
+        "websocket",
+        "a WebSocket handshake keeps its Upgrade"
+    );
     // The balancer still serves.
     assert_eq!(get(&client(), &bal.url("/")).await.status, 200);
     bal.shutdown().await;
@@ -255,7 +334,9 @@ async fn refused_upgrade_with_400_is_relayed_and_the_connection_closed() {
     let h2 = Arc::clone(&heads);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { continue };
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
             let h2 = Arc::clone(&h2);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -265,7 +346,10 @@ async fn refused_upgrade_with_400_is_relayed_and_the_connection_closed() {
                         buf.drain(..end + 4);
                         h2.fetch_add(1, SeqCst);
                         let body = "refused upgrade";
-                        let r = format!("HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        let r = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
                         if s.write_all(r.as_bytes()).await.is_err() {
                             return;
                         }
@@ -280,10 +364,21 @@ async fn refused_upgrade_with_400_is_relayed_and_the_connection_closed() {
     });
     let bal = start_balancer(&config(&[addr], "round_robin", "")).await;
     let (resp, closed) = exchange(bal.addr, UPGRADE_THEN_PIPELINED, Duration::from_secs(8)).await;
-    assert!(closed, "connection must close after a refused upgrade: {resp:?}");
-    assert_eq!(status_lines(&resp), ["HTTP/1.1 400 Bad Request"], "{resp:?}");
+    assert!(
+        closed,
+        "connection must close after a refused upgrade: {resp:?}"
+    );
+    assert_eq!(
+        status_lines(&resp),
+        ["HTTP/1.1 400 Bad Request"],
+        "{resp:?}"
+    );
     assert!(resp.ends_with("refused upgrade"), "{resp:?}");
-    assert_eq!(heads.load(SeqCst), 1, "the pipelined request must not be forwarded");
+    assert_eq!(
+        heads.load(SeqCst),
+        1,
+        "the pipelined request must not be forwarded"
+    );
     // A 4xx is no backend failure.
     let st = status(&bal).await;
     assert_eq!(status_backend(&st, "web", addr).unwrap()["failures"], 0);
@@ -300,22 +395,40 @@ async fn h2c_upgrade_headers_are_stripped_before_the_backend() {
 HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nX-Kept: yes\r\n\r\n";
     let (resp, _closed) = exchange(bal.addr, req, Duration::from_secs(3)).await;
     let lines = status_lines(&resp);
-    assert_eq!(lines.first().copied(), Some("HTTP/1.1 200 OK"), "no 101 for h2c: {resp:?}");
+    assert_eq!(
+        lines.first().copied(),
+        Some("HTTP/1.1 200 OK"),
+        "no 101 for h2c: {resp:?}"
+    );
     assert_eq!(backend.requests(), 1);
     let h = backend.state.last_headers.lock().unwrap().clone().unwrap();
-    assert!(h.get("upgrade").is_none(), "Upgrade: h2c reached the backend: {h:?}");
-    assert!(h.get("http2-settings").is_none(), "HTTP2-Settings reached the backend: {h:?}");
-    let conn = h.get("connection").map(|v| v.to_str().unwrap().to_ascii_lowercase());
     assert!(
-        conn.as_deref().is_none_or(|c| !c.contains("upgrade") && !c.contains("http2-settings")),
+        h.get("upgrade").is_none(),
+        "Upgrade: h2c reached the backend: {h:?}"
+    );
+    assert!(
+        h.get("http2-settings").is_none(),
+        "HTTP2-Settings reached the backend: {h:?}"
+    );
+    let conn = h
+        .get("connection")
+        .map(|v| v.to_str().unwrap().to_ascii_lowercase());
+    assert!(
+        conn.as_deref()
+            .is_none_or(|c| !c.contains("upgrade") && !c.contains("http2-settings")),
         "client's Connection reached the backend: {h:?}"
     );
     assert_eq!(h.get("x-kept").unwrap(), "yes");
 
     // An Upgrade to anything but websocket is not tunnelled either.
-    let req = b"GET /other HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: foo/1\r\n\r\n";
+    let req =
+        b"GET /other HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: foo/1\r\n\r\n";
     let (resp, _) = exchange(bal.addr, req, Duration::from_secs(3)).await;
-    assert_eq!(status_lines(&resp).first().copied(), Some("HTTP/1.1 200 OK"), "{resp:?}");
+    assert_eq!(
+        status_lines(&resp).first().copied(),
+        Some("HTTP/1.1 200 OK"),
+        "{resp:?}"
+    );
     let h = backend.state.last_headers.lock().unwrap().clone().unwrap();
     assert!(h.get("upgrade").is_none(), "{h:?}");
     bal.shutdown().await;

@@ -160,7 +160,10 @@ fn serve_backend(listener: TcpListener, state: Arc<BackendState>) -> oneshot::Se
     tx
 }
 
-async fn backend_handle(state: Arc<BackendState>, req: Request<Incoming>) -> Result<Response<TestBody>, std::io::Error> {
+async fn backend_handle(
+    state: Arc<BackendState>,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, std::io::Error> {
     let mode = state.mode.load(SeqCst);
     if req.uri().path() == "/healthz" {
         state.health_probes.fetch_add(1, SeqCst);
@@ -187,7 +190,8 @@ async fn backend_handle(state: Arc<BackendState>, req: Request<Incoming>) -> Res
         m if m == Mode::Fail500 as u8 => {
             let mut r = Response::new(full("boom"));
             *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            r.headers_mut().insert("x-backend", state.name.parse().unwrap());
+            r.headers_mut()
+                .insert("x-backend", state.name.parse().unwrap());
             Ok(r)
         }
         _ => {
@@ -195,7 +199,8 @@ async fn backend_handle(state: Arc<BackendState>, req: Request<Incoming>) -> Res
             if path.starts_with("/echo") {
                 // Echo the request body back, streaming.
                 let mut r = Response::new(req.into_body().boxed());
-                r.headers_mut().insert("x-backend", state.name.parse().unwrap());
+                r.headers_mut()
+                    .insert("x-backend", state.name.parse().unwrap());
                 return Ok(r);
             }
             if let Some(n) = path.strip_prefix("/bytes/") {
@@ -203,15 +208,20 @@ async fn backend_handle(state: Arc<BackendState>, req: Request<Incoming>) -> Res
                 let n: u64 = n.parse().unwrap_or(0);
                 let chunks = futures_chunks(n);
                 let mut r = Response::new(chunks);
-                r.headers_mut().insert("x-backend", state.name.parse().unwrap());
+                r.headers_mut()
+                    .insert("x-backend", state.name.parse().unwrap());
                 return Ok(r);
             }
             let mut r = Response::new(full(state.name.clone()));
-            r.headers_mut().insert("x-backend", state.name.parse().unwrap());
+            r.headers_mut()
+                .insert("x-backend", state.name.parse().unwrap());
             // Hop-by-hop headers that must not reach the client.
-            r.headers_mut().insert("connection", "x-backend-private".parse().unwrap());
-            r.headers_mut().insert("x-backend-private", "secret".parse().unwrap());
-            r.headers_mut().insert("keep-alive", "timeout=30".parse().unwrap());
+            r.headers_mut()
+                .insert("connection", "x-backend-private".parse().unwrap());
+            r.headers_mut()
+                .insert("x-backend-private", "secret".parse().unwrap());
+            r.headers_mut()
+                .insert("keep-alive", "timeout=30".parse().unwrap());
             Ok(r)
         }
     }
@@ -287,7 +297,8 @@ pub async fn start_balancer(template: &str) -> Balancer {
         .replace("{listen}", &addr.to_string())
         .replace("{admin}", &admin_addr.to_string());
     std::fs::write(&config_path, &text).unwrap();
-    let config = balancer::Config::load(&config_path).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
+    let config = balancer::Config::load(&config_path)
+        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
     let opts = balancer::Options {
         config_path: config_path.clone(),
         config,
@@ -339,11 +350,15 @@ impl BinaryBalancer {
         self.child.id() as i32
     }
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(st.success());
     }
     pub fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         s.lines()
             .find(|l| l.starts_with("VmRSS:"))
             .and_then(|l| l.split_whitespace().nth(1))
@@ -423,7 +438,9 @@ pub fn client() -> HttpClient {
 }
 
 pub fn h2_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 pub struct Got {
@@ -438,7 +455,11 @@ pub async fn send(c: &HttpClient, req: Request<TestBody>) -> Got {
         .expect("request timed out")
         .expect("request failed");
     let (parts, body) = resp.into_parts();
-    let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Got {
         status: parts.status,
         headers: parts.headers,
@@ -532,7 +553,11 @@ pub async fn status_at(admin: SocketAddr) -> serde_json::Value {
 }
 
 /// The `/status` entry of the backend listening on `addr` in `pool`, if it is listed.
-pub fn status_backend(status: &serde_json::Value, pool: &str, addr: SocketAddr) -> Option<serde_json::Value> {
+pub fn status_backend(
+    status: &serde_json::Value,
+    pool: &str,
+    addr: SocketAddr,
+) -> Option<serde_json::Value> {
     status["pools"][pool]["backends"]
         .as_array()?
         .iter()
@@ -556,20 +581,31 @@ pub fn parse_metrics(text: &str) -> Vec<(String, std::collections::BTreeMap<Stri
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad metric line {line:?}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad metric line {line:?}"));
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
         };
         let mut labels = std::collections::BTreeMap::new();
         let name = match series.split_once('{') {
             None => series.to_owned(),
             Some((name, rest)) => {
-                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
                 for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
-                    labels.insert(k.trim_start_matches(',').to_owned(), v.trim_end_matches('"').to_owned());
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    labels.insert(
+                        k.trim_start_matches(',').to_owned(),
+                        v.trim_end_matches('"').to_owned(),
+                    );
                 }
                 name.to_owned()
             }
@@ -591,7 +627,12 @@ pub fn entry(s: &serde_json::Value, addr: SocketAddr) -> serde_json::Value {
 }
 
 /// Polls `/status` every 50 ms until `cond` holds; panics with the last document after `limit`.
-pub async fn wait_status(bal: &Balancer, limit: Duration, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub async fn wait_status(
+    bal: &Balancer,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let s = status(bal).await;
