@@ -227,7 +227,7 @@ impl<F: Future> Future for Watched<F> {
             return Poll::Ready(());
         }
         let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(limit_ms - now.saturating_sub(last));
+            + Duration::from_millis(limit_ms.saturating_sub(now.saturating_sub(last)));
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
