@@ -48,6 +48,10 @@ pub struct Sniffer<I> {
     head: Vec<u8>,
     index: u64,
     info: Arc<ConnInfo>,
+    /// Plain TCP: hyper shuts the write side down just before dropping the socket, and the
+    /// close that follows sends the same FIN. TLS keeps it (close_notify), and so does a
+    /// WebSocket tunnel, whose half-close the peer must see.
+    skip_shutdown: bool,
 }
 
 impl<I> Sniffer<I> {
@@ -58,7 +62,13 @@ impl<I> Sniffer<I> {
             head: Vec::new(),
             index: 0,
             info,
+            skip_shutdown: false,
         }
+    }
+
+    pub fn close_without_shutdown(mut self) -> Self {
+        self.skip_shutdown = true;
+        self
     }
 
     pub fn get_ref(&self) -> &I {
@@ -273,7 +283,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffer<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.skip_shutdown && !this.info.upgraded.load(Relaxed) {
+            return Pin::new(&mut this.inner).poll_flush(cx);
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -291,6 +305,7 @@ mod tests {
             body_timeout: std::time::Duration::from_secs(1),
             requests: AtomicU64::new(0),
             ambiguous_at: AtomicU64::new(u64::MAX),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
         });
         let mut s = Sniffer::new((), Arc::clone(&info));
         for c in chunks {

@@ -116,6 +116,11 @@ pub fn tls_config(tls: &ListenerTls) -> Result<Arc<rustls::ServerConfig>, String
 /// Accepts until `signals.stop` turns true, then returns (dropping the socket, so the kernel
 /// refuses new connections at once). Accept errors never end the loop.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut signals: Signals) {
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here
+    // instead of one per connection.
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY on the listener");
+    }
     let bind = listener.local_addr().ok();
     let max = shared.snapshot.load().limits.max_connections;
     let permits = Arc::new(Semaphore::new(
@@ -154,7 +159,6 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut signals: Signal
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
         let signals = signals.clone();
         tokio::spawn(async move {
@@ -268,6 +272,7 @@ fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) ->
         drain: Some(signals.drain_guard.clone()),
         body_timeout: limits.header_timeout,
         requests: std::sync::atomic::AtomicU64::new(0),
+        upgraded: std::sync::atomic::AtomicBool::new(false),
         ambiguous_at: std::sync::atomic::AtomicU64::new(u64::MAX),
     })
 }

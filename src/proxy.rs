@@ -39,6 +39,9 @@ pub struct ConnInfo {
     /// finds because hyper drops the evidence.
     pub requests: AtomicU64,
     pub ambiguous_at: AtomicU64,
+    /// Set once the connection became a WebSocket tunnel: from then on a shutdown of the
+    /// socket is a real half-close that the peer must see.
+    pub upgraded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -725,6 +728,7 @@ fn tunnel(
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    conn.upgraded.store(true, Relaxed);
     let drain = conn.drain.clone();
     let peer = conn.peer;
     tokio::spawn(async move {
