@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -277,41 +276,9 @@ async fn start_sink() -> Sink {
     }
 }
 
-/// A request body of `chunks` chunks of `size` bytes, with no declared length (so hyper
-/// sends it chunked).
-struct Chunks {
-    left: usize,
-    chunk: Bytes,
-}
-
-impl Body for Chunks {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.left == 0 {
-            return std::task::Poll::Ready(None);
-        }
-        self.left -= 1;
-        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.left == 0
-    }
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
+/// A request body of `chunks` chunks of `size` bytes, with no declared length.
 fn chunked_body(chunks: usize, size: usize) -> TestBody {
-    Chunks {
-        left: chunks,
-        chunk: Bytes::from(vec![b'z'; size]),
-    }
-    .map_err(|never| match never {})
-    .boxed()
+    generated_body((chunks * size) as u64, size, b'z')
 }
 
 fn hget(url: &str, headers: &[(&str, &str)]) -> Request<TestBody> {

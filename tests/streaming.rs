@@ -3,54 +3,19 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 use hyper::Request;
 
 const MIB: u64 = 1024 * 1024;
 
 /// `total` bytes in 64 KiB chunks, generated as they are sent; no declared length (chunked).
-struct Generated {
-    left: u64,
-    chunk: Bytes,
-}
-
-impl Body for Generated {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.left == 0 {
-            return std::task::Poll::Ready(None);
-        }
-        let k = self.left.min(self.chunk.len() as u64) as usize;
-        self.left -= k as u64;
-        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..k)))))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.left == 0
-    }
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
 fn generated(total: u64) -> TestBody {
-    Generated {
-        left: total,
-        chunk: Bytes::from(vec![b'g'; 64 * 1024]),
-    }
-    .map_err(|never| match never {})
-    .boxed()
+    generated_body(total, 64 * 1024, b'g')
 }
 
 /// Samples the balancer's RSS every 10 ms on its own thread until dropped; keeps the peak.

@@ -645,3 +645,38 @@ pub async fn wait_status(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `total` bytes of `byte` in `chunk`-sized frames, generated as they are sent, with no
+/// declared length (so hyper sends them chunked).
+struct Generated {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl http_body::Body for Generated {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let k = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= k as u64;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.slice(..k)))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+}
+
+pub fn generated_body(total: u64, chunk: usize, byte: u8) -> TestBody {
+    Generated {
+        left: total,
+        chunk: Bytes::from(vec![byte; chunk]),
+    }
+    .map_err(|never| match never {})
+    .boxed()
+}
