@@ -47,7 +47,7 @@ fn bench_single(c: &mut Criterion) {
     for strategy in STRATEGIES {
         for n in SIZES {
             let p = pool(strategy, n);
-            let now = balancer::backend::now_ms();
+            let now = balancer::clock::now_ms();
             g.bench_with_input(BenchmarkId::new(strategy, n), &p, |b, p| {
                 b.iter(|| black_box(p.pick(black_box(now), &[])).ok())
             });
@@ -66,7 +66,7 @@ fn bench_contended(c: &mut Criterion) {
             let p = pool(strategy, n);
             g.bench_with_input(BenchmarkId::new(strategy, n), &p, |b, p| {
                 b.iter_custom(|iters| {
-                    let now = balancer::backend::now_ms();
+                    let now = balancer::clock::now_ms();
                     let start = Arc::new(Barrier::new(THREADS + 1));
                     let workers: Vec<_> = (0..THREADS)
                         .map(|_| {

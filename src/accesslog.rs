@@ -2,29 +2,39 @@
 //!
 //! The request path only moves a `LogEntry` into a bounded channel; a dedicated thread formats
 //! and writes, flushing when the channel runs dry. A stdout that blocks (a full pipe) therefore
-//! never stalls a request: when the channel is full the line is dropped and counted in
-//! `balancer_access_log_dropped_total` instead.
+//! never stalls a request: when the queue is full (in entries or in bytes) the line is dropped
+//! and counted in `balancer_access_log_dropped_total` instead. An entry holds names, not
+//! backends, so a queue backed up behind stdout never keeps a removed backend (and its idle
+//! connections) alive.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use http::{Method, Version};
 
-use crate::backend::{Backend, Reason};
+use crate::reason::Reason;
 
 /// Lines in flight to the writer: a few naps' worth at 100k requests/s.
 const QUEUE: usize = 64 * 1024;
 
+/// Bytes in flight to the writer. Targets can be 64 KiB each; without this, a stuck stdout
+/// could pin `QUEUE` of them (gigabytes).
+const QUEUE_BYTES: usize = 16 * 1024 * 1024;
+
+/// What the queued entries hold, by `LogEntry::cost`.
+static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
 static SENDER: OnceLock<SyncSender<Box<LogEntry>>> = OnceLock::new();
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// How the request ended, in one word.
+/// How the request ended, in one word: the access log's `outcome` field. (Per attempt, the
+/// backend's side is `backend::Outcome`; this is the request as the client lived it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Ending {
     /// Proxied; the backend's answer went to the client in full.
     Ok,
     /// Proxied after at least one failed attempt or a stale pooled connection.
@@ -37,20 +47,24 @@ pub enum Outcome {
     ClientClosed,
     /// The backend broke the response in the middle of the body.
     UpstreamAborted,
+    /// The balancer cut the response: the client stopped reading (send timeout, an h2 window
+    /// that never opened).
+    Reset,
     /// Switched protocols (WebSocket); logged when the tunnel closes.
     Upgraded,
 }
 
-impl Outcome {
+impl Ending {
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::Retried => "retried",
-            Outcome::Local => "local",
-            Outcome::Failed => "failed",
-            Outcome::ClientClosed => "client_closed",
-            Outcome::UpstreamAborted => "upstream_aborted",
-            Outcome::Upgraded => "upgraded",
+            Ending::Ok => "ok",
+            Ending::Retried => "retried",
+            Ending::Local => "local",
+            Ending::Failed => "failed",
+            Ending::ClientClosed => "client_closed",
+            Ending::UpstreamAborted => "upstream_aborted",
+            Ending::Reset => "reset",
+            Ending::Upgraded => "upgraded",
         }
     }
 }
@@ -65,9 +79,9 @@ pub struct LogEntry {
     pub status: u16,
     pub bytes: u64,
     pub pool: Option<Arc<str>>,
-    pub backend: Option<Arc<Backend>>,
+    pub backend: Option<Arc<str>>,
     pub attempts: u32,
-    pub outcome: Outcome,
+    pub outcome: Ending,
     pub reason: Option<Reason>,
     /// Set when the entry is handed to the writer, so the duration covers the whole body.
     pub duration_us: u64,
@@ -93,7 +107,7 @@ impl LogEntry {
             pool: None,
             backend: None,
             attempts: 0,
-            outcome: Outcome::Ok,
+            outcome: Ending::Ok,
             reason: None,
             duration_us: 0,
         }
@@ -114,16 +128,29 @@ pub fn init() {
     });
 }
 
+impl LogEntry {
+    /// What the entry holds in memory while queued.
+    fn cost(&self) -> usize {
+        std::mem::size_of::<LogEntry>() + self.target.len()
+    }
+}
+
 pub fn write(mut entry: Box<LogEntry>) {
     entry.duration_us = entry.start.elapsed().as_micros() as u64;
-    match SENDER.get() {
-        Some(tx) => match tx.try_send(entry) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                DROPPED.fetch_add(1, Relaxed);
-            }
-        },
-        None => {
+    let Some(tx) = SENDER.get() else {
+        DROPPED.fetch_add(1, Relaxed);
+        return;
+    };
+    let cost = entry.cost();
+    if QUEUED_BYTES.fetch_add(cost, Relaxed) + cost > QUEUE_BYTES {
+        QUEUED_BYTES.fetch_sub(cost, Relaxed);
+        DROPPED.fetch_add(1, Relaxed);
+        return;
+    }
+    match tx.try_send(entry) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            QUEUED_BYTES.fetch_sub(cost, Relaxed);
             DROPPED.fetch_add(1, Relaxed);
         }
     }
@@ -146,6 +173,7 @@ fn writer(rx: Receiver<Box<LogEntry>>) {
             if out.write_all(line.as_bytes()).is_err() {
                 DROPPED.fetch_add(1, Relaxed);
             }
+            QUEUED_BYTES.fetch_sub(e.cost(), Relaxed);
             drop(e);
             next = rx.try_recv().ok();
         }
@@ -192,7 +220,7 @@ pub fn format_line(e: &LogEntry, out: &mut String) {
     }
     out.push_str(",\"backend\":");
     match &e.backend {
-        Some(b) => json_str(&b.address, out),
+        Some(b) => json_str(b, out),
         None => out.push_str("null"),
     }
     let _ = write!(

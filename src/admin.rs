@@ -25,7 +25,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::{Reason, LATENCY_BUCKETS};
+use crate::backend::LATENCY_BUCKETS;
+use crate::reason::{Failure, Reason};
 use crate::reload::{ReloadHandle, Trigger};
 use crate::state::Shared;
 
@@ -131,7 +132,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let snap = shared.snapshot.load();
     let last_error = shared.last_error.load();
     let mut pools = serde_json::Map::new();
-    let now = crate::backend::now_ms();
+    let now = crate::clock::now_ms();
     for p in &snap.pools {
         let backends: Vec<_> = p
             .members
@@ -143,7 +144,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     json!({ "reason": r.as_str(), "at": humantime::format_rfc3339_millis(at).to_string() })
                 });
                 json!({
-                    "address": b.address,
+                    "address": &*b.address,
                     "weight": m.weight,
                     "healthy": b.is_healthy(),
                     "breaker": b.breaker.effective_state(&p.breaker, now).as_str(),
@@ -222,16 +223,21 @@ impl Collector for Metrics {
             for m in &p.members {
                 let b = &m.backend;
                 let c = &b.counters;
-                let id = || vec![("pool", p.name.to_string()), ("backend", b.address.clone())];
+                let id = || {
+                    vec![
+                        ("pool", p.name.to_string()),
+                        ("backend", b.address.to_string()),
+                    ]
+                };
                 for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
                     let mut l = id();
                     l.push(("class", (*class).to_owned()));
                     requests.push((l, c.status[i].load(Relaxed)));
                 }
-                for r in Reason::ALL {
+                for r in Failure::ALL {
                     let v = c
                         .failure_reasons
-                        .get(r as usize)
+                        .get(r.index())
                         .map(|a| a.load(Relaxed))
                         .unwrap_or(0);
                     if v > 0 {
@@ -319,12 +325,9 @@ impl Collector for Metrics {
             &breaker,
         )?;
 
-        let local: Vec<_> = Reason::ALL
-            .iter()
+        let local: Vec<_> = Reason::all()
             .filter_map(|r| {
-                let v = crate::proxy::LOCAL_RESPONSES
-                    .get(*r as usize)?
-                    .load(Relaxed);
+                let v = crate::answer::LOCAL_RESPONSES.get(r.index())?.load(Relaxed);
                 (v > 0).then(|| (vec![("reason", r.as_str().to_owned())], v))
             })
             .collect();

@@ -8,114 +8,25 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::breaker::{Admission, Breaker, BreakerState, Transition};
+use crate::clock::{now_ms, unix_ms};
 use crate::config::BreakerPolicy;
-use crate::upstream::IdleConns;
+use crate::idle::IdleConns;
+use crate::reason::Failure;
 
-/// Milliseconds on a monotonic clock private to this process: what breakers and idle
-/// connections measure time in.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    Instant::now().duration_since(epoch).as_millis() as u64
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Why the balancer answered a request itself, or why an upstream attempt failed. One short
-/// list, used verbatim in the access log, in metric labels and in `/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Reason {
-    NoRoute = 1,
-    NoBackendsConfigured,
-    AllUnhealthy,
-    AllBreakersOpen,
-    ConnectRefused,
-    ConnectTimeout,
-    ConnectError,
-    TlsError,
-    ResponseTimeout,
-    UpstreamReset,
-    Upstream5xx,
-    StaleConnectionRetried,
-    BodyTooLarge,
-    BodyTimeout,
-    ClientClosed,
-    BadRequest,
-    ShuttingDown,
-    UpstreamProtocol,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 18] = [
-        Reason::NoRoute,
-        Reason::NoBackendsConfigured,
-        Reason::AllUnhealthy,
-        Reason::AllBreakersOpen,
-        Reason::ConnectRefused,
-        Reason::ConnectTimeout,
-        Reason::ConnectError,
-        Reason::TlsError,
-        Reason::ResponseTimeout,
-        Reason::UpstreamReset,
-        Reason::Upstream5xx,
-        Reason::StaleConnectionRetried,
-        Reason::BodyTooLarge,
-        Reason::BodyTimeout,
-        Reason::ClientClosed,
-        Reason::BadRequest,
-        Reason::ShuttingDown,
-        Reason::UpstreamProtocol,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::NoRoute => "no_route",
-            Reason::NoBackendsConfigured => "no_backends_configured",
-            Reason::AllUnhealthy => "all_unhealthy",
-            Reason::AllBreakersOpen => "all_breakers_open",
-            Reason::ConnectRefused => "connect_refused",
-            Reason::ConnectTimeout => "connect_timeout",
-            Reason::ConnectError => "connect_error",
-            Reason::TlsError => "tls_error",
-            Reason::ResponseTimeout => "response_timeout",
-            Reason::UpstreamReset => "upstream_reset",
-            Reason::Upstream5xx => "upstream_5xx",
-            Reason::StaleConnectionRetried => "stale_connection_retried",
-            Reason::BodyTooLarge => "body_too_large",
-            Reason::BodyTimeout => "body_timeout",
-            Reason::ClientClosed => "client_closed",
-            Reason::BadRequest => "bad_request",
-            Reason::ShuttingDown => "shutting_down",
-            Reason::UpstreamProtocol => "upstream_protocol_error",
-        }
-    }
-
-    fn from_u8(v: u8) -> Option<Reason> {
-        Reason::ALL.iter().copied().find(|r| *r as u8 == v)
-    }
-}
-
-/// Array length for counters indexed by `Reason as usize` (codes start at 1).
-pub const REASON_SLOTS: usize = Reason::ALL.len() + 1;
-
-/// The classification of one upstream attempt. Made in one place (`proxy::classify`) and
-/// recorded in one call (`Backend::record`), so breaker, counters and metrics always agree.
+/// The classification of one upstream attempt. Made in one place (`classify::classify`) and
+/// recorded in one call (`InFlight::record`), so breaker, counters, metrics and the access log
+/// always agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The backend answered with a status below 500.
+    /// The backend answered, with a status its pool does not count as a failure.
     Success,
-    /// The backend failed: connect error, timeout, reset, or a 5xx answer.
-    Failure(Reason),
+    /// The backend failed: connect error, timeout, reset, broken framing, or a status listed
+    /// in the pool's `failure_statuses`.
+    Failure(Failure),
     /// The attempt ended for a reason that says nothing about the backend (client went away).
     Neutral,
 }
@@ -133,10 +44,12 @@ pub struct Counters {
     pub failures: AtomicU64,
     /// Responses by status class 1xx..5xx (index 0..4).
     pub status: [AtomicU64; 5],
-    /// Failures by reason, indexed by `Reason as u8`.
-    pub failure_reasons: [AtomicU64; REASON_SLOTS],
+    /// Failures by reason, indexed by `Failure::index`.
+    pub failure_reasons: [AtomicU64; Failure::ALL.len()],
     /// TCP connections opened to the backend: with `requests`, shows upstream reuse.
     pub connections_opened: AtomicU64,
+    /// Attempts let through its open breaker by the pool's ejection cap.
+    pub ejection_overrides: AtomicU64,
     /// Non-cumulative counts per bucket of `LATENCY_BUCKETS`, plus one for +Inf.
     pub latency_buckets: [AtomicU64; 12],
     pub latency_sum_us: AtomicU64,
@@ -146,23 +59,24 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Backend {
     /// As written in the config; the identity under which the backend survives reloads.
-    pub address: String,
+    pub address: Arc<str>,
     pub addr: SocketAddr,
     /// Written only by the health task; true when the pool has no health check.
     pub healthy: AtomicBool,
     pub breaker: Breaker,
     pub in_flight: AtomicUsize,
     pub counters: Counters,
-    /// Last failure: reason code and wall-clock time (ms since epoch), for `/status`.
+    /// Last failure: `Failure::index` + 1 (0: none) and wall-clock time (ms since epoch), for
+    /// `/status`.
     last_error: AtomicU8,
     last_error_at: AtomicU64,
     pub idle: IdleConns,
 }
 
 impl Backend {
-    pub fn new(address: String, addr: SocketAddr) -> Backend {
+    pub fn new(address: &str, addr: SocketAddr) -> Backend {
         Backend {
-            address,
+            address: Arc::from(address),
             addr,
             healthy: AtomicBool::new(true),
             breaker: Breaker::default(),
@@ -184,9 +98,22 @@ impl Backend {
 
     /// Starts an attempt: the breaker must let it through. The guard counts it in flight until
     /// it drops (it rides in the response body, so that is when the body ends).
-    pub fn start(self: &Arc<Self>, policy: &BreakerPolicy, now: u64) -> Option<InFlight> {
-        let (admission, transition) = self.breaker.acquire(policy, now)?;
-        self.log_transition(transition, None);
+    /// `breaker_overridden`: the pool's ejection cap lets the request through an open breaker
+    /// (counted, so `/metrics` shows it).
+    pub fn start(
+        self: &Arc<Self>,
+        policy: &BreakerPolicy,
+        now: u64,
+        breaker_overridden: bool,
+    ) -> Option<InFlight> {
+        let admission = if breaker_overridden {
+            self.counters.ejection_overrides.fetch_add(1, Relaxed);
+            Admission::Normal
+        } else {
+            let (admission, transition) = self.breaker.acquire(policy, now)?;
+            self.log_transition(transition, None);
+            admission
+        };
         self.in_flight.fetch_add(1, Relaxed);
         Some(InFlight {
             backend: Arc::clone(self),
@@ -194,23 +121,24 @@ impl Backend {
         })
     }
 
-    pub fn last_error(&self) -> Option<(Reason, SystemTime)> {
-        let r = Reason::from_u8(self.last_error.load(Relaxed))?;
+    pub fn last_error(&self) -> Option<(Failure, SystemTime)> {
+        let i = usize::from(self.last_error.load(Relaxed)).checked_sub(1)?;
+        let r = Failure::from_index(i)?;
         let at = UNIX_EPOCH + Duration::from_millis(self.last_error_at.load(Relaxed));
         Some((r, at))
     }
 
-    fn note_error(&self, reason: Reason) {
-        self.last_error.store(reason as u8, Relaxed);
+    fn note_error(&self, reason: Failure) {
+        self.last_error.store(reason.index() as u8 + 1, Relaxed);
         self.last_error_at.store(unix_ms(), Relaxed);
-        if let Some(c) = self.counters.failure_reasons.get(reason as usize) {
+        if let Some(c) = self.counters.failure_reasons.get(reason.index()) {
             c.fetch_add(1, Relaxed);
         }
     }
 
     /// A failure noticed after the attempt was classified (a reset in the middle of a body):
     /// counted and shown, but the breaker already had its say on this attempt.
-    pub fn note_late_failure(&self, reason: Reason) {
+    pub fn note_late_failure(&self, reason: Failure) {
         self.counters.failures.fetch_add(1, Relaxed);
         self.note_error(reason);
     }
@@ -230,9 +158,9 @@ impl Backend {
         c.latency_count.fetch_add(1, Relaxed);
     }
 
-    fn log_transition(&self, t: Option<Transition>, reason: Option<Reason>) {
+    fn log_transition(&self, t: Option<Transition>, reason: Option<Failure>) {
         if let Some(t) = t {
-            let reason = reason.map(Reason::as_str).unwrap_or("-");
+            let reason = reason.map(Failure::as_str).unwrap_or("-");
             match t.to {
                 BreakerState::Open => {
                     tracing::warn!(backend = %self.address, from = t.from.as_str(), reason, "circuit breaker opened")

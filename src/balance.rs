@@ -8,9 +8,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::backend::{Backend, Reason};
-use crate::config::{BreakerPolicy, HealthCheckConfig, PoolConfig, StrategyKind, Timeouts};
-use crate::upstream::UpstreamTlsConnector;
+use crate::backend::Backend;
+use crate::config::{BreakerPolicy, HealthCheckConfig, PoolConfig, StrategyKind};
+use crate::reason::Refusal;
+use crate::upstream::Dial;
 
 pub struct Member {
     pub backend: Arc<Backend>,
@@ -27,14 +28,21 @@ pub struct Pool {
     sequence: Vec<u32>,
     cursor: AtomicUsize,
     pub breaker: BreakerPolicy,
-    pub timeouts: Timeouts,
     pub attempts: u32,
     pub health_check: Option<HealthCheckConfig>,
-    pub tls: Option<UpstreamTlsConnector>,
+    pub dial: Dial,
+}
+
+/// The member to try, and whether its breaker is to be ignored because breakers already
+/// eject more than `max_ejected_percent` of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub index: usize,
+    pub breaker_overridden: bool,
 }
 
 impl Pool {
-    pub fn new(cfg: &PoolConfig, members: Vec<Member>, tls: Option<UpstreamTlsConnector>) -> Pool {
+    pub fn new(cfg: &PoolConfig, members: Vec<Member>, dial: Dial) -> Pool {
         let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
         Pool {
             name: Arc::from(cfg.name.as_str()),
@@ -43,38 +51,79 @@ impl Pool {
             members,
             cursor: AtomicUsize::new(0),
             breaker: cfg.breaker,
-            timeouts: cfg.timeouts,
             attempts: cfg.attempts,
             health_check: cfg.health_check.clone(),
-            tls,
+            dial,
         }
     }
 
-    fn usable(&self, i: usize, now: u64, tried: &[usize]) -> bool {
+    fn usable(&self, i: usize, now: u64, tried: &[usize], ignore_breakers: bool) -> bool {
         let b = &self.members[i].backend;
-        !tried.contains(&i) && b.is_healthy() && b.breaker.admits(&self.breaker, now)
+        !tried.contains(&i)
+            && b.is_healthy()
+            && (ignore_breakers || b.breaker.admits(&self.breaker, now))
     }
 
-    /// Picks a member index, skipping unhealthy backends, open breakers and those in `tried`
-    /// (earlier attempts of this request): a retry never goes back to a backend that already
-    /// failed this request (as nginx), so `attempts = 2` with one backend does not double the
-    /// wait for a timed-out answer.
-    pub fn pick(&self, now: u64, tried: &[usize]) -> Result<usize, Reason> {
-        self.pick_among(now, tried).ok_or_else(|| self.why_none())
+    /// Whether open breakers take out more than `max_ejected_percent` of the members: then no
+    /// breaker is obeyed (Envoy's ejection cap and panic threshold), so that one failing URL
+    /// or an overloaded moment cannot take the whole pool out; health checks still are.
+    fn over_ejection_cap(&self, now: u64) -> bool {
+        let cap = u64::from(self.breaker.max_ejected_percent);
+        if cap >= 100 || self.members.is_empty() {
+            return false;
+        }
+        let ejected = self
+            .members
+            .iter()
+            .filter(|m| !m.backend.breaker.admits(&self.breaker, now))
+            .count() as u64;
+        ejected * 100 > cap * self.members.len() as u64
     }
 
-    fn pick_among(&self, now: u64, tried: &[usize]) -> Option<usize> {
+    /// Picks a member, skipping unhealthy backends, open breakers (unless too many are open)
+    /// and those in `tried` (earlier attempts of this request): a retry never goes back to a
+    /// backend that already failed this request (as nginx), so `attempts = 2` with one backend
+    /// does not double the wait for a timed-out answer.
+    pub fn pick(&self, now: u64, tried: &[usize]) -> Result<Pick, Refusal> {
+        let ignore = self.over_ejection_cap(now);
+        // Checking first bounds an outage's cost: with every member unusable the round-robin
+        // walk below would otherwise step through the whole weighted sequence per request.
+        if !(0..self.members.len()).any(|i| self.usable(i, now, tried, ignore)) {
+            return Err(self.why_none());
+        }
+        self.pick_among(now, tried, ignore)
+            .map(|index| Pick {
+                index,
+                breaker_overridden: ignore
+                    && !self.members[index]
+                        .backend
+                        .breaker
+                        .admits(&self.breaker, now),
+            })
+            .ok_or_else(|| self.why_none())
+    }
+
+    fn pick_among(&self, now: u64, tried: &[usize], ignore: bool) -> Option<usize> {
         let n = self.members.len();
         match self.strategy {
             StrategyKind::RoundRobin => {
                 // Each skipped entry takes a cursor step of its own, so the order is the
                 // sequence with unusable members left out: a down backend's share is spread over
-                // the others by weight, not all handed to its successor in the sequence.
+                // the others by weight, not all handed to its successor in the sequence. The
+                // walk is bounded (heavy members recur within a few steps in a smooth
+                // sequence); past it, the first usable member in list order from the cursor.
                 let len = self.sequence.len();
-                (0..len).find_map(|_| {
+                let steps = len.min(4 * n + 4);
+                let walked = (0..steps).find_map(|_| {
                     let k = self.cursor.fetch_add(1, Relaxed);
                     let i = self.sequence[k % len] as usize;
-                    self.usable(i, now, tried).then_some(i)
+                    self.usable(i, now, tried, ignore).then_some(i)
+                });
+                walked.or_else(|| {
+                    let start = self.cursor.load(Relaxed);
+                    (0..n)
+                        .map(|k| start.wrapping_add(k) % n)
+                        .find(|&i| self.usable(i, now, tried, ignore))
                 })
             }
             StrategyKind::LeastConnections => {
@@ -84,7 +133,7 @@ impl Pool {
                 let mut best: Option<(usize, usize, u32)> = None;
                 for k in 0..n {
                     let i = (start.wrapping_add(k)) % n;
-                    if !self.usable(i, now, tried) {
+                    if !self.usable(i, now, tried, ignore) {
                         continue;
                     }
                     let m = &self.members[i];
@@ -105,13 +154,13 @@ impl Pool {
         }
     }
 
-    fn why_none(&self) -> Reason {
+    fn why_none(&self) -> Refusal {
         if self.members.is_empty() {
-            Reason::NoBackendsConfigured
+            Refusal::NoBackendsConfigured
         } else if self.members.iter().all(|m| !m.backend.is_healthy()) {
-            Reason::AllUnhealthy
+            Refusal::AllUnhealthy
         } else {
-            Reason::AllBreakersOpen
+            Refusal::AllBreakersOpen
         }
     }
 }

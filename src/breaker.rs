@@ -54,20 +54,23 @@ pub enum Admission {
 
 #[derive(Debug, Default)]
 pub struct Breaker {
-    /// State in the low 2 bits, the millisecond it was entered in the rest.
+    /// State in the low 2 bits, trials out while half-open in the next 14, and the
+    /// millisecond the state was entered in the top 48: one word, so that a move to
+    /// half-open and the reservation of its first trial are one compare-and-swap, and no
+    /// thread can erase a trial another one reserved.
     word: AtomicU64,
     /// Consecutive failures while closed.
     failures: AtomicU32,
-    /// Trial requests currently out while half-open.
-    trials: AtomicU32,
 }
 
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
+const TRIAL_BITS: u32 = 14;
+const MAX_TRIALS: u64 = (1 << TRIAL_BITS) - 1;
 
-fn pack(state: u64, since_ms: u64) -> u64 {
-    (since_ms << 2) | state
+fn pack(state: u64, trials: u64, since_ms: u64) -> u64 {
+    (since_ms << (2 + TRIAL_BITS)) | (trials.min(MAX_TRIALS) << 2) | state
 }
 
 fn unpack(word: u64) -> (BreakerState, u64) {
@@ -76,7 +79,11 @@ fn unpack(word: u64) -> (BreakerState, u64) {
         HALF_OPEN => BreakerState::HalfOpen,
         _ => BreakerState::Closed,
     };
-    (state, word >> 2)
+    (state, word >> (2 + TRIAL_BITS))
+}
+
+fn trials_of(word: u64) -> u64 {
+    (word >> 2) & MAX_TRIALS
 }
 
 fn elapsed(now_ms: u64, since_ms: u64, d: Duration) -> bool {
@@ -88,8 +95,9 @@ impl Breaker {
         unpack(self.word.load(Relaxed)).0
     }
 
-    /// The state as an operator should see it: an open breaker whose time is up is half-open,
-    /// even if no request has come along yet to make the move.
+    /// The state as an operator should see it, for `/status` and `/metrics` alike: an open
+    /// breaker whose time is up is half-open, even if no request has come along yet to make
+    /// the move.
     pub fn effective_state(&self, policy: &BreakerPolicy, now_ms: u64) -> BreakerState {
         let (state, since) = unpack(self.word.load(Relaxed));
         match state {
@@ -103,11 +111,12 @@ impl Breaker {
     /// Read-only: would a request be let through now? Used by the picker to skip backends
     /// without reserving anything.
     pub fn admits(&self, policy: &BreakerPolicy, now_ms: u64) -> bool {
-        let (state, since) = unpack(self.word.load(Relaxed));
+        let word = self.word.load(Relaxed);
+        let (state, since) = unpack(word);
         match state {
             BreakerState::Closed => true,
             BreakerState::Open => elapsed(now_ms, since, policy.open_duration),
-            BreakerState::HalfOpen => self.trials.load(Relaxed) < policy.half_open_requests,
+            BreakerState::HalfOpen => trials_of(word) < u64::from(policy.half_open_requests),
         }
     }
 
@@ -118,45 +127,52 @@ impl Breaker {
         policy: &BreakerPolicy,
         now_ms: u64,
     ) -> Option<(Admission, Option<Transition>)> {
-        let word = self.word.load(Relaxed);
-        let (state, since) = unpack(word);
-        let mut transition = None;
-        match state {
-            BreakerState::Closed => return Some((Admission::Normal, None)),
-            BreakerState::Open => {
-                if !elapsed(now_ms, since, policy.open_duration) {
-                    return None;
+        let limit = u64::from(policy.half_open_requests).min(MAX_TRIALS);
+        let mut word = self.word.load(Relaxed);
+        loop {
+            let (state, since) = unpack(word);
+            let (next, transition) = match state {
+                BreakerState::Closed => return Some((Admission::Normal, None)),
+                BreakerState::Open => {
+                    if !elapsed(now_ms, since, policy.open_duration) || limit == 0 {
+                        return None;
+                    }
+                    (
+                        pack(HALF_OPEN, 1, now_ms),
+                        Some(Transition {
+                            from: BreakerState::Open,
+                            to: BreakerState::HalfOpen,
+                        }),
+                    )
                 }
-                if self
-                    .word
-                    .compare_exchange(word, pack(HALF_OPEN, now_ms), Relaxed, Relaxed)
-                    .is_ok()
-                {
-                    self.trials.store(0, Relaxed);
-                    transition = Some(Transition {
-                        from: BreakerState::Open,
-                        to: BreakerState::HalfOpen,
-                    });
-                } else if self.state() != BreakerState::HalfOpen {
-                    return None;
+                BreakerState::HalfOpen => {
+                    let t = trials_of(word);
+                    if t >= limit {
+                        return None;
+                    }
+                    (pack(HALF_OPEN, t + 1, since), None)
                 }
+            };
+            match self
+                .word
+                .compare_exchange_weak(word, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return Some((Admission::Trial, transition)),
+                Err(w) => word = w,
             }
-            BreakerState::HalfOpen => {}
         }
-        let limit = policy.half_open_requests;
-        self.trials
-            .fetch_update(Relaxed, Relaxed, |t| (t < limit).then_some(t + 1))
-            .ok()
-            .map(|_| (Admission::Trial, transition))
     }
 
     /// A trial that ended without an outcome about the backend (the client went away).
     pub fn release(&self, admission: Admission) {
-        if admission == Admission::Trial {
-            let _ = self
-                .trials
-                .fetch_update(Relaxed, Relaxed, |t| Some(t.saturating_sub(1)));
+        if admission != Admission::Trial {
+            return;
         }
+        let _ = self.word.fetch_update(Relaxed, Relaxed, |w| {
+            let (state, since) = unpack(w);
+            (state == BreakerState::HalfOpen && trials_of(w) > 0)
+                .then(|| pack(HALF_OPEN, trials_of(w) - 1, since))
+        });
     }
 
     pub fn on_success(&self, admission: Admission, now_ms: u64) -> Option<Transition> {
@@ -166,20 +182,15 @@ impl Breaker {
         if admission != Admission::Trial {
             return None;
         }
-        self.release(admission);
-        let word = self.word.load(Relaxed);
-        if unpack(word).0 == BreakerState::HalfOpen
-            && self
-                .word
-                .compare_exchange(word, pack(CLOSED, now_ms), Relaxed, Relaxed)
-                .is_ok()
-        {
-            return Some(Transition {
+        self.word
+            .fetch_update(Relaxed, Relaxed, |w| {
+                (unpack(w).0 == BreakerState::HalfOpen).then_some(pack(CLOSED, 0, now_ms))
+            })
+            .ok()
+            .map(|_| Transition {
                 from: BreakerState::HalfOpen,
                 to: BreakerState::Closed,
-            });
-        }
-        None
+            })
     }
 
     pub fn on_failure(
@@ -194,16 +205,16 @@ impl Breaker {
         let word = self.word.load(Relaxed);
         let (state, _) = unpack(word);
         match (state, admission) {
-            (BreakerState::HalfOpen, Admission::Trial) => {
-                self.release(admission);
-                self.word
-                    .compare_exchange(word, pack(OPEN, now_ms), Relaxed, Relaxed)
-                    .ok()
-                    .map(|_| Transition {
-                        from: BreakerState::HalfOpen,
-                        to: BreakerState::Open,
-                    })
-            }
+            (BreakerState::HalfOpen, Admission::Trial) => self
+                .word
+                .fetch_update(Relaxed, Relaxed, |w| {
+                    (unpack(w).0 == BreakerState::HalfOpen).then_some(pack(OPEN, 0, now_ms))
+                })
+                .ok()
+                .map(|_| Transition {
+                    from: BreakerState::HalfOpen,
+                    to: BreakerState::Open,
+                }),
             (BreakerState::Closed, _) => {
                 let n = self.failures.fetch_add(1, Relaxed).saturating_add(1);
                 if n < policy.consecutive_failures {
@@ -211,7 +222,7 @@ impl Breaker {
                 }
                 let opened = self
                     .word
-                    .compare_exchange(word, pack(OPEN, now_ms), Relaxed, Relaxed)
+                    .compare_exchange(word, pack(OPEN, 0, now_ms), Relaxed, Relaxed)
                     .is_ok();
                 if opened {
                     self.failures.store(0, Relaxed);
@@ -231,9 +242,8 @@ impl Breaker {
 
     /// Policy changed on reload to "off": forget any open state.
     pub fn reset(&self) {
-        self.word.store(pack(CLOSED, 0), Relaxed);
+        self.word.store(pack(CLOSED, 0, 0), Relaxed);
         self.failures.store(0, Relaxed);
-        self.trials.store(0, Relaxed);
     }
 }
 
@@ -246,6 +256,7 @@ mod tests {
             consecutive_failures: 3,
             open_duration: Duration::from_millis(1000),
             half_open_requests: 1,
+            ..BreakerPolicy::default()
         }
     }
 
@@ -296,6 +307,35 @@ mod tests {
         assert_eq!(t.to, BreakerState::Open);
         assert!(b.acquire(&p, 2000).is_none());
         assert!(b.acquire(&p, 2500).is_some());
+    }
+
+    #[test]
+    fn racing_trials_never_exceed_the_limit_nor_get_lost() {
+        let b = std::sync::Arc::new(Breaker::default());
+        let p = BreakerPolicy {
+            half_open_requests: 3,
+            ..policy()
+        };
+        for _ in 0..3 {
+            b.on_failure(Admission::Normal, &p, 0);
+        }
+        // Many threads race the open -> half-open move; exactly `half_open_requests` win.
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let b = std::sync::Arc::clone(&b);
+                std::thread::spawn(move || b.acquire(&p, 5000).is_some())
+            })
+            .collect();
+        let won = handles
+            .into_iter()
+            .filter_map(|h| h.join().ok())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(won, 3);
+        assert_eq!(trials_of(b.word.load(Relaxed)), 3);
+        b.release(Admission::Trial);
+        assert!(b.acquire(&p, 5001).is_some());
+        assert!(b.acquire(&p, 5001).is_none());
     }
 
     #[test]

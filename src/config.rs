@@ -120,6 +120,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub header_timeout: Duration,
     pub max_connections: u64,
+    pub idle_timeout: Duration,
+    pub allow_underscores_in_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +199,40 @@ pub struct BreakerPolicy {
     pub consecutive_failures: u32,
     pub open_duration: Duration,
     pub half_open_requests: u32,
+    pub failure_statuses: StatusSet,
+    pub max_ejected_percent: u32,
+}
+
+/// A set of HTTP status codes (100..=599) as a bitset: `Copy`, and one load and mask to test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub const fn empty() -> StatusSet {
+        StatusSet([0; 10])
+    }
+
+    pub fn insert(&mut self, s: u16) {
+        if let Some(w) = self.0.get_mut(usize::from(s) / 64) {
+            *w |= 1 << (s % 64);
+        }
+    }
+
+    pub fn contains(&self, s: u16) -> bool {
+        self.0
+            .get(usize::from(s) / 64)
+            .is_some_and(|w| w & (1 << (s % 64)) != 0)
+    }
+}
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        let mut s = StatusSet::empty();
+        for c in [502, 503, 504] {
+            s.insert(c);
+        }
+        s
+    }
 }
 
 impl Default for BreakerPolicy {
@@ -205,6 +241,8 @@ impl Default for BreakerPolicy {
             consecutive_failures: DEFAULT_CB_FAILURES,
             open_duration: DEFAULT_CB_OPEN,
             half_open_requests: DEFAULT_CB_HALF_OPEN,
+            failure_statuses: StatusSet::default(),
+            max_ejected_percent: 50,
         }
     }
 }
@@ -761,6 +799,8 @@ impl Validator<'_> {
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 header_timeout: DEFAULT_HEADER_TIMEOUT,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                idle_timeout: Duration::from_secs(60),
+                allow_underscores_in_headers: false,
             },
             Some(l) => {
                 let max_header_bytes = self.size(
@@ -790,6 +830,8 @@ impl Validator<'_> {
                     },
                 };
                 Limits {
+                    idle_timeout: Duration::from_secs(60),
+                    allow_underscores_in_headers: false,
                     max_header_bytes,
                     max_body_bytes: self.size(
                         &l.max_body_bytes,
@@ -1106,6 +1148,7 @@ impl Validator<'_> {
                     DEFAULT_CB_HALF_OPEN,
                     1,
                 )?,
+                ..BreakerPolicy::default()
             },
         };
 

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::ConnInfo;
+use crate::conn::ConnInfo;
 
 /// Heads longer than this are hyper's to refuse (431); the sniffer gives up on them.
 const MAX_HEAD: usize = 128 * 1024;
@@ -294,19 +294,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffer<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
 
     fn sniff(chunks: &[&[u8]]) -> u64 {
-        let info = Arc::new(ConnInfo {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            tls: false,
-            drain: None,
-            peer_ip: http::HeaderValue::from_static("127.0.0.1"),
-            body_timeout: std::time::Duration::from_secs(1),
-            requests: AtomicU64::new(0),
-            ambiguous_at: AtomicU64::new(u64::MAX),
-            upgraded: std::sync::atomic::AtomicBool::new(false),
-        });
+        let info = ConnInfo::new(
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            std::time::Duration::from_secs(1),
+            None,
+        );
         let mut s = Sniffer::new((), Arc::clone(&info));
         for c in chunks {
             s.feed(c);

@@ -20,14 +20,16 @@ use tokio::task::JoinHandle;
 use crate::backend::Backend;
 use crate::config::HealthCheckConfig;
 use crate::state::Snapshot;
-use crate::upstream::{self, UpstreamTlsConnector};
+use crate::tls::UpstreamTlsConnector;
+use crate::upstream;
 
 const USER_AGENT: &str = concat!("balancer/", env!("CARGO_PKG_VERSION"), " (health check)");
 
 struct Task {
     backend: Arc<Backend>,
     cfg: HealthCheckConfig,
-    tls: bool,
+    /// The pool's transport id: a change of TLS settings (CA, server name) restarts probes.
+    transport: u64,
     handle: JoinHandle<()>,
 }
 
@@ -41,16 +43,18 @@ impl HealthTasks {
         let mut keep = HashMap::with_capacity(self.tasks.len());
         for pool in &snap.pools {
             for m in &pool.members {
-                let key = (Arc::clone(&pool.name), m.backend.address.clone());
+                let key = (Arc::clone(&pool.name), m.backend.address.to_string());
                 let Some(cfg) = &pool.health_check else {
                     // No checks any more: nothing will ever mark it healthy again otherwise.
                     m.backend.healthy.store(true, Relaxed);
                     continue;
                 };
-                let tls = pool.tls.is_some();
+                let transport = pool.dial.transport;
                 match self.tasks.remove(&key) {
                     Some(t)
-                        if Arc::ptr_eq(&t.backend, &m.backend) && &t.cfg == cfg && t.tls == tls =>
+                        if Arc::ptr_eq(&t.backend, &m.backend)
+                            && &t.cfg == cfg
+                            && t.transport == transport =>
                     {
                         keep.insert(key, t);
                     }
@@ -61,14 +65,14 @@ impl HealthTasks {
                         let handle = tokio::spawn(probe_loop(
                             Arc::clone(&m.backend),
                             cfg.clone(),
-                            pool.tls.clone(),
+                            pool.dial.tls.clone(),
                         ));
                         keep.insert(
                             key,
                             Task {
                                 backend: Arc::clone(&m.backend),
                                 cfg: cfg.clone(),
-                                tls,
+                                transport,
                                 handle,
                             },
                         );

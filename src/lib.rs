@@ -5,68 +5,56 @@
 //! replaces the first and re-uses the second.**
 //!
 //! ```text
-//! request path (no locks)                         control path (one task)
-//! listener: accept -> TLS -> hyper h1|h2           SIGHUP | file change | POST /reload
-//! proxy::handle                                      reload::apply
-//!   snap = shared.snapshot.load_full()                 text -> Config::parse (file:line:col)
-//!   pool = snap.route(host, path)      -> 404          next = Snapshot::build(cfg, prev)
-//!   i    = pool.pick(now, tried)       -> 503                  (same Arc<Backend> per pool+address)
-//!   g    = backend.start()  (in_flight += 1)           shared.snapshot.store(next)
-//!   upstream::send (pooled conn)  -> 502/504           listeners: bind added, stop removed
-//!   g.record(outcome)  breaker + counters              health tasks: spawn added, abort removed
-//!   body streams back, guard drops at its end
+//! request path (no locks)                         control path (one task: control.rs)
+//! listener  accept -> TLS -> hyper h1|h2          SIGHUP | file change (watch) | POST /reload
+//! conn      ConnInfo per connection                reload::prepare  (blocking thread)
+//! proxy     handle -> forward                        config: text -> Config (file:line:col)
+//! request     check, authority, normalise path       state:  Snapshot::build(cfg, prev)
+//! state       snap.route(host, path)     -> 404              (same Arc<Backend> per pool+address)
+//! balance     pool.pick(now, tried)      -> 503      listeners: bind added
+//! upstream    send (pooled conn)                     reload::swap (one store)
+//! classify    classify(result) -> Verdict            listeners: stop removed
+//! backend     guard.record(outcome)  breaker+counters health: sync tasks
+//! answer      ProxyError -> status, close, log       idle conns of removed backends closed
+//! response_body  streams back; guard drops at its end
 //! ```
 
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
 pub mod admin;
+pub mod answer;
 pub mod backend;
 pub mod balance;
-pub mod body;
 pub mod breaker;
+pub mod classify;
+pub mod clock;
 pub mod config;
+pub mod conn;
+pub mod control;
 pub mod framing;
+pub mod headers;
 pub mod health;
+pub mod idle;
 pub mod listener;
 pub mod proxy;
+pub mod reason;
 pub mod reload;
+pub mod request;
+pub mod request_body;
+pub mod response_body;
 pub mod stall;
 pub mod state;
+pub mod tls;
+pub mod tunnel;
 pub mod upstream;
+pub mod watch;
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use tokio::net::TcpListener;
 
 pub use config::{Config, ConfigError};
+pub use control::{Options, RunError};
 pub use reload::ReloadHandle;
-
-/// Everything `run` needs. Tests pass listeners they bound themselves on `127.0.0.1:0` (and
-/// wrote into the config), so no test ever races for a port.
-pub struct Options {
-    pub config_path: PathBuf,
-    pub config: Config,
-    /// Already-bound sockets, used for the config's listeners (and admin) with the same address.
-    pub prebound: Vec<TcpListener>,
-    /// Whether SIGHUP triggers a reload (the binary: yes; in-process tests: no).
-    pub sighup: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Setup(String),
-}
 
 /// Runs the balancer until `shutdown` resolves, then drains: listeners stop accepting at once,
 /// open connections finish their current request within `shutdown_grace`, idle ones close.
@@ -77,15 +65,10 @@ pub async fn run(
     on_ready: impl FnOnce(ReloadHandle),
 ) -> Result<(), RunError> {
     accesslog::init();
-    let mut ctl = reload::Controller::start(opts).await?;
+    let mut ctl = control::Controller::start(opts).await?;
     on_ready(ctl.handle());
     ctl.serve(shutdown).await;
     let grace = ctl.shared().snapshot.load().config.shutdown_grace;
     ctl.drain(grace).await;
     Ok(())
-}
-
-/// Shared state for tests and benches that inspect it.
-pub fn shared_of(h: &ReloadHandle) -> Arc<state::Shared> {
-    h.shared()
 }

@@ -7,7 +7,6 @@
 //! certificates are read from the snapshot current at accept time.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,21 +14,15 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
-use crate::config::{Limits, ListenerTls, MIN_HEADER_BUFFER};
+use crate::config::{Limits, MIN_HEADER_BUFFER};
+use crate::conn::{ConnInfo, DrainGuard};
 use crate::framing::Sniffer;
-use crate::proxy::{self, ConnInfo};
+use crate::proxy;
 use crate::stall::{StallTimeout, StreamExec};
 use crate::state::Shared;
-
-/// Held by every live connection; graceful shutdown waits until all are dropped.
-pub type DrainGuard = mpsc::Sender<()>;
 
 /// Stop signals a listener task watches: `stop` (stop accepting) and `drain` (ask open
 /// connections to finish their current request and close).
@@ -38,79 +31,6 @@ pub struct Signals {
     pub stop: watch::Receiver<bool>,
     pub drain: watch::Receiver<bool>,
     pub drain_guard: DrainGuard,
-}
-
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Chooses the certificate by SNI; the first is served when SNI is absent or matches none.
-#[derive(Debug)]
-struct SniResolver {
-    certs: Vec<Arc<CertifiedKey>>,
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if let Some(name) = hello
-            .server_name()
-            .and_then(|n| ServerName::try_from(n).ok())
-        {
-            for ck in &self.certs {
-                let valid = ck
-                    .end_entity_cert()
-                    .ok()
-                    .and_then(|c| webpki::EndEntityCert::try_from(c).ok())
-                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok());
-                if valid {
-                    return Some(Arc::clone(ck));
-                }
-            }
-        }
-        self.certs.first().cloned()
-    }
-}
-
-/// Loads the listener's certificates (on start and on every reload, so a renewed certificate
-/// is served after a reload) and builds its rustls config.
-pub fn tls_config(tls: &ListenerTls) -> Result<Arc<rustls::ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut certs = Vec::with_capacity(tls.certificates.len());
-    for pair in &tls.certificates {
-        let chain = read_certs(&pair.cert)?;
-        let key = read_key(&pair.key)?;
-        let signing = provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| format!("{}: {e}", pair.key.display()))?;
-        let ck = CertifiedKey::new(chain, signing);
-        ck.keys_match().map_err(|e| {
-            format!(
-                "{} does not match {}: {e}",
-                pair.key.display(),
-                pair.cert.display()
-            )
-        })?;
-        certs.push(Arc::new(ck));
-    }
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { certs }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// Accepts until `signals.stop` turns true, then returns (dropping the socket, so the kernel
@@ -231,7 +151,12 @@ async fn serve(
     // header timer only starts once the protocol sniff has seen a byte).
     match tls {
         None => {
-            let info = conn_info(peer, false, &limits, &signals);
+            let info = ConnInfo::new(
+                peer,
+                false,
+                limits.header_timeout,
+                Some(signals.drain_guard.clone()),
+            );
             let io = StallTimeout::new(
                 Sniffer::new(stream, Arc::clone(&info)),
                 send_timeout(&limits),
@@ -243,7 +168,12 @@ async fn serve(
             // A handshake that stalls is cut off like a slow request head.
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let info = conn_info(peer, true, &limits, &signals);
+                    let info = ConnInfo::new(
+                        peer,
+                        true,
+                        limits.header_timeout,
+                        Some(signals.drain_guard.clone()),
+                    );
                     let io = StallTimeout::new(
                         Sniffer::new(tls, Arc::clone(&info)),
                         send_timeout(&limits),
@@ -261,20 +191,6 @@ async fn serve(
 /// send_timeout defaulting to its client_header_timeout.
 fn send_timeout(limits: &Limits) -> Duration {
     limits.header_timeout
-}
-
-fn conn_info(peer: SocketAddr, tls: bool, limits: &Limits, signals: &Signals) -> Arc<ConnInfo> {
-    Arc::new(ConnInfo {
-        peer,
-        tls,
-        peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
-            .unwrap_or(http::HeaderValue::from_static("unknown")),
-        drain: Some(signals.drain_guard.clone()),
-        body_timeout: limits.header_timeout,
-        requests: std::sync::atomic::AtomicU64::new(0),
-        upgraded: std::sync::atomic::AtomicBool::new(false),
-        ambiguous_at: std::sync::atomic::AtomicU64::new(u64::MAX),
-    })
 }
 
 async fn drive<I>(

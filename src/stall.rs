@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use crate::backend::now_ms;
+use crate::clock::now_ms;
 
 /// A client socket that gives up on a peer that stalls: one that never sends its first byte
 /// (the protocol sniff of hyper-util's auto builder has no timeout), and one that stops

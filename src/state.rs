@@ -18,7 +18,8 @@ use arc_swap::ArcSwap;
 use crate::backend::Backend;
 use crate::balance::{Member, Pool};
 use crate::config::{Config, HostMatch, Limits};
-use crate::upstream::UpstreamTlsConnector;
+use crate::tls::{self, UpstreamTlsConnector};
+use crate::upstream::Dial;
 
 pub struct Route {
     host: Option<HostMatch>,
@@ -74,7 +75,7 @@ impl Snapshot {
         if let Some(prev) = prev {
             for p in &prev.pools {
                 for m in &p.members {
-                    old.insert((&p.name, &m.backend.address), &m.backend);
+                    old.insert((&*p.name, &*m.backend.address), &m.backend);
                 }
             }
         }
@@ -87,24 +88,27 @@ impl Snapshot {
                 ),
                 None => None,
             };
+            let prev_pool = prev.and_then(|p| p.pools.iter().find(|o| *o.name == *pc.name));
             let prev_cfg = prev.and_then(|p| p.config.pools.iter().find(|o| o.name == pc.name));
-            let tls_changed = prev_cfg.is_some_and(|o| o.tls != pc.tls);
+            // Pooled connections are tagged with this: same TLS settings, same transport, and
+            // surviving backends keep their idle connections; otherwise none of the old ones is
+            // ever handed out again (see idle.rs).
+            let transport = match (prev_pool, prev_cfg) {
+                (Some(pp), Some(pcfg)) if pcfg.tls == pc.tls => pp.dial.transport,
+                _ => generation,
+            };
             let members = pc
                 .backends
                 .iter()
                 .map(|bc| {
                     let backend = match old.get(&(pc.name.as_str(), bc.address.as_str())) {
                         Some(b) if b.addr == bc.addr => {
-                            if tls_changed {
-                                // Pooled connections speak the old protocol.
-                                b.idle.clear();
-                            }
                             if pc.breaker.consecutive_failures == 0 {
                                 b.breaker.reset();
                             }
                             Arc::clone(b)
                         }
-                        _ => Arc::new(Backend::new(bc.address.clone(), bc.addr)),
+                        _ => Arc::new(Backend::new(&bc.address, bc.addr)),
                     };
                     Member {
                         backend,
@@ -112,12 +116,17 @@ impl Snapshot {
                     }
                 })
                 .collect();
-            pools.push(Arc::new(Pool::new(pc, members, tls)));
+            let dial = Dial {
+                timeouts: pc.timeouts,
+                tls,
+                transport,
+            };
+            pools.push(Arc::new(Pool::new(pc, members, dial)));
         }
         let mut tls = Vec::new();
         for l in &cfg.listeners {
             if let Some(t) = &l.tls {
-                tls.push((l.bind, crate::listener::tls_config(t)?));
+                tls.push((l.bind, tls::server_config(t)?));
             }
         }
         let routes = cfg
@@ -164,7 +173,23 @@ impl Snapshot {
             .members
             .iter()
             .map(|m| &m.backend)
-            .find(|b| b.address == address)
+            .find(|b| &*b.address == address)
+    }
+
+    /// Backends of this snapshot that `next` no longer has (by identity, not address).
+    pub fn backends_not_in<'a>(
+        &'a self,
+        next: &'a Snapshot,
+    ) -> impl Iterator<Item = &'a Arc<Backend>> + 'a {
+        self.pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(|m| &m.backend))
+            .filter(move |b| {
+                !next
+                    .pools
+                    .iter()
+                    .any(|p| p.members.iter().any(|m| Arc::ptr_eq(&m.backend, b)))
+            })
     }
 
     pub fn tls_for(&self, bind: SocketAddr) -> Option<Arc<rustls::ServerConfig>> {

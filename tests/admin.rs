@@ -216,7 +216,7 @@ async fn metrics_have_the_contract_families() {
     let (pa, pb) = (a.addr.to_string(), b.addr.to_string());
     let c = client();
     // a: 2 answers of 2xx. b: one 500, then a 500 that opens its breaker.
-    b.set_mode(Mode::Fail500);
+    b.set_mode(Mode::Fail503);
     for _ in 0..4 {
         get(&c, &bal.url("/")).await;
     }

@@ -1,4 +1,4 @@
-//! Circuit breakers against real backends: 500s open a backend's breaker, traffic avoids it
+//! Circuit breakers against real backends: 503s open a backend's breaker, traffic avoids it
 //! while open, a trial after `open_duration` closes or reopens it, and a client that goes
 //! away is never held against the backend.
 
@@ -59,12 +59,12 @@ async fn hit(bal: &Balancer, target: &TestBackend, n: u64) -> Vec<Got> {
     got
 }
 
-/// Opens `target`'s breaker with three 500s (it must be in `Mode::Fail500`).
+/// Opens `target`'s breaker with three 503s (it must be in `Mode::Fail503`).
 async fn open_breaker(bal: &Balancer, target: &TestBackend) -> Instant {
     let got = hit(bal, target, 3).await;
     let opened = Instant::now();
     for g in &got {
-        assert_eq!(g.status, 500, "the backend's own 500 is relayed");
+        assert_eq!(g.status, 503, "the backend's own 503 is relayed");
     }
     assert_eq!(breaker_state(bal, target).await, "open");
     opened
@@ -120,7 +120,7 @@ async fn open_then_half_open_then_closed_by_a_trial_success() {
     let a = start_backend("a").await;
     let b = start_backend("b").await;
     let bal = start_balancer(&breaker_config(&[a.addr, b.addr], "")).await;
-    a.set_mode(Mode::Fail500);
+    a.set_mode(Mode::Fail503);
 
     let opened = open_breaker(&bal, &a).await;
     let entry = breaker_of(&bal, &a).await;
@@ -175,14 +175,14 @@ async fn a_failed_trial_reopens_the_breaker() {
     let a = start_backend("a").await;
     let b = start_backend("b").await;
     let bal = start_balancer(&breaker_config(&[a.addr, b.addr], "")).await;
-    a.set_mode(Mode::Fail500);
+    a.set_mode(Mode::Fail503);
     let opened = open_breaker(&bal, &a).await;
 
     tokio::time::sleep_until((opened + OPEN + Duration::from_millis(100)).into()).await;
     // The trial fails: open again, for a whole open_duration from now.
     let got = hit(&bal, &a, 1).await;
     let reopened = Instant::now();
-    assert_eq!(got[0].status, 500);
+    assert_eq!(got[0].status, 503);
     assert_eq!(breaker_state(&bal, &a).await, "open");
     let ra = a.requests();
     let checked = all_go_to(&bal, "b", 6, reopened + Duration::from_millis(400)).await;
@@ -204,12 +204,12 @@ async fn all_breakers_open_answers_503() {
     let a = start_backend("a").await;
     let b = start_backend("b").await;
     let bal = start_balancer(&breaker_config(&[a.addr, b.addr], "")).await;
-    a.set_mode(Mode::Fail500);
-    b.set_mode(Mode::Fail500);
+    a.set_mode(Mode::Fail503);
+    b.set_mode(Mode::Fail503);
     let c = client();
     for _ in 0..6 {
         let g = get(&c, &bal.url("/")).await;
-        assert_eq!(g.status, 500);
+        assert_eq!(g.status, 503);
     }
     let opened = Instant::now();
     assert_eq!(breaker_state(&bal, &a).await, "open");

@@ -1011,7 +1011,7 @@ async fn local_error_answers_are_short_plain_text() {
     let hang = start_backend("hang").await;
     hang.set_mode(Mode::Hang);
     let broken = start_backend("broken").await;
-    broken.set_mode(Mode::Fail500);
+    broken.set_mode(Mode::Fail503);
     let dead = free_port();
     let tmpl = format!(
         r#"watch = false
@@ -1072,9 +1072,9 @@ open_duration = "60s"
         "504 took {:?}",
         t.elapsed()
     );
-    // The backend's own 500 is relayed as is (and opens the breaker) ...
+    // The backend's own 503 is relayed as is (and opens the breaker) ...
     let g = get(&c, &bal.url("/broken")).await;
-    assert_eq!(g.status, 500);
+    assert_eq!(g.status, 503);
     assert_eq!(g.body, "boom");
     // ... then the balancer answers 503 itself without trying it.
     let before = broken.requests();

@@ -605,7 +605,7 @@ async fn surviving_backends_keep_their_state_and_removed_ones_get_nothing() {
     let cl = client();
 
     // b's breaker opens; a and c serve.
-    b.set_mode(Mode::Fail500);
+    b.set_mode(Mode::Fail503);
     for _ in 0..9 {
         get(&cl, &bal.url("/")).await;
     }

@@ -43,6 +43,9 @@ pub enum Mode {
     Hang = 2,
     /// Closes the connection as soon as a request arrives, without answering.
     Close = 3,
+    /// 503 for every request (health endpoint included): a backend saying it is down, which
+    /// the breaker counts by default (a 500 it does not).
+    Fail503 = 4,
 }
 
 pub struct BackendState {
@@ -187,9 +190,13 @@ async fn backend_handle(
             unreachable!()
         }
         m if m == Mode::Close as u8 => Err(std::io::Error::other("closing on purpose")),
-        m if m == Mode::Fail500 as u8 => {
+        m if m == Mode::Fail500 as u8 || m == Mode::Fail503 as u8 => {
             let mut r = Response::new(full("boom"));
-            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            *r.status_mut() = if m == Mode::Fail500 as u8 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             r.headers_mut()
                 .insert("x-backend", state.name.parse().unwrap());
             Ok(r)

@@ -1,0 +1,174 @@
+//! What goes back to the client: an answer the balancer made itself, or a backend's response
+//! streamed frame by frame (memory per request is bounded by hyper's buffers whatever the
+//! body's size). `ResponseBody` also carries the request's tail end: the in-flight guard
+//! (least-connections and graceful shutdown see the request until its last byte), the pooled
+//! connection (returned only when the exchange completed cleanly) and the access-log entry
+//! (written when the body ends or the client goes away).
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::accesslog::{self, Ending, LogEntry};
+use crate::backend::InFlight;
+use crate::idle::Conn;
+use crate::reason::{Failure, Reason};
+
+/// The response sent to the client: one the balancer made itself, or a backend's, streamed.
+pub struct ResponseBody {
+    kind: Kind,
+    log: Option<Box<LogEntry>>,
+}
+
+enum Kind {
+    Local(Option<Bytes>),
+    Upstream(Box<Upstream>),
+}
+
+struct Upstream {
+    inner: Incoming,
+    done: bool,
+    failed: bool,
+    bytes: u64,
+    conn: Option<Conn>,
+    guard: InFlight,
+}
+
+impl ResponseBody {
+    pub fn local(text: &'static str, log: Option<Box<LogEntry>>) -> ResponseBody {
+        let mut log = log;
+        if let Some(l) = log.as_deref_mut() {
+            l.bytes = text.len() as u64;
+        }
+        ResponseBody {
+            kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
+            log,
+        }
+    }
+
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Local(None),
+            log: None,
+        }
+    }
+
+    pub fn upstream(
+        inner: Incoming,
+        conn: Option<Conn>,
+        guard: InFlight,
+        log: Option<Box<LogEntry>>,
+    ) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream(Box::new(Upstream {
+                inner,
+                done: false,
+                failed: false,
+                bytes: 0,
+                conn,
+                guard,
+            })),
+            log,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().kind {
+            Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(up) => {
+                let polled = Pin::new(&mut up.inner).poll_frame(cx);
+                crate::stall::note_progress(polled.is_pending());
+                let res = ready!(polled);
+                match &res {
+                    None => up.done = true,
+                    Some(Ok(frame)) => {
+                        if let Some(d) = frame.data_ref() {
+                            up.bytes += d.len() as u64;
+                        }
+                        if up.inner.is_end_stream() {
+                            up.done = true;
+                        }
+                    }
+                    Some(Err(_)) => up.failed = true,
+                }
+                Poll::Ready(res)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Local(b) => b.is_none(),
+            Kind::Upstream(up) => up.done || up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Local(None) => SizeHint::with_exact(0),
+            Kind::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Kind::Upstream(up) = &mut self.kind {
+            let complete = up.done || up.inner.is_end_stream();
+            if let Some(conn) = up.conn.take() {
+                if complete {
+                    return_conn(&up.guard, conn);
+                }
+            }
+            if up.failed {
+                up.guard.backend().note_late_failure(Failure::UpstreamReset);
+            }
+            if let Some(l) = self.log.as_deref_mut() {
+                l.bytes = up.bytes;
+                if up.failed {
+                    l.reason = Some(Reason::Failed(Failure::UpstreamReset));
+                    l.outcome = Ending::UpstreamAborted;
+                } else if !complete {
+                    l.outcome = Ending::ClientClosed;
+                }
+            }
+        }
+        if let Some(l) = self.log.take() {
+            accesslog::write(l);
+        }
+    }
+}
+
+/// How long a finished connection may take to become ready for the next request before it
+/// is given up on (its request body still being written, typically).
+const READY_WAIT: Duration = Duration::from_secs(5);
+
+fn return_conn(guard: &InFlight, mut conn: Conn) {
+    if conn.tx.is_ready() {
+        guard.backend().idle.put(conn);
+    } else if !conn.tx.is_closed() {
+        // hyper flips the connection back to ready on its own task, a moment after the last
+        // body byte; waiting for that is cheaper than a new connection.
+        let backend = guard.backend().clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, conn.tx.ready()).await {
+                    backend.idle.put(conn);
+                }
+            });
+        }
+    }
+}
