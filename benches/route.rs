@@ -127,7 +127,7 @@ fn bench_headers(c: &mut Criterion) {
             b.iter_batched_ref(
                 || headers.clone(),
                 |h| {
-                    balancer::proxy::strip_hop_by_hop(h);
+                    balancer::headers::strip_hop_by_hop(h);
                     black_box(h.len())
                 },
                 BatchSize::SmallInput,

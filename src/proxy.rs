@@ -252,7 +252,7 @@ fn split(e: SendError) -> (Option<Request<UpBody>>, ProxyError) {
             req,
             failure,
             source,
-        } => (Some(req), ProxyError::Upstream { failure, source }),
+        } => (Some(*req), ProxyError::Upstream { failure, source }),
         SendError::Failed {
             cause: Cause::Backend(failure),
             source,

@@ -41,7 +41,8 @@ const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 pub enum SendError {
     /// The request never left: it comes back for another try, with any method.
     NotSent {
-        req: Request<UpBody>,
+        // Boxed: the failure path should not make every `Result` of `send` request-sized.
+        req: Box<Request<UpBody>>,
         failure: Failure,
         source: BoxError,
     },
@@ -104,7 +105,7 @@ pub async fn send(
         Ok(tx) => tx,
         Err((failure, source)) => {
             return Err(SendError::NotSent {
-                req,
+                req: Box::new(req),
                 failure,
                 source,
             })
@@ -121,7 +122,7 @@ pub async fn send(
             stale_retried,
         }),
         Err(Exchange::NotSent(req)) => Err(SendError::NotSent {
-            req,
+            req: Box::new(req),
             failure: Failure::UpstreamReset,
             source: "new connection closed before the request was sent".into(),
         }),

@@ -371,7 +371,7 @@ async fn reload_under_load_loses_no_request() {
     for _ in 0..20 {
         reload += 1;
         let (text, next) = load_config(&addrs, reload, true);
-        if reload % 2 == 0 {
+        if reload.is_multiple_of(2) {
             write_binary_config(&bin, &text);
         } else {
             // Save the way many editors do: a new file renamed over the old one.

@@ -576,7 +576,7 @@ async fn missing_certificate_fails_check_and_is_rejected_on_reload() {
     let missing = (missing_cert.clone(), a.1.clone());
 
     // `balancer check` names the missing file and exits 1.
-    let bad = tls_config(&[backend.addr], &[missing.clone()], "")
+    let bad = tls_config(&[backend.addr], std::slice::from_ref(&missing), "")
         .replace("{listen}", "127.0.0.1:1")
         .replace("{admin}", "127.0.0.1:2");
     let bad_path = dir.path().join("bad.toml");
@@ -618,7 +618,7 @@ async fn missing_certificate_fails_check_and_is_rejected_on_reload() {
         "stderr must name the file: {stderr}"
     );
     // And the good file passes.
-    let good = tls_config(&[backend.addr], &[a.clone()], "")
+    let good = tls_config(&[backend.addr], std::slice::from_ref(&a), "")
         .replace("{listen}", "127.0.0.1:1")
         .replace("{admin}", "127.0.0.1:2");
     std::fs::write(&bad_path, &good).unwrap();
@@ -635,7 +635,7 @@ async fn missing_certificate_fails_check_and_is_rejected_on_reload() {
     );
 
     // Running: a reload onto a missing certificate is rejected and the old one keeps serving.
-    let bal = start_balancer(&tls_config(&[backend.addr], &[a.clone()], "")).await;
+    let bal = start_balancer(&tls_config(&[backend.addr], std::slice::from_ref(&a), "")).await;
     let before = status(&bal).await["config"]["version"].as_u64().unwrap();
     bal.write_config(&tls_config(&[backend.addr], &[missing], ""));
     let err = bal
@@ -666,7 +666,7 @@ async fn missing_certificate_fails_check_and_is_rejected_on_reload() {
     assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
 
     // The file the running config names disappears: a reload is rejected, serving goes on.
-    bal.write_config(&tls_config(&[backend.addr], &[a.clone()], ""));
+    bal.write_config(&tls_config(&[backend.addr], std::slice::from_ref(&a), ""));
     std::fs::remove_file(&a.0).unwrap();
     let err = bal
         .handle

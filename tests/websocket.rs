@@ -53,6 +53,8 @@ async fn start_ws_backend() -> WsBackend {
             };
             let (u, o, h) = (Arc::clone(&u), Arc::clone(&o), Arc::clone(&h));
             tokio::spawn(async move {
+                // tungstenite's callback signature fixes the large error type.
+                #[allow(clippy::result_large_err)]
                 let cb = move |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
                                resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
                     *h.lock().unwrap() = Some(req.headers().clone());
@@ -64,14 +66,12 @@ async fn start_ws_backend() -> WsBackend {
                 u.fetch_add(1, SeqCst);
                 o.fetch_add(1, SeqCst);
                 while let Some(Ok(m)) = ws.next().await {
-                    match m {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(m).await.is_err() {
-                                break;
-                            }
-                        }
-                        Message::Close(_) => break,
-                        _ => {}
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                    let echo = matches!(m, Message::Text(_) | Message::Binary(_));
+                    if echo && ws.send(m).await.is_err() {
+                        break;
                     }
                 }
                 let _ = ws.close(None).await;
