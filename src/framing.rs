@@ -71,10 +71,6 @@ impl<I> Sniffer<I> {
         self
     }
 
-    pub fn get_ref(&self) -> &I {
-        &self.inner
-    }
-
     fn feed(&mut self, mut buf: &[u8]) {
         while !buf.is_empty() {
             match &mut self.state {

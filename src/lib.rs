@@ -21,34 +21,34 @@
 
 #![forbid(unsafe_code)]
 
-pub mod accesslog;
-pub mod admin;
-pub mod answer;
+pub(crate) mod accesslog;
+pub(crate) mod admin;
+pub(crate) mod answer;
 pub mod backend;
 pub mod balance;
 pub mod breaker;
-pub mod classify;
+pub(crate) mod classify;
 pub mod clock;
 pub mod config;
-pub mod conn;
-pub mod control;
-pub mod framing;
+pub(crate) mod conn;
+pub(crate) mod control;
+pub(crate) mod framing;
 pub mod headers;
-pub mod health;
+pub(crate) mod health;
 pub mod idle;
-pub mod listener;
-pub mod proxy;
+pub(crate) mod listener;
+pub(crate) mod proxy;
 pub mod reason;
 pub mod reload;
-pub mod request;
+pub(crate) mod request;
 pub mod request_body;
-pub mod response_body;
-pub mod stall;
+pub(crate) mod response_body;
+pub(crate) mod stall;
 pub mod state;
 pub mod tls;
-pub mod tunnel;
+pub(crate) mod tunnel;
 pub mod upstream;
-pub mod watch;
+pub(crate) mod watch;
 
 use std::future::Future;
 

@@ -157,8 +157,10 @@ async fn serve(
                 limits.header_timeout,
                 Some(signals.drain_guard.clone()),
             );
+            // Plain TCP closes without a shutdown() first: the close sends the same FIN, one
+            // syscall fewer per connection (TLS keeps it for close_notify).
             let io = StallTimeout::new(
-                Sniffer::new(stream, Arc::clone(&info)),
+                Sniffer::new(stream, Arc::clone(&info)).close_without_shutdown(),
                 send_timeout(&limits),
             );
             drive(TokioIo::new(io), info, &limits, shared, signals).await

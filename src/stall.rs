@@ -52,10 +52,6 @@ impl<I> StallTimeout<I> {
         }
     }
 
-    pub fn get_ref(&self) -> &I {
-        &self.inner
-    }
-
     fn waiting(&mut self, cx: &mut Context<'_>, what: &'static str) -> Poll<std::io::Error> {
         let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
         let deadline = since + self.limit;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Response, Version};
 use hyper::body::Incoming;
 
@@ -26,9 +26,6 @@ pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
     Some(HeaderValue::from_static("websocket"))
 }
 
-pub fn answers_websocket(h: &HeaderMap) -> bool {
-    has_token(h, header::UPGRADE, "websocket")
-}
 /// Completes a WebSocket handshake: answers the client's 101 and copies bytes both ways until
 /// either side closes. The tunnel keeps the in-flight guard (least-connections sees it) and a
 /// drain guard (graceful shutdown waits for it); it belongs to no config generation, so a
