@@ -1,0 +1,335 @@
+//! The configuration file: `balancer.toml` -> raw serde structs -> `validate()` -> typed [`Config`].
+//!
+//! Read by `main` (`balancer check`), by `lib::run` at start and by the reload task; nothing here
+//! knows about tokio or sockets. The steps live in their own files: `raw` (the file's shape,
+//! unknown keys refused), `span` (byte offsets -> `file:line:col`, [`ConfigError`]) and
+//! `validate` (one function per section). This file holds what the rest of the program reads:
+//! the typed structs and, all together at the top, every default and every limit, because an
+//! operator fixing a config at 3 a.m. needs the line and the allowed range, not a guess.
+
+mod raw;
+mod span;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use span::ConfigError;
+
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_WATCH: bool = true;
+pub(crate) const DEFAULT_ACCESS_LOG: bool = true;
+pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: u64 = 65536;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: u64 = 0;
+pub(crate) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+pub(crate) const DEFAULT_WEIGHT: u32 = 1;
+pub(crate) const DEFAULT_HC_PATH: &str = "/healthz";
+pub(crate) const DEFAULT_HC_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_HC_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_HC_HEALTHY: u32 = 2;
+pub(crate) const DEFAULT_HC_UNHEALTHY: u32 = 3;
+pub(crate) const DEFAULT_CB_FAILURES: u32 = 5;
+pub(crate) const DEFAULT_CB_OPEN: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_CB_HALF_OPEN: u32 = 1;
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_ATTEMPTS: u32 = 2;
+
+/// Weights above this would make the precomputed round-robin sequence needlessly long;
+/// HAProxy caps at 256, so 1000 leaves room without surprising anyone.
+pub(crate) const MAX_WEIGHT: u32 = 1000;
+/// hyper refuses an h1 read buffer smaller than this.
+pub(crate) const MIN_HEADER_BUFFER: u64 = 8192;
+
+// ---------------------------------------------------------------------------------------------
+// Typed configuration: what the rest of the program reads.
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub shutdown_grace: Duration,
+    pub watch: bool,
+    pub admin: Option<AdminConfig>,
+    pub log: LogConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub routes: Vec<RouteConfig>,
+    /// In file order, so that `/status` lists pools as the operator wrote them.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub access: bool,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: DEFAULT_ACCESS_LOG,
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub bind: SocketAddr,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// The first one is served when SNI is absent or matches none.
+    pub certificates: Vec<CertPair>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: u64,
+    /// 0 means unlimited.
+    pub max_body_bytes: u64,
+    pub header_timeout: Duration,
+    pub max_connections: u64,
+    pub idle_timeout: Duration,
+    pub allow_underscores_in_headers: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: Duration::from_secs(60),
+            allow_underscores_in_headers: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    pub path_prefix: String,
+    pub pool: String,
+}
+
+/// A route's host pattern, lower-cased at load so the request path compares without allocating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`: it matches `a.example.com` and
+    /// `a.b.example.com`, not `example.com` itself (as in nginx's `server_name`).
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StrategyKind {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+}
+
+impl StrategyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::RoundRobin => "round_robin",
+            StrategyKind::LeastConnections => "least_connections",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub strategy: StrategyKind,
+    pub backends: Vec<BackendConfig>,
+    pub tls: Option<UpstreamTls>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub breaker: BreakerPolicy,
+    pub timeouts: Timeouts,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// As written in the file: the backend's identity across reloads and in `/status`.
+    pub address: String,
+    /// Resolved once at load (like nginx), so the request path never waits on DNS.
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// `None`: the system's root certificates.
+    pub ca: Option<PathBuf>,
+    /// `None`: the host part of each backend's address.
+    pub server_name: Option<String>,
+}
+
+/// The values an empty `[pools.NAME.health_check]` table gets; without the table there are no
+/// active checks at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            path: DEFAULT_HC_PATH.to_owned(),
+            interval: DEFAULT_HC_INTERVAL,
+            timeout: DEFAULT_HC_TIMEOUT,
+            healthy_threshold: DEFAULT_HC_HEALTHY,
+            unhealthy_threshold: DEFAULT_HC_UNHEALTHY,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// 0 turns the breaker off for the pool.
+    pub consecutive_failures: u32,
+    pub open_duration: Duration,
+    pub half_open_requests: u32,
+    pub failure_statuses: StatusSet,
+    pub max_ejected_percent: u32,
+}
+
+/// A set of HTTP status codes (100..=599) as a bitset: `Copy`, and one load and mask to test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub const fn empty() -> StatusSet {
+        StatusSet([0; 10])
+    }
+
+    pub fn insert(&mut self, s: u16) {
+        if let Some(w) = self.0.get_mut(usize::from(s) / 64) {
+            *w |= 1 << (s % 64);
+        }
+    }
+
+    pub fn contains(&self, s: u16) -> bool {
+        self.0
+            .get(usize::from(s) / 64)
+            .is_some_and(|w| w & (1 << (s % 64)) != 0)
+    }
+}
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        let mut s = StatusSet::empty();
+        for c in [502, 503, 504] {
+            s.insert(c);
+        }
+        s
+    }
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            consecutive_failures: DEFAULT_CB_FAILURES,
+            open_duration: DEFAULT_CB_OPEN,
+            half_open_requests: DEFAULT_CB_HALF_OPEN,
+            failure_statuses: StatusSet::default(),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response: Duration,
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            response: DEFAULT_RESPONSE_TIMEOUT,
+            idle: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. The error names the file as given.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            key: None,
+            msg: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &file, path.parent())
+    }
+
+    /// Parses and validates `text`; relative certificate paths are resolved against `base_dir`
+    /// (the config file's directory), so the config works from any working directory.
+    pub fn parse(text: &str, file: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let src = span::Source { text, file };
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+        validate::Validator { src, base_dir }.validate(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, "t.toml", None)
+    }
+
+    const MIN: &str =
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+
+    #[test]
+    fn smallest_file_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert!(c.watch);
+        assert_eq!(c.log, LogConfig::default());
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.pools[0].attempts, DEFAULT_ATTEMPTS);
+        assert_eq!(c.pools[0].timeouts, Timeouts::default());
+        assert_eq!(c.pools[0].breaker, BreakerPolicy::default());
+    }
+
+    #[test]
+    fn errors_carry_line_and_col() {
+        let e = parse(&format!("{MIN}weight = 0\n")).unwrap_err();
+        assert_eq!(e.line.map(|l| l.0), Some(5), "{e}");
+        let s = format!("{MIN}[pools.x]\nbackends = [{{ address = \"1.2.3.4:1\", weight = 0 }}]\n");
+        let e = parse(&s).unwrap_err();
+        assert_eq!(e.line, Some((6, 47)), "{e}");
+        assert!(e.to_string().contains("pools.x.backends[0].weight"), "{e}");
+    }
+}

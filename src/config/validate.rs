@@ -1,0 +1,694 @@
+//! Raw structs -> typed [`Config`], one function per section, in file order of the contract:
+//! admin, log, listeners, limits, pools, routes.
+//!
+//! Every check that can fail names the dotted key and the position of the offending value; a
+//! missing value takes its default from the typed struct's `Default`, so each default is
+//! written once, as a `DEFAULT_*` const in `mod.rs`.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::*;
+use super::span::{ConfigError, Source};
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub src: Source<'a>,
+    /// Relative certificate paths are resolved against it, so the config works from any
+    /// working directory.
+    pub base_dir: Option<&'a Path>,
+}
+
+impl Validator<'_> {
+    pub fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let shutdown_grace = self.duration(
+            &raw.shutdown_grace,
+            "shutdown_grace",
+            DEFAULT_SHUTDOWN_GRACE,
+            true,
+        )?;
+        let admin = match &raw.admin {
+            Some(a) => Some(self.admin(a)?),
+            None => None,
+        };
+        let log = match &raw.log {
+            Some(l) => self.log(l)?,
+            None => LogConfig::default(),
+        };
+        let listeners = self.listeners(&raw.listeners, admin.as_ref())?;
+        let limits = match &raw.limits {
+            Some(l) => self.limits(l)?,
+            None => Limits::default(),
+        };
+        let pools = self.pools(&raw)?;
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.iter().enumerate() {
+            routes.push(self.route(r.get_ref(), i, &pools)?);
+        }
+        Ok(Config {
+            shutdown_grace,
+            watch: raw.watch.unwrap_or(DEFAULT_WATCH),
+            admin,
+            log,
+            listeners,
+            limits,
+            routes,
+            pools,
+        })
+    }
+
+    fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+        Ok(AdminConfig {
+            bind: self.address(&a.bind, "admin.bind")?,
+        })
+    }
+
+    fn log(&self, l: &RawLog) -> Result<LogConfig, ConfigError> {
+        let d = LogConfig::default();
+        let level = match &l.level {
+            None => d.level,
+            Some(s) => {
+                let lvl = s.get_ref().trim().to_ascii_lowercase();
+                if !["trace", "debug", "info", "warn", "error", "off"].contains(&lvl.as_str()) {
+                    return Err(self.src.err(
+                        s.span(),
+                        "log.level",
+                        format!(
+                            "unknown level {:?} (trace, debug, info, warn, error or off)",
+                            s.get_ref()
+                        ),
+                    ));
+                }
+                lvl
+            }
+        };
+        Ok(LogConfig {
+            access: l.access.unwrap_or(d.access),
+            level,
+        })
+    }
+
+    fn listeners(
+        &self,
+        raw: &[RawListener],
+        admin: Option<&AdminConfig>,
+    ) -> Result<Vec<ListenerConfig>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self
+                .src
+                .err_nowhere("listeners", "at least one [[listeners]] is required"));
+        }
+        let mut listeners = Vec::with_capacity(raw.len());
+        let mut bound = HashSet::new();
+        for (i, l) in raw.iter().enumerate() {
+            let key = format!("listeners[{i}].bind");
+            let bind = self.address(&l.bind, &key)?;
+            if !bound.insert(bind) {
+                return Err(self.src.err(
+                    l.bind.span(),
+                    key,
+                    format!("{bind} is already used by another listener"),
+                ));
+            }
+            if admin.is_some_and(|a| a.bind == bind) {
+                return Err(self.src.err(
+                    l.bind.span(),
+                    key,
+                    format!("{bind} is also the admin address"),
+                ));
+            }
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => Some(self.listener_tls(t, i)?),
+            };
+            listeners.push(ListenerConfig { bind, tls });
+        }
+        Ok(listeners)
+    }
+
+    fn listener_tls(
+        &self,
+        t: &Spanned<RawListenerTls>,
+        i: usize,
+    ) -> Result<ListenerTls, ConfigError> {
+        let key = format!("listeners[{i}].tls");
+        let raw = t.get_ref();
+        let mut certificates = Vec::new();
+        match (&raw.cert, &raw.key) {
+            (Some(c), Some(k)) => certificates.push(CertPair {
+                cert: self.path(c, &format!("{key}.cert"))?,
+                key: self.path(k, &format!("{key}.key"))?,
+            }),
+            (None, None) => {}
+            _ => return Err(self.src.err(t.span(), key, "`cert` and `key` go together")),
+        }
+        if let Some(list) = &raw.certificates {
+            if !certificates.is_empty() {
+                return Err(self.src.err(
+                    t.span(),
+                    key,
+                    "use either `cert`/`key` or [[listeners.tls.certificates]], not both",
+                ));
+            }
+            for (j, c) in list.iter().enumerate() {
+                let c = c.get_ref();
+                certificates.push(CertPair {
+                    cert: self.path(&c.cert, &format!("{key}.certificates[{j}].cert"))?,
+                    key: self.path(&c.key, &format!("{key}.certificates[{j}].key"))?,
+                });
+            }
+        }
+        if certificates.is_empty() {
+            return Err(self
+                .src
+                .err(t.span(), key, "no certificate: set `cert` and `key`"));
+        }
+        Ok(ListenerTls { certificates })
+    }
+
+    fn limits(&self, l: &RawLimits) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let max_header_bytes = self.size(
+            &l.max_header_bytes,
+            "limits.max_header_bytes",
+            d.max_header_bytes,
+        )?;
+        if max_header_bytes < 1024 {
+            let span = l
+                .max_header_bytes
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(self
+                .src
+                .err(span, "limits.max_header_bytes", "must be at least 1KiB"));
+        }
+        let max_connections = match &l.max_connections {
+            None => d.max_connections,
+            Some(v) => match u64::try_from(*v.get_ref()) {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(self.src.err(
+                        v.span(),
+                        "limits.max_connections",
+                        "must be at least 1",
+                    ))
+                }
+            },
+        };
+        Ok(Limits {
+            max_header_bytes,
+            max_body_bytes: self.size(
+                &l.max_body_bytes,
+                "limits.max_body_bytes",
+                d.max_body_bytes,
+            )?,
+            header_timeout: self.duration(
+                &l.header_timeout,
+                "limits.header_timeout",
+                d.header_timeout,
+                false,
+            )?,
+            max_connections,
+            ..d
+        })
+    }
+
+    fn pools(&self, raw: &RawConfig) -> Result<Vec<PoolConfig>, ConfigError> {
+        if raw.pools.is_empty() {
+            return Err(self
+                .src
+                .err_nowhere("pools", "at least one [pools.NAME] is required"));
+        }
+        // BTreeMap sorts by name; restore file order from the spans.
+        let mut raw_pools: Vec<_> = raw.pools.iter().collect();
+        raw_pools.sort_by_key(|(name, _)| name.span().start);
+        let mut pools = Vec::with_capacity(raw_pools.len());
+        for (name, p) in raw_pools {
+            pools.push(self.pool(name, p)?);
+        }
+        Ok(pools)
+    }
+
+    fn pool(
+        &self,
+        name: &Spanned<String>,
+        p: &Spanned<RawPool>,
+    ) -> Result<PoolConfig, ConfigError> {
+        let n = name.get_ref();
+        let key = |k: &str| format!("pools.{n}.{k}");
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(self.src.err(
+                name.span(),
+                format!("pools.{n}"),
+                "pool names use letters, digits, '_', '-' and '.'",
+            ));
+        }
+        let raw = p.get_ref();
+        let strategy = match &raw.strategy {
+            None => StrategyKind::default(),
+            Some(s) => match s.get_ref().as_str() {
+                "round_robin" => StrategyKind::RoundRobin,
+                "least_connections" => StrategyKind::LeastConnections,
+                other => {
+                    return Err(self.src.err(
+                        s.span(),
+                        key("strategy"),
+                        format!("unknown strategy {other:?} (round_robin or least_connections)"),
+                    ))
+                }
+            },
+        };
+        let backends = self.backends(n, p)?;
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => self.upstream_tls(t.get_ref(), &key)?,
+        };
+        let health_check = match &raw.health_check {
+            None => None,
+            Some(h) => Some(self.health_check(h, &key)?),
+        };
+        let breaker = match &raw.circuit_breaker {
+            None => BreakerPolicy::default(),
+            Some(b) => self.breaker(b, &key)?,
+        };
+        let timeouts = match &raw.timeouts {
+            None => Timeouts::default(),
+            Some(t) => self.timeouts(t, &key)?,
+        };
+        let attempts = match &raw.retries {
+            None => DEFAULT_ATTEMPTS,
+            Some(r) => self.count(&r.attempts, &key("retries.attempts"), DEFAULT_ATTEMPTS, 1)?,
+        };
+        Ok(PoolConfig {
+            name: n.clone(),
+            strategy,
+            backends,
+            tls,
+            health_check,
+            breaker,
+            timeouts,
+            attempts,
+        })
+    }
+
+    fn backends(&self, n: &str, p: &Spanned<RawPool>) -> Result<Vec<BackendConfig>, ConfigError> {
+        let key = format!("pools.{n}.backends");
+        let Some(list) = &p.get_ref().backends else {
+            return Err(self
+                .src
+                .err(p.span(), key, "a pool needs at least one backend"));
+        };
+        if list.get_ref().is_empty() {
+            return Err(self
+                .src
+                .err(list.span(), key, "a pool needs at least one backend"));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.get_ref().len());
+        for (i, b) in list.get_ref().iter().enumerate() {
+            let bkey = format!("{key}[{i}]");
+            let (address, weight) = match b.get_ref() {
+                RawBackend::Plain(s) => (Spanned::new(b.span(), s.clone()), DEFAULT_WEIGHT),
+                RawBackend::Table(t) => {
+                    let w = match &t.weight {
+                        None => DEFAULT_WEIGHT,
+                        Some(w) => match u32::try_from(*w.get_ref()) {
+                            Ok(v) if (1..=MAX_WEIGHT).contains(&v) => v,
+                            _ => {
+                                return Err(self.src.err(
+                                    w.span(),
+                                    format!("{bkey}.weight"),
+                                    format!("weight must be an integer from 1 to {MAX_WEIGHT}"),
+                                ))
+                            }
+                        },
+                    };
+                    (t.address.clone(), w)
+                }
+            };
+            let addr = self.address(&address, &bkey)?;
+            let address = address.into_inner();
+            if backends.iter().any(|o| o.address == address) {
+                return Err(self.src.err(
+                    b.span(),
+                    bkey,
+                    format!("{address} is listed twice in this pool (use weight instead)"),
+                ));
+            }
+            backends.push(BackendConfig {
+                address,
+                addr,
+                weight,
+            });
+        }
+        Ok(backends)
+    }
+
+    fn upstream_tls(
+        &self,
+        t: &RawUpstreamTls,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Option<UpstreamTls>, ConfigError> {
+        Ok(match t {
+            RawUpstreamTls::Flag(false) => None,
+            RawUpstreamTls::Flag(true) => Some(UpstreamTls {
+                ca: None,
+                server_name: None,
+            }),
+            RawUpstreamTls::Table(tt) => Some(UpstreamTls {
+                ca: match &tt.ca {
+                    Some(c) => Some(self.path(c, &key("tls.ca"))?),
+                    None => None,
+                },
+                server_name: match &tt.server_name {
+                    Some(s) if s.get_ref().trim().is_empty() => {
+                        return Err(self.src.err(
+                            s.span(),
+                            key("tls.server_name"),
+                            "empty server name",
+                        ))
+                    }
+                    Some(s) => Some(s.get_ref().trim().to_owned()),
+                    None => None,
+                },
+            }),
+        })
+    }
+
+    fn health_check(
+        &self,
+        h: &RawHealthCheck,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<HealthCheckConfig, ConfigError> {
+        let d = HealthCheckConfig::default();
+        let path = match &h.path {
+            None => d.path,
+            Some(p)
+                if p.get_ref().starts_with('/')
+                    && !p
+                        .get_ref()
+                        .chars()
+                        .any(|c| c.is_ascii_control() || c == ' ') =>
+            {
+                p.get_ref().clone()
+            }
+            Some(p) => {
+                return Err(self.src.err(
+                    p.span(),
+                    key("health_check.path"),
+                    "must be a path starting with '/'",
+                ))
+            }
+        };
+        Ok(HealthCheckConfig {
+            path,
+            interval: self.duration(
+                &h.interval,
+                &key("health_check.interval"),
+                d.interval,
+                false,
+            )?,
+            timeout: self.duration(&h.timeout, &key("health_check.timeout"), d.timeout, false)?,
+            healthy_threshold: self.count(
+                &h.healthy_threshold,
+                &key("health_check.healthy_threshold"),
+                d.healthy_threshold,
+                1,
+            )?,
+            unhealthy_threshold: self.count(
+                &h.unhealthy_threshold,
+                &key("health_check.unhealthy_threshold"),
+                d.unhealthy_threshold,
+                1,
+            )?,
+        })
+    }
+
+    fn breaker(
+        &self,
+        b: &RawBreaker,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<BreakerPolicy, ConfigError> {
+        let d = BreakerPolicy::default();
+        Ok(BreakerPolicy {
+            consecutive_failures: self.count(
+                &b.consecutive_failures,
+                &key("circuit_breaker.consecutive_failures"),
+                d.consecutive_failures,
+                0,
+            )?,
+            open_duration: self.duration(
+                &b.open_duration,
+                &key("circuit_breaker.open_duration"),
+                d.open_duration,
+                false,
+            )?,
+            half_open_requests: self.count(
+                &b.half_open_requests,
+                &key("circuit_breaker.half_open_requests"),
+                d.half_open_requests,
+                1,
+            )?,
+            ..d
+        })
+    }
+
+    fn timeouts(
+        &self,
+        t: &RawTimeouts,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Timeouts, ConfigError> {
+        let d = Timeouts::default();
+        Ok(Timeouts {
+            connect: self.duration(&t.connect, &key("timeouts.connect"), d.connect, false)?,
+            response: self.duration(&t.response, &key("timeouts.response"), d.response, false)?,
+            idle: self.duration(&t.idle, &key("timeouts.idle"), d.idle, false)?,
+        })
+    }
+
+    fn route(
+        &self,
+        r: &RawRoute,
+        i: usize,
+        pools: &[PoolConfig],
+    ) -> Result<RouteConfig, ConfigError> {
+        let host = match &r.host {
+            None => None,
+            Some(h) => Some(
+                parse_host_pattern(h.get_ref())
+                    .map_err(|m| self.src.err(h.span(), format!("routes[{i}].host"), m))?,
+            ),
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_owned(),
+            Some(p) => {
+                let s = p.get_ref();
+                if !s.starts_with('/')
+                    || s.contains(['?', '#'])
+                    || s.chars().any(|c| c.is_ascii_control() || c == ' ')
+                {
+                    return Err(self.src.err(
+                        p.span(),
+                        format!("routes[{i}].path_prefix"),
+                        format!("{s:?} must be a path starting with '/'"),
+                    ));
+                }
+                s.clone()
+            }
+        };
+        let pool = r.pool.get_ref();
+        if !pools.iter().any(|p| &p.name == pool) {
+            return Err(self.src.err(
+                r.pool.span(),
+                format!("routes[{i}].pool"),
+                format!("no pool named {pool:?} (define [pools.{pool}])"),
+            ));
+        }
+        Ok(RouteConfig {
+            host,
+            path_prefix,
+            pool: pool.clone(),
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Value helpers: one place per kind of value, so every key of that kind is checked alike.
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        allow_zero: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let d = parse_duration(v.get_ref()).map_err(|m| self.src.err(v.span(), key, m))?;
+        if d.is_zero() && !allow_zero {
+            return Err(self.src.err(v.span(), key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn size(
+        &self,
+        v: &Option<Spanned<RawSize>>,
+        key: &str,
+        default: u64,
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        match v.get_ref() {
+            RawSize::Int(n) => {
+                u64::try_from(*n).map_err(|_| self.src.err(v.span(), key, "must not be negative"))
+            }
+            RawSize::Str(s) => parse_size(s).map_err(|m| self.src.err(v.span(), key, m)),
+        }
+    }
+
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        default: u32,
+        min: u32,
+    ) -> Result<u32, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        match u32::try_from(*v.get_ref()) {
+            Ok(n) if n >= min => Ok(n),
+            _ => Err(self.src.err(
+                v.span(),
+                key,
+                format!("must be an integer of at least {min}"),
+            )),
+        }
+    }
+
+    fn address(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        resolve(v.get_ref()).map_err(|m| self.src.err(v.span(), key, m))
+    }
+
+    fn path(&self, v: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        let p = v.get_ref().trim();
+        if p.is_empty() {
+            return Err(self.src.err(v.span(), key, "empty path"));
+        }
+        let p = Path::new(p);
+        Ok(match self.base_dir {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p.to_path_buf(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Units and patterns.
+
+/// `"250ms"`, `"2s"`, `"1m"`, `"1h30m"`. A bare number is refused: "10" could mean seconds or
+/// milliseconds depending on which proxy the operator came from.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty duration".into());
+    }
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "duration {s:?} has no unit (write e.g. \"{t}s\" or \"{t}ms\")"
+        ));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// `"64KiB"`, `"10MiB"`, `"1GiB"`, `"512B"`, `"64KB"` (decimal), or a bare number string.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("invalid size {s:?}: expected a number then a unit"));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// `host:port`, `[v6]:port` or `name:port`; a name is resolved now, once.
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = t.rsplit_once(':') else {
+        return Err(format!("invalid address {s:?}: expected host:port"));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(format!("invalid address {s:?}: bad port"));
+    };
+    if host.is_empty() || host.contains(['/', ' ', '[', ']']) {
+        return Err(format!("invalid address {s:?}: expected host:port"));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| format!("address {s:?} resolves to nothing")),
+        Err(e) => Err(format!("cannot resolve {s:?}: {e}")),
+    }
+}
+
+fn parse_host_pattern(h: &str) -> Result<HostMatch, String> {
+    let h = h.trim().to_ascii_lowercase();
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    };
+    if let Some(rest) = h.strip_prefix("*.") {
+        if valid(rest) {
+            return Ok(HostMatch::Suffix(format!(".{rest}")));
+        }
+    } else if valid(&h) {
+        return Ok(HostMatch::Exact(h));
+    }
+    Err(format!(
+        "{h:?} is not a host name or \"*.suffix\" pattern (no port, no scheme)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("10").is_err());
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert!(parse_size("10XB").is_err());
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
+    }
+}
