@@ -135,7 +135,7 @@ impl Snapshot {
             .map(|r| Route {
                 host: r.host.clone(),
                 prefix: r.path_prefix.clone(),
-                pool: cfg.pools.iter().position(|p| p.name == r.pool).unwrap_or(0),
+                pool: r.pool_index,
             })
             .collect();
         Ok(Snapshot {

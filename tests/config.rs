@@ -661,3 +661,41 @@ fn errors_count_lines_with_crlf_and_unicode() {
     );
     assert_eq!(e.line, Some((4, 85)), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Routes carry the index of their pool.
+
+#[test]
+fn routes_carry_the_index_of_their_pool_in_file_order() {
+    // File order differs from name order, and the first pool is never the answer by accident.
+    let c = ok(r#"[[listeners]]
+bind = "127.0.0.1:8080"
+
+[[routes]]
+path_prefix = "/m"
+pool = "mid"
+
+[[routes]]
+pool = "alpha"
+
+[[routes]]
+path_prefix = "/z"
+pool = "zeta"
+
+[pools.zeta]
+backends = ["127.0.0.1:1"]
+[pools.alpha]
+backends = ["127.0.0.1:2"]
+[pools.mid]
+backends = ["127.0.0.1:3"]
+"#);
+    let idx: Vec<(usize, &str)> = c
+        .routes
+        .iter()
+        .map(|r| (r.pool_index, r.pool.as_str()))
+        .collect();
+    assert_eq!(idx, [(2, "mid"), (1, "alpha"), (0, "zeta")]);
+    for r in &c.routes {
+        assert_eq!(c.pools[r.pool_index].name, r.pool);
+    }
+}

@@ -128,6 +128,9 @@ pub struct RouteConfig {
     pub host: Option<HostMatch>,
     pub path_prefix: String,
     pub pool: String,
+    /// Position of `pool` in [`Config::pools`]: validation has just found it there, so the
+    /// snapshot needs no second lookup that would have to invent a fallback.
+    pub pool_index: usize,
 }
 
 /// A route's host pattern, lower-cased at load so the request path compares without allocating.

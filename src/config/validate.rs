@@ -505,17 +505,18 @@ impl Validator<'_> {
             }
         };
         let pool = r.pool.get_ref();
-        if !pools.iter().any(|p| &p.name == pool) {
+        let Some(pool_index) = pools.iter().position(|p| &p.name == pool) else {
             return Err(self.src.err(
                 r.pool.span(),
                 format!("routes[{i}].pool"),
                 format!("no pool named {pool:?} (define [pools.{pool}])"),
             ));
-        }
+        };
         Ok(RouteConfig {
             host,
             path_prefix,
             pool: pool.clone(),
+            pool_index,
         })
     }
 
