@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use balancer::config::{HostMatch, StrategyKind};
+use balancer::config::{HostMatch, StatusSet, StrategyKind};
 use balancer::{Config, ConfigError};
 
 const SMALLEST: &str = r#"[[listeners]]
@@ -40,6 +40,10 @@ fn line_of(text: &str, needle: &str) -> usize {
     hits[0]
 }
 
+fn statuses(set: StatusSet) -> Vec<u16> {
+    set.iter().collect()
+}
+
 fn with_limits(limits: &str) -> Config {
     ok(&format!("{SMALLEST}\n[limits]\n{limits}\n"))
 }
@@ -67,6 +71,8 @@ fn smallest_file_gets_the_contract_defaults() {
     assert_eq!(c.limits.max_body_bytes, 0);
     assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
     assert_eq!(c.limits.max_connections, 10_000);
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    assert!(!c.limits.allow_underscores_in_headers);
 
     assert!(c.routes.is_empty());
     assert_eq!(c.pools.len(), 1);
@@ -86,6 +92,8 @@ fn smallest_file_gets_the_contract_defaults() {
     assert_eq!(p.breaker.consecutive_failures, 5);
     assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
     assert_eq!(p.breaker.half_open_requests, 1);
+    assert_eq!(statuses(p.breaker.failure_statuses), [502, 503, 504]);
+    assert_eq!(p.breaker.max_ejected_percent, 50);
 
     assert_eq!(p.timeouts.connect, Duration::from_secs(2));
     assert_eq!(p.timeouts.response, Duration::from_secs(30));
@@ -104,6 +112,8 @@ fn empty_subtables_get_the_same_defaults() {
     assert_eq!(c.limits.max_body_bytes, 0);
     assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
     assert_eq!(c.limits.max_connections, 10_000);
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    assert!(!c.limits.allow_underscores_in_headers);
     let p = &c.pools[0];
     let hc = p
         .health_check
@@ -117,6 +127,8 @@ fn empty_subtables_get_the_same_defaults() {
     assert_eq!(p.breaker.consecutive_failures, 5);
     assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
     assert_eq!(p.breaker.half_open_requests, 1);
+    assert_eq!(statuses(p.breaker.failure_statuses), [502, 503, 504]);
+    assert_eq!(p.breaker.max_ejected_percent, 50);
     assert_eq!(p.timeouts.connect, Duration::from_secs(2));
     assert_eq!(p.timeouts.response, Duration::from_secs(30));
     assert_eq!(p.timeouts.idle, Duration::from_secs(60));
@@ -257,6 +269,8 @@ max_header_bytes = 65536
 max_body_bytes = 0
 header_timeout = "10s"
 max_connections = 10000
+idle_timeout = "60s"
+allow_underscores_in_headers = false
 
 [[routes]]
 host = "api.example.com"
@@ -282,6 +296,8 @@ unhealthy_threshold = 3
 consecutive_failures = 5
 open_duration = "10s"
 half_open_requests = 1
+failure_statuses = [502, 503, 504]
+max_ejected_percent = 50
 
 [pools.api.timeouts]
 connect = "2s"
@@ -325,6 +341,8 @@ fn full_example_parses_to_its_values() {
     assert_eq!(c.limits.max_body_bytes, 0);
     assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
     assert_eq!(c.limits.max_connections, 10000);
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    assert!(!c.limits.allow_underscores_in_headers);
 
     assert_eq!(c.routes.len(), 1);
     let r = &c.routes[0];
@@ -362,6 +380,8 @@ fn full_example_parses_to_its_values() {
     assert_eq!(p.breaker.consecutive_failures, 5);
     assert_eq!(p.breaker.open_duration, Duration::from_secs(10));
     assert_eq!(p.breaker.half_open_requests, 1);
+    assert_eq!(statuses(p.breaker.failure_statuses), [502, 503, 504]);
+    assert_eq!(p.breaker.max_ejected_percent, 50);
     assert_eq!(p.timeouts.connect, Duration::from_secs(2));
     assert_eq!(p.timeouts.response, Duration::from_secs(30));
     assert_eq!(p.timeouts.idle, Duration::from_secs(60));
@@ -697,5 +717,140 @@ backends = ["127.0.0.1:3"]
     assert_eq!(idx, [(2, "mid"), (1, "alpha"), (0, "zeta")]);
     for r in &c.routes {
         assert_eq!(c.pools[r.pool_index].name, r.pool);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// [limits] idle_timeout and allow_underscores_in_headers.
+
+#[test]
+fn limits_idle_timeout_and_underscores_take_values() {
+    let c = with_limits("idle_timeout = \"5m\"\nallow_underscores_in_headers = true");
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+    assert!(c.limits.allow_underscores_in_headers);
+    // Independent of the pool's upstream idle timeout.
+    assert_eq!(c.pools[0].timeouts.idle, Duration::from_secs(60));
+
+    let c = with_limits("idle_timeout = \"250ms\"\nallow_underscores_in_headers = false");
+    assert_eq!(c.limits.idle_timeout, Duration::from_millis(250));
+    assert!(!c.limits.allow_underscores_in_headers);
+}
+
+#[test]
+fn limits_idle_timeout_and_underscores_reject_bad_values() {
+    for (bad, col) in [("\"0s\"", 16), ("\"60\"", 16), ("\"soon\"", 16), ("60", 16)] {
+        let text = format!("{SMALLEST}\n[limits]\nidle_timeout = {bad}\n");
+        let e = assert_err_at(&text, "idle_timeout", "limits.idle_timeout");
+        assert_eq!(e.key.as_deref(), Some("limits.idle_timeout"), "{bad}: {e}");
+        assert_eq!(e.line.map(|l| l.1), Some(col), "{bad}: {e}");
+    }
+    for bad in ["\"yes\"", "1"] {
+        let text = format!("{SMALLEST}\n[limits]\nallow_underscores_in_headers = {bad}\n");
+        let e = assert_err_at(
+            &text,
+            "allow_underscores",
+            "limits.allow_underscores_in_headers",
+        );
+        assert_eq!(
+            e.key.as_deref(),
+            Some("limits.allow_underscores_in_headers"),
+            "{bad}: {e}"
+        );
+        assert_eq!(e.line.map(|l| l.1), Some(32), "{bad}: {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// [pools.NAME.circuit_breaker] failure_statuses and max_ejected_percent.
+
+fn with_breaker(lines: &str) -> Result<Config, ConfigError> {
+    parse(&format!(
+        "{SMALLEST}\n[pools.web.circuit_breaker]\n{lines}\n"
+    ))
+}
+
+#[test]
+fn failure_statuses_take_a_list_of_codes() {
+    let c = with_breaker("failure_statuses = [500, 429, 502, 599, 100]").unwrap();
+    let set = c.pools[0].breaker.failure_statuses;
+    assert_eq!(statuses(set), [100, 429, 500, 502, 599]);
+    assert!(set.contains(429) && !set.contains(503) && !set.contains(504));
+
+    let c = with_breaker("failure_statuses = []").unwrap();
+    let set = c.pools[0].breaker.failure_statuses;
+    assert!(set.is_empty(), "[] means no status counts as a failure");
+    assert!((100..=599).all(|s| !set.contains(s)));
+
+    // Repeats are harmless; other breaker values keep their defaults.
+    let c = with_breaker("failure_statuses = [503, 503]").unwrap();
+    assert_eq!(statuses(c.pools[0].breaker.failure_statuses), [503]);
+    assert_eq!(c.pools[0].breaker.consecutive_failures, 5);
+    assert_eq!(c.pools[0].breaker.max_ejected_percent, 50);
+}
+
+#[test]
+fn failure_statuses_reject_bad_elements_with_index_and_position() {
+    // (element list, index of the bad element, the bad element as written)
+    let cases: &[(&str, usize, &str)] = &[
+        ("[502, 99]", 1, "99"),
+        ("[600]", 0, "600"),
+        ("[502, 503, 0]", 2, "0"),
+        ("[-502]", 0, "-502"),
+        ("[502, 70000]", 1, "70000"),
+        ("[\"502\"]", 0, "\"502\""),
+        ("[502, 503.0]", 1, "503.0"),
+        ("[true]", 0, "true"),
+    ];
+    for (list, index, element) in cases {
+        let line = format!("failure_statuses = {list}");
+        let text = format!("{SMALLEST}\n[pools.web.circuit_breaker]\n{line}\n");
+        let e = err(&text);
+        let key = format!("pools.web.circuit_breaker.failure_statuses[{index}]");
+        assert_eq!(e.key.as_deref(), Some(key.as_str()), "{list}: {e}");
+        let col = line.rfind(element).map(|c| c + 1);
+        assert_eq!(
+            e.line,
+            Some((line_of(&text, "failure_statuses"), col.unwrap_or(0))),
+            "{list}: {e}"
+        );
+        assert!(
+            e.msg.contains(element),
+            "{list}: should show the element: {e}"
+        );
+        assert!(
+            e.to_string().starts_with(&format!(
+                "f.toml:{}:{}: {key}: ",
+                line_of(&text, "failure_statuses"),
+                col.unwrap_or(0)
+            )),
+            "{e}"
+        );
+    }
+    // Not a list at all.
+    let text = format!("{SMALLEST}\n[pools.web.circuit_breaker]\nfailure_statuses = 502\n");
+    let e = assert_err_at(&text, "failure_statuses", "failure_statuses");
+    assert_eq!(
+        e.key.as_deref(),
+        Some("pools.web.circuit_breaker.failure_statuses"),
+        "{e}"
+    );
+}
+
+#[test]
+fn max_ejected_percent_is_a_percentage() {
+    for n in [0u8, 1, 50, 100] {
+        let c = with_breaker(&format!("max_ejected_percent = {n}")).unwrap();
+        assert_eq!(c.pools[0].breaker.max_ejected_percent, n);
+    }
+    for bad in ["101", "-1", "256", "9223372036854775807", "\"50\"", "50.0"] {
+        let text =
+            format!("{SMALLEST}\n[pools.web.circuit_breaker]\nmax_ejected_percent = {bad}\n");
+        let e = assert_err_at(&text, "max_ejected_percent", "max_ejected_percent");
+        assert_eq!(
+            e.key.as_deref(),
+            Some("pools.web.circuit_breaker.max_ejected_percent"),
+            "{bad}: {e}"
+        );
+        assert_eq!(e.line.map(|l| l.1), Some(23), "{bad}: {e}");
     }
 }

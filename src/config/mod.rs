@@ -11,6 +11,7 @@ mod raw;
 mod span;
 mod validate;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,6 +26,11 @@ pub(crate) const DEFAULT_MAX_HEADER_BYTES: u64 = 65536;
 pub(crate) const DEFAULT_MAX_BODY_BYTES: u64 = 0;
 pub(crate) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// `[limits] idle_timeout`: a client connection with no request in flight.
+pub(crate) const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// nginx's `underscores_in_headers off`: `X_Forwarded_For` must not be a way around a
+/// proxy that sets `X-Forwarded-For`, since many backends treat `_` and `-` alike.
+pub(crate) const DEFAULT_ALLOW_UNDERSCORES: bool = false;
 pub(crate) const DEFAULT_WEIGHT: u32 = 1;
 pub(crate) const DEFAULT_HC_PATH: &str = "/healthz";
 pub(crate) const DEFAULT_HC_INTERVAL: Duration = Duration::from_secs(2);
@@ -34,9 +40,16 @@ pub(crate) const DEFAULT_HC_UNHEALTHY: u32 = 3;
 pub(crate) const DEFAULT_CB_FAILURES: u32 = 5;
 pub(crate) const DEFAULT_CB_OPEN: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_CB_HALF_OPEN: u32 = 1;
+/// The gateway errors: what a backend (or a proxy in front of it) says when it cannot serve.
+/// A plain 500 is left out because it is usually one request's bug, not a sick backend.
+pub(crate) const DEFAULT_CB_FAILURE_STATUSES: StatusSet = StatusSet::from_codes(&[502, 503, 504]);
+/// Envoy's outlier detection default: at most half a pool is ejected, so a fault that makes
+/// every backend fail cannot empty the pool.
+pub(crate) const DEFAULT_CB_MAX_EJECTED_PERCENT: u8 = 50;
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[pools.NAME.timeouts] idle`: a pooled upstream connection.
+pub(crate) const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_ATTEMPTS: u32 = 2;
 
 /// Weights above this would make the precomputed round-robin sequence needlessly long;
@@ -106,7 +119,9 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub header_timeout: Duration,
     pub max_connections: u64,
+    /// How long a client connection may sit with no request in flight before it is closed.
     pub idle_timeout: Duration,
+    /// `false`: request headers whose name contains `_` are dropped before forwarding.
     pub allow_underscores_in_headers: bool,
 }
 
@@ -117,8 +132,8 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            idle_timeout: Duration::from_secs(60),
-            allow_underscores_in_headers: false,
+            idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+            allow_underscores_in_headers: DEFAULT_ALLOW_UNDERSCORES,
         }
     }
 }
@@ -216,40 +231,10 @@ pub struct BreakerPolicy {
     pub consecutive_failures: u32,
     pub open_duration: Duration,
     pub half_open_requests: u32,
+    /// Backend answers that count as failures; an empty set means only transport errors do.
     pub failure_statuses: StatusSet,
-    pub max_ejected_percent: u32,
-}
-
-/// A set of HTTP status codes (100..=599) as a bitset: `Copy`, and one load and mask to test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatusSet([u64; 10]);
-
-impl StatusSet {
-    pub const fn empty() -> StatusSet {
-        StatusSet([0; 10])
-    }
-
-    pub fn insert(&mut self, s: u16) {
-        if let Some(w) = self.0.get_mut(usize::from(s) / 64) {
-            *w |= 1 << (s % 64);
-        }
-    }
-
-    pub fn contains(&self, s: u16) -> bool {
-        self.0
-            .get(usize::from(s) / 64)
-            .is_some_and(|w| w & (1 << (s % 64)) != 0)
-    }
-}
-
-impl Default for StatusSet {
-    fn default() -> Self {
-        let mut s = StatusSet::empty();
-        for c in [502, 503, 504] {
-            s.insert(c);
-        }
-        s
-    }
+    /// 0..=100: the largest share of a pool's backends that open breakers may take out at once.
+    pub max_ejected_percent: u8,
 }
 
 impl Default for BreakerPolicy {
@@ -258,9 +243,68 @@ impl Default for BreakerPolicy {
             consecutive_failures: DEFAULT_CB_FAILURES,
             open_duration: DEFAULT_CB_OPEN,
             half_open_requests: DEFAULT_CB_HALF_OPEN,
-            failure_statuses: StatusSet::default(),
-            max_ejected_percent: 50,
+            failure_statuses: DEFAULT_CB_FAILURE_STATUSES,
+            max_ejected_percent: DEFAULT_CB_MAX_EJECTED_PERCENT,
         }
+    }
+}
+
+/// A set of HTTP status codes, 100..=599, one bit per code.
+///
+/// A bitset rather than a `Vec` so that [`BreakerPolicy`] stays `Copy` and the request path
+/// classifies an answer with one shift and mask, without following a pointer.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub const MIN: u16 = 100;
+    pub const MAX: u16 = 599;
+    pub const EMPTY: StatusSet = StatusSet([0; 10]);
+
+    /// Codes outside 100..=599 are ignored: validation reports them before they get here.
+    pub const fn from_codes(codes: &[u16]) -> StatusSet {
+        let mut set = StatusSet::EMPTY;
+        let mut i = 0;
+        while i < codes.len() {
+            set = set.with(codes[i]);
+            i += 1;
+        }
+        set
+    }
+
+    /// `self` plus `code`; unchanged when `code` is not a status code.
+    pub const fn with(mut self, code: u16) -> StatusSet {
+        if code >= Self::MIN && code <= Self::MAX {
+            self.0[(code / 64) as usize] |= 1 << (code % 64);
+        }
+        self
+    }
+
+    pub const fn contains(&self, code: u16) -> bool {
+        code >= Self::MIN
+            && code <= Self::MAX
+            && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// Ascending, for `/status` and logs.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (Self::MIN..=Self::MAX).filter(|c| self.contains(*c))
+    }
+}
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        DEFAULT_CB_FAILURE_STATUSES
+    }
+}
+
+impl fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
     }
 }
 
@@ -276,7 +320,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: DEFAULT_CONNECT_TIMEOUT,
             response: DEFAULT_RESPONSE_TIMEOUT,
-            idle: DEFAULT_IDLE_TIMEOUT,
+            idle: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         }
     }
 }
@@ -324,6 +368,24 @@ mod tests {
         assert_eq!(c.pools[0].attempts, DEFAULT_ATTEMPTS);
         assert_eq!(c.pools[0].timeouts, Timeouts::default());
         assert_eq!(c.pools[0].breaker, BreakerPolicy::default());
+    }
+
+    #[test]
+    fn status_set_holds_exactly_its_codes() {
+        let d = StatusSet::default();
+        let all: Vec<u16> = d.iter().collect();
+        assert_eq!(all, [502, 503, 504]);
+        assert!(!d.contains(500) && !d.contains(505) && !d.contains(0) && !d.contains(u16::MAX));
+        let edges = StatusSet::EMPTY
+            .with(100)
+            .with(599)
+            .with(99)
+            .with(600)
+            .with(639)
+            .with(640);
+        assert_eq!(edges.iter().collect::<Vec<_>>(), [100, 599]);
+        assert!(StatusSet::EMPTY.is_empty() && !edges.is_empty());
+        assert_eq!(format!("{d:?}"), "{502, 503, 504}");
     }
 
     #[test]

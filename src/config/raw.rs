@@ -69,6 +69,8 @@ pub(super) struct RawLimits {
     pub max_body_bytes: Option<Spanned<RawSize>>,
     pub header_timeout: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub allow_underscores_in_headers: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +109,10 @@ pub(super) struct RawBreaker {
     pub consecutive_failures: Option<Spanned<i64>>,
     pub open_duration: Option<Spanned<String>>,
     pub half_open_requests: Option<Spanned<i64>>,
+    /// Elements are any TOML value so that `["502"]` is reported by validation with the
+    /// element's index, not by serde with only the enclosing table.
+    pub failure_statuses: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

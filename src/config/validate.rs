@@ -214,7 +214,15 @@ impl Validator<'_> {
                 false,
             )?,
             max_connections,
-            ..d
+            idle_timeout: self.duration(
+                &l.idle_timeout,
+                "limits.idle_timeout",
+                d.idle_timeout,
+                false,
+            )?,
+            allow_underscores_in_headers: l
+                .allow_underscores_in_headers
+                .unwrap_or(d.allow_underscores_in_headers),
         })
     }
 
@@ -457,8 +465,55 @@ impl Validator<'_> {
                 d.half_open_requests,
                 1,
             )?,
-            ..d
+            failure_statuses: match &b.failure_statuses {
+                None => d.failure_statuses,
+                Some(list) => self.statuses(list, &key("circuit_breaker.failure_statuses"))?,
+            },
+            max_ejected_percent: match &b.max_ejected_percent {
+                None => d.max_ejected_percent,
+                Some(v) => match u8::try_from(*v.get_ref()) {
+                    Ok(n) if n <= 100 => n,
+                    _ => {
+                        return Err(self.src.err(
+                            v.span(),
+                            key("circuit_breaker.max_ejected_percent"),
+                            format!("{} is not a percentage from 0 to 100", v.get_ref()),
+                        ))
+                    }
+                },
+            },
         })
+    }
+
+    /// An empty list is allowed: then no answer counts, only connect errors, timeouts and resets.
+    fn statuses(
+        &self,
+        list: &Spanned<Vec<Spanned<toml::Value>>>,
+        key: &str,
+    ) -> Result<StatusSet, ConfigError> {
+        let mut set = StatusSet::EMPTY;
+        for (i, v) in list.get_ref().iter().enumerate() {
+            let code = match v.get_ref() {
+                toml::Value::Integer(n) => u16::try_from(*n)
+                    .ok()
+                    .filter(|c| (StatusSet::MIN..=StatusSet::MAX).contains(c)),
+                _ => None,
+            };
+            let Some(code) = code else {
+                return Err(self.src.err(
+                    v.span(),
+                    format!("{key}[{i}]"),
+                    format!(
+                        "{} is not an HTTP status code (an integer from {} to {})",
+                        v.get_ref(),
+                        StatusSet::MIN,
+                        StatusSet::MAX
+                    ),
+                ));
+            };
+            set = set.with(code);
+        }
+        Ok(set)
     }
 
     fn timeouts(
