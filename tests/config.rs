@@ -854,3 +854,228 @@ fn max_ejected_percent_is_a_percentage() {
         assert_eq!(e.line.map(|l| l.1), Some(23), "{bad}: {e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upper bounds: no value in a file can panic the process or overflow later arithmetic.
+
+/// Every duration key, as `(table header or "" for top level, key, dotted key)`.
+const DURATION_KEYS: &[(&str, &str, &str)] = &[
+    ("", "shutdown_grace", "shutdown_grace"),
+    ("[limits]", "header_timeout", "limits.header_timeout"),
+    ("[limits]", "idle_timeout", "limits.idle_timeout"),
+    (
+        "[pools.web.health_check]",
+        "interval",
+        "pools.web.health_check.interval",
+    ),
+    (
+        "[pools.web.health_check]",
+        "timeout",
+        "pools.web.health_check.timeout",
+    ),
+    (
+        "[pools.web.circuit_breaker]",
+        "open_duration",
+        "pools.web.circuit_breaker.open_duration",
+    ),
+    (
+        "[pools.web.timeouts]",
+        "connect",
+        "pools.web.timeouts.connect",
+    ),
+    (
+        "[pools.web.timeouts]",
+        "response",
+        "pools.web.timeouts.response",
+    ),
+    ("[pools.web.timeouts]", "idle", "pools.web.timeouts.idle"),
+];
+
+/// `key = value` placed in `table` of the smallest file (top-level keys go first).
+fn with_value(table: &str, key: &str, value: &str) -> String {
+    if table.is_empty() {
+        format!("{key} = {value}\n{SMALLEST}")
+    } else {
+        format!("{SMALLEST}\n{table}\n{key} = {value}\n")
+    }
+}
+
+/// Parses in a guard so that a panic is reported as the input that caused it.
+fn rejected_cleanly(text: &str, dotted: &str) -> ConfigError {
+    let parsed = std::panic::catch_unwind(|| Config::parse(text, "f.toml", None));
+    let e = match parsed {
+        Err(_) => panic!("parsing panicked:\n{text}"),
+        Ok(Ok(_)) => panic!("should be rejected:\n{text}"),
+        Ok(Err(e)) => e,
+    };
+    let leaf = dotted.rsplit('.').next().unwrap_or(dotted);
+    let (line, col) = e.line.unwrap_or_else(|| panic!("no position: {e}"));
+    assert_eq!(line, line_of(text, &format!("{leaf} =")), "{e}\n{text}");
+    assert!(col > leaf.len(), "should point at the value: {e}");
+    assert!(e.to_string().contains(dotted), "{e} should name {dotted}");
+    e
+}
+
+#[test]
+fn every_duration_key_is_capped_at_a_day() {
+    for (table, key, dotted) in DURATION_KEYS {
+        let c = ok(&with_value(table, key, "\"24h\""));
+        let text = format!("{c:?}");
+        assert!(text.contains("86400s"), "{dotted} = 24h is allowed");
+
+        for bad in [
+            "\"24h 1ms\"",
+            "\"25h\"",
+            "\"2days\"",
+            "\"1y\"",
+            "\"99999999999999h\"",
+            "\"18446744073709551615s\"",
+            "\"99999999999999999999999999h\"",
+        ] {
+            let e = rejected_cleanly(&with_value(table, key, bad), dotted);
+            assert_eq!(e.key.as_deref(), Some(*dotted), "{bad}: {e}");
+            if bad.len() < 12 {
+                assert!(e.msg.contains("1day"), "{bad}: names the cap: {e}");
+            }
+        }
+        for bad in [
+            "\"-5s\"",
+            "-5",
+            "99999999999999999999",
+            "\"\"",
+            "\"1.5.3s\"",
+        ] {
+            rejected_cleanly(&with_value(table, key, bad), dotted);
+        }
+    }
+}
+
+#[test]
+fn a_zero_duration_is_refused_except_for_shutdown_grace() {
+    for (table, key, dotted) in DURATION_KEYS {
+        let text = with_value(table, key, "\"0s\"");
+        if *key == "shutdown_grace" {
+            assert_eq!(ok(&text).shutdown_grace, Duration::ZERO);
+        } else {
+            let e = rejected_cleanly(&text, dotted);
+            assert!(e.msg.contains("greater than zero"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn every_integer_key_has_bounds() {
+    // (table, key, dotted key, smallest valid, largest valid)
+    let keys: &[(&str, &str, &str, i64, i64)] = &[
+        (
+            "[limits]",
+            "max_header_bytes",
+            "limits.max_header_bytes",
+            1024,
+            1 << 20,
+        ),
+        (
+            "[limits]",
+            "max_connections",
+            "limits.max_connections",
+            1,
+            10_000_000,
+        ),
+        (
+            "[pools.web.health_check]",
+            "healthy_threshold",
+            "pools.web.health_check.healthy_threshold",
+            1,
+            10_000,
+        ),
+        (
+            "[pools.web.health_check]",
+            "unhealthy_threshold",
+            "pools.web.health_check.unhealthy_threshold",
+            1,
+            10_000,
+        ),
+        (
+            "[pools.web.circuit_breaker]",
+            "consecutive_failures",
+            "pools.web.circuit_breaker.consecutive_failures",
+            0,
+            10_000,
+        ),
+        (
+            "[pools.web.circuit_breaker]",
+            "half_open_requests",
+            "pools.web.circuit_breaker.half_open_requests",
+            1,
+            10_000,
+        ),
+        (
+            "[pools.web.circuit_breaker]",
+            "max_ejected_percent",
+            "pools.web.circuit_breaker.max_ejected_percent",
+            0,
+            100,
+        ),
+        (
+            "[pools.web.retries]",
+            "attempts",
+            "pools.web.retries.attempts",
+            1,
+            10,
+        ),
+    ];
+    for (table, key, dotted, min, max) in keys {
+        ok(&with_value(table, key, &min.to_string()));
+        ok(&with_value(table, key, &max.to_string()));
+        let mut bad = vec![
+            (max + 1).to_string(),
+            (-1i64).to_string(),
+            i64::MIN.to_string(),
+            i64::MAX.to_string(),
+            u32::MAX.to_string(),
+            (u64::from(u32::MAX) + 1).to_string(),
+            "99999999999999999999".to_string(),
+            "1e9".to_string(),
+            "\"5\"".to_string(),
+        ];
+        if *min > 0 {
+            bad.push((min - 1).to_string());
+        }
+        for v in &bad {
+            let e = rejected_cleanly(&with_value(table, key, v), dotted);
+            if v.parse::<i64>().is_ok() {
+                // Out of range but a valid integer: validation names the key and the range.
+                assert_eq!(e.key.as_deref(), Some(*dotted), "{v}: {e}");
+                let negative_size = v.starts_with('-') && e.msg.contains("negative");
+                assert!(
+                    e.msg.contains(&max.to_string()) || negative_size,
+                    "{v}: names the range: {e}"
+                );
+            }
+        }
+    }
+    // Sizes as strings are bounded the same way.
+    for v in [
+        "\"2MiB\"",
+        "\"1023B\"",
+        "\"18446744073709551615\"",
+        "\"99999999999GiB\"",
+    ] {
+        rejected_cleanly(
+            &with_value("[limits]", "max_header_bytes", v),
+            "limits.max_header_bytes",
+        );
+    }
+    let c = ok(&with_value("[limits]", "max_header_bytes", "\"1MiB\""));
+    assert_eq!(c.limits.max_header_bytes, 1 << 20);
+    // max_body_bytes is a byte count compared against what was read, never multiplied: any u64.
+    let c = ok(&with_value(
+        "[limits]",
+        "max_body_bytes",
+        &i64::MAX.to_string(),
+    ));
+    assert_eq!(c.limits.max_body_bytes, i64::MAX as u64);
+    // Weights keep their own range.
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:1\", weight = 9223372036854775807 }]\n";
+    rejected_cleanly(text, "pools.web.backends[0].weight");
+}

@@ -52,6 +52,27 @@ pub(crate) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_ATTEMPTS: u32 = 2;
 
+// Upper bounds. Every value read from the file is checked against one of these, so that no
+// config can make `Instant + Duration` overflow (a panic), a millisecond count wrap, or a
+// semaphore or buffer be sized from a typo.
+
+/// Every duration key (timeouts, intervals, `open_duration`, `shutdown_grace`): a day is far
+/// beyond any sensible wait, and far from where `Instant + d` or `d.as_millis() as u64` breaks.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Below this no real request's headers fit; nginx's smallest default buffer is 1KiB.
+pub(crate) const MIN_HEADER_BYTES: u64 = 1024;
+/// hyper may grow a connection's read buffer up to the limit: 1MiB is 16 times the default
+/// and bounds what one slow client can pin.
+pub(crate) const MAX_HEADER_BYTES: u64 = 1 << 20;
+/// Per listener; above what one process can hold in file descriptors, and well inside
+/// tokio's `Semaphore::MAX_PERMITS` on every target.
+pub(crate) const MAX_CONNECTIONS: u64 = 10_000_000;
+/// Health-check thresholds, `consecutive_failures` and `half_open_requests`: a threshold of ten
+/// thousand at the smallest interval is already hours; more is a typo.
+pub(crate) const MAX_THRESHOLD: u32 = 10_000;
+/// `retries.attempts`: each try may wait the full response timeout, and every extra try is
+/// extra load on a pool that is already failing.
+pub(crate) const MAX_ATTEMPTS: u32 = 10;
 /// Weights above this would make the precomputed round-robin sequence needlessly long;
 /// HAProxy caps at 256, so 1000 leaves room without surprising anyone.
 pub(crate) const MAX_WEIGHT: u32 = 1000;

@@ -177,25 +177,30 @@ impl Validator<'_> {
             "limits.max_header_bytes",
             d.max_header_bytes,
         )?;
-        if max_header_bytes < 1024 {
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
             let span = l
                 .max_header_bytes
                 .as_ref()
                 .map(|s| s.span())
                 .unwrap_or(0..0);
-            return Err(self
-                .src
-                .err(span, "limits.max_header_bytes", "must be at least 1KiB"));
+            return Err(self.src.err(
+                span,
+                "limits.max_header_bytes",
+                format!(
+                    "{max_header_bytes} bytes is outside {MIN_HEADER_BYTES} (1KiB) to \
+                     {MAX_HEADER_BYTES} (1MiB)"
+                ),
+            ));
         }
         let max_connections = match &l.max_connections {
             None => d.max_connections,
             Some(v) => match u64::try_from(*v.get_ref()) {
-                Ok(n) if n >= 1 => n,
+                Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
                 _ => {
                     return Err(self.src.err(
                         v.span(),
                         "limits.max_connections",
-                        "must be at least 1",
+                        format!("must be an integer from 1 to {MAX_CONNECTIONS}"),
                     ))
                 }
             },
@@ -294,7 +299,13 @@ impl Validator<'_> {
         };
         let attempts = match &raw.retries {
             None => DEFAULT_ATTEMPTS,
-            Some(r) => self.count(&r.attempts, &key("retries.attempts"), DEFAULT_ATTEMPTS, 1)?,
+            Some(r) => self.count(
+                &r.attempts,
+                &key("retries.attempts"),
+                DEFAULT_ATTEMPTS,
+                1,
+                MAX_ATTEMPTS,
+            )?,
         };
         Ok(PoolConfig {
             name: n.clone(),
@@ -430,12 +441,14 @@ impl Validator<'_> {
                 &key("health_check.healthy_threshold"),
                 d.healthy_threshold,
                 1,
+                MAX_THRESHOLD,
             )?,
             unhealthy_threshold: self.count(
                 &h.unhealthy_threshold,
                 &key("health_check.unhealthy_threshold"),
                 d.unhealthy_threshold,
                 1,
+                MAX_THRESHOLD,
             )?,
         })
     }
@@ -452,6 +465,7 @@ impl Validator<'_> {
                 &key("circuit_breaker.consecutive_failures"),
                 d.consecutive_failures,
                 0,
+                MAX_THRESHOLD,
             )?,
             open_duration: self.duration(
                 &b.open_duration,
@@ -464,6 +478,7 @@ impl Validator<'_> {
                 &key("circuit_breaker.half_open_requests"),
                 d.half_open_requests,
                 1,
+                MAX_THRESHOLD,
             )?,
             failure_statuses: match &b.failure_statuses {
                 None => d.failure_statuses,
@@ -590,6 +605,17 @@ impl Validator<'_> {
         if d.is_zero() && !allow_zero {
             return Err(self.src.err(v.span(), key, "must be greater than zero"));
         }
+        if d > MAX_DURATION {
+            return Err(self.src.err(
+                v.span(),
+                key,
+                format!(
+                    "{:?} is longer than the maximum of {}",
+                    v.get_ref(),
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            ));
+        }
         Ok(d)
     }
 
@@ -614,14 +640,15 @@ impl Validator<'_> {
         key: &str,
         default: u32,
         min: u32,
+        max: u32,
     ) -> Result<u32, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         match u32::try_from(*v.get_ref()) {
-            Ok(n) if n >= min => Ok(n),
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
             _ => Err(self.src.err(
                 v.span(),
                 key,
-                format!("must be an integer of at least {min}"),
+                format!("{} is not an integer from {min} to {max}", v.get_ref()),
             )),
         }
     }
