@@ -610,9 +610,9 @@ impl Validator<'_> {
                 v.span(),
                 key,
                 format!(
-                    "{:?} is longer than the maximum of {}",
+                    "{:?} is longer than the maximum of {}h",
                     v.get_ref(),
-                    humantime::format_duration(MAX_DURATION)
+                    MAX_DURATION.as_secs() / 3600
                 ),
             ));
         }
