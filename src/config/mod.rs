@@ -43,8 +43,8 @@ pub(crate) const DEFAULT_CB_HALF_OPEN: u32 = 1;
 /// The gateway errors: what a backend (or a proxy in front of it) says when it cannot serve.
 /// A plain 500 is left out because it is usually one request's bug, not a sick backend.
 pub(crate) const DEFAULT_CB_FAILURE_STATUSES: StatusSet = StatusSet::from_codes(&[502, 503, 504]);
-/// Envoy's outlier detection default: at most half a pool is ejected, so a fault that makes
-/// every backend fail cannot empty the pool.
+/// At most half a pool is ejected, so a fault that makes every backend fail at once (a bad
+/// deploy, a dependency down) degrades the pool instead of emptying it.
 pub(crate) const DEFAULT_CB_MAX_EJECTED_PERCENT: u8 = 50;
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);

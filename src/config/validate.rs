@@ -675,7 +675,7 @@ impl Validator<'_> {
 
 /// `"250ms"`, `"2s"`, `"1m"`, `"1h30m"`. A bare number is refused: "10" could mean seconds or
 /// milliseconds depending on which proxy the operator came from.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.is_empty() {
         return Err("empty duration".into());
@@ -689,7 +689,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// `"64KiB"`, `"10MiB"`, `"1GiB"`, `"512B"`, `"64KB"` (decimal), or a bare number string.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
