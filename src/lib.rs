@@ -37,6 +37,7 @@ pub mod headers;
 pub(crate) mod health;
 pub mod idle;
 pub(crate) mod listener;
+pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub mod reason;
 pub mod reload;

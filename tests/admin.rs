@@ -497,3 +497,239 @@ async fn in_flight_lasts_until_the_body_ends() {
     );
     bal.shutdown().await;
 }
+
+/// Runs `promtool check metrics` on `text`: its verdict (success, and what it printed).
+/// promtool is the reference checker of the text format; CI installs it (`.ci/run`), so a
+/// missing promtool is a failure that says how to get it, never a silent pass.
+fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "cannot run promtool ({e}): install it (Debian: `apt-get install prometheus`; \
+             .ci/run does) so that /metrics can be checked"
+        ),
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// `# TYPE` lines: family name -> type, in order of appearance; panics on a family declared
+/// twice.
+fn declared_types(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(
+                !out.iter().any(|(n, _)| n == name),
+                "family {name} declared twice"
+            );
+            out.push((name.to_owned(), kind.to_owned()));
+        }
+    }
+    out
+}
+
+/// A strict reading of OpenMetrics 1.0 text as prometheus-client writes it: every line is
+/// `# HELP`, `# TYPE`, `# UNIT`, a sample of the family declared just before it (with the
+/// suffixes its type allows), or the final `# EOF`; every family has HELP and TYPE before
+/// its samples. Returns the samples.
+fn parse_openmetrics(text: &str) -> Samples {
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics must end with # EOF: {text}"
+    );
+    let body = &text[..text.len() - "# EOF\n".len()];
+    assert!(!body.contains("# EOF"), "# EOF before the end: {text}");
+    let mut family: Option<(String, String)> = None;
+    let mut helped: BTreeSet<String> = BTreeSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            helped.insert(name.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(
+                [
+                    "counter",
+                    "gauge",
+                    "histogram",
+                    "summary",
+                    "info",
+                    "stateset",
+                    "gaugehistogram",
+                    "unknown"
+                ]
+                .contains(&kind),
+                "unknown type in {line:?}"
+            );
+            assert!(helped.contains(name), "TYPE before HELP for {name}");
+            assert!(
+                !(kind == "counter" && name.ends_with("_total")),
+                "OpenMetrics counter family names have no _total: {line:?}"
+            );
+            family = Some((name.to_owned(), kind.to_owned()));
+        } else if line.starts_with("# UNIT ") {
+        } else if line.starts_with('#') {
+            panic!("unexpected comment {line:?}");
+        } else {
+            let (fam, kind) = family
+                .as_ref()
+                .unwrap_or_else(|| panic!("sample before any TYPE: {line:?}"));
+            let name = line.split(['{', ' ']).next().unwrap();
+            let suffix = name
+                .strip_prefix(fam.as_str())
+                .unwrap_or_else(|| panic!("sample {line:?} outside family {fam}"));
+            let allowed: &[&str] = match kind.as_str() {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_sum", "_count", "_created"],
+                _ => &[""],
+            };
+            assert!(allowed.contains(&suffix), "{line:?} in {kind} {fam}");
+        }
+    }
+    parse_metrics(body)
+}
+
+/// `/metrics` in the Prometheus text format passes `promtool check metrics`, and the same
+/// families in OpenMetrics (on request) are well-formed, after traffic that gives every
+/// family samples: successes, 5xx, a refused connection, an open breaker, local 502s, an
+/// applied and a rejected reload.
+#[tokio::test]
+async fn metrics_pass_promtool_and_openmetrics_on_request() {
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    let mut dead = start_backend("dead").await;
+    dead.stop();
+    let bal = start_balancer(&format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = false\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n\
+         [[routes]]\npath_prefix = \"/dead\"\npool = \"dead\"\n\
+         [[routes]]\npool = \"web\"\n\
+         [pools.web]\nbackends = [\"{}\", \"{}\"]\n\
+         [pools.web.circuit_breaker]\nconsecutive_failures = 2\nopen_duration = \"60s\"\n\
+         [pools.dead]\nbackends = [\"{}\"]\n[pools.dead.retries]\nattempts = 1\n",
+        a.addr, b.addr, dead.addr
+    ))
+    .await;
+    let c = client();
+    b.set_mode(Mode::Fail500);
+    for _ in 0..6 {
+        get(&c, &bal.url("/")).await;
+    }
+    assert_eq!(get(&c, &bal.url("/dead")).await.status, 502);
+    assert_eq!(post(&c, &bal.admin_url("/reload"), "").await.status, 200);
+    let good = std::fs::read_to_string(&bal.config_path).unwrap();
+    std::fs::write(&bal.config_path, format!("{good}\nnonsense = 1\n")).unwrap();
+    assert_eq!(post(&c, &bal.admin_url("/reload"), "").await.status, 400);
+    std::fs::write(&bal.config_path, good).unwrap();
+    let s = status(&bal).await;
+    assert_eq!(entry(&s, b.addr)["breaker"], "open", "{s}");
+
+    // Default: the text format 0.0.4.
+    let g = get(&c, &bal.admin_url("/metrics")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(
+        g.headers.get("content-type").unwrap(),
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = g.body;
+    assert!(!text.contains("# EOF"), "{text}");
+    let types = declared_types(&text);
+    assert!(types.len() >= 14, "{text}");
+    let samples = parse_metrics(&text);
+    for (family, kind) in &types {
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "no HELP for {family}: {text}"
+        );
+        // Counters carry `_total` in the family name, as Prometheus expects.
+        assert_eq!(
+            kind == "counter",
+            family.ends_with("_total"),
+            "{family} {kind}"
+        );
+        let n = samples
+            .iter()
+            .filter(|(n, _, _)| {
+                n == family
+                    || (kind == "histogram"
+                        && n.strip_prefix(family.as_str())
+                            .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s)))
+            })
+            .count();
+        assert!(n > 0, "family {family} has no samples: {text}");
+    }
+    let (ok, said) = promtool_check(&text);
+    assert!(
+        ok,
+        "promtool check metrics rejected /metrics:\n{said}\n---\n{text}"
+    );
+    eprintln!("promtool check metrics: ok {said:?}");
+
+    // What Prometheus sends when it would rather have OpenMetrics.
+    let req = hyper::Request::get(bal.admin_url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
+        .body(full(""))
+        .unwrap();
+    let g = send(&c, req).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(
+        g.headers.get("content-type").unwrap(),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let om = g.body;
+    let om_samples = parse_openmetrics(&om);
+    // The same families: counters without `_total` in OpenMetrics.
+    let om_types = declared_types(&om);
+    let text_names: Vec<(String, String)> = types
+        .iter()
+        .map(|(n, k)| (n.strip_suffix("_total").unwrap_or(n).to_owned(), k.clone()))
+        .collect();
+    assert_eq!(om_types, text_names);
+    // The same per-backend samples (process-wide counters may move between the two scrapes,
+    // since other tests in this binary run alongside).
+    let norm = |m: &Samples| -> Vec<String> {
+        let mut v: Vec<String> = m
+            .iter()
+            .filter(|(_, l, _)| l.contains_key("backend"))
+            .map(|(n, l, v)| {
+                let mut l = l.clone();
+                if let Some(le) = l.get_mut("le") {
+                    *le = le
+                        .parse::<f64>()
+                        .map(|f| f.to_string())
+                        .unwrap_or(le.clone());
+                }
+                format!("{n}{l:?} {v}")
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        norm(&samples),
+        norm(&om_samples),
+        "text:\n{text}\nopenmetrics:\n{om}"
+    );
+    assert!(norm(&samples).len() > 20);
+    bal.shutdown().await;
+}
