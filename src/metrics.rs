@@ -9,7 +9,8 @@
 //! - OpenMetrics 1.0 when the `Accept` header prefers `application/openmetrics-text`: written by
 //!   prometheus-client from the same model, so the two formats never list different samples.
 //!
-//! Nothing is cached: `/metrics` and `/status` read the same atomics.
+//! Nothing is cached: `/metrics` and `/status` read the same atomics, and the breaker state
+//! through the same function (`Breaker::effective_state`), so they never disagree.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
@@ -128,6 +129,7 @@ pub fn render(shared: &Shared, format: Format) -> Result<String, std::fmt::Error
 /// Reads every family at this instant.
 pub fn collect(shared: &Shared) -> Vec<Family> {
     let snap = shared.snapshot.load();
+    let now = crate::clock::now_ms();
     let mut requests = Family::new(
         "balancer_requests",
         "Responses from backends, by pool, backend and status class.",
@@ -208,7 +210,8 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
             healthy
                 .samples
                 .push((id(), Value::Gauge(i64::from(b.is_healthy()))));
-            let state = b.breaker.state();
+            // The same reading as `/status`: an open breaker whose time is up is half-open.
+            let state = b.breaker.effective_state(&p.breaker, now);
             breaker.samples.push((id(), Value::Gauge(state.as_gauge())));
             let bound = |i: usize| LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
             let buckets = c

@@ -733,3 +733,39 @@ async fn metrics_pass_promtool_and_openmetrics_on_request() {
     assert!(norm(&samples).len() > 20);
     bal.shutdown().await;
 }
+
+/// An open breaker whose `open_duration` has passed is half-open in `/status` and in
+/// `/metrics` alike, before any request comes along to move it.
+#[tokio::test]
+async fn status_and_metrics_agree_on_an_expired_breaker() {
+    let a = start_backend("a").await;
+    a.set_mode(Mode::Fail500);
+    let bal = start_balancer(&config(
+        &[a.addr],
+        "round_robin",
+        "[pools.web.circuit_breaker]\nconsecutive_failures = 2\nopen_duration = \"1s\"\n",
+    ))
+    .await;
+    let c = client();
+    let pa = a.addr.to_string();
+    let breaker = |m: &Samples| value(m, "balancer_backend_breaker_state", &[("backend", &pa)]);
+    for _ in 0..4 {
+        get(&c, &bal.url("/")).await;
+        if entry(&status(&bal).await, a.addr)["breaker"] == "open" {
+            break;
+        }
+    }
+    let opened = std::time::Instant::now();
+    let s = status(&bal).await;
+    let (text, m) = metrics(&bal).await;
+    if opened.elapsed() < Duration::from_millis(800) {
+        assert_eq!(entry(&s, a.addr)["breaker"], "open", "{s}");
+        assert_eq!(breaker(&m), 1.0, "{text}");
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let s = status(&bal).await;
+    let (text, m) = metrics(&bal).await;
+    assert_eq!(entry(&s, a.addr)["breaker"], "half_open", "{s}");
+    assert_eq!(breaker(&m), 2.0, "{text}");
+    bal.shutdown().await;
+}
