@@ -275,6 +275,7 @@ impl Controller {
                 self.shared.reloads.fetch_add(1, Relaxed);
                 self.shared.last_error.store(Arc::new(None));
                 let snap = self.shared.snapshot.load();
+                crate::logging::set_level(&snap.config.log.level);
                 let backends: usize = snap.pools.iter().map(|p| p.members.len()).sum();
                 tracing::info!(
                     version = v,

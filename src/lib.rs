@@ -37,6 +37,8 @@ pub mod headers;
 pub(crate) mod health;
 pub mod idle;
 pub(crate) mod listener;
+// pub: the binary sets logging up.
+pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub mod reason;

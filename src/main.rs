@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -48,12 +47,7 @@ fn main() -> ExitCode {
     }
 
     // RUST_LOG wins over [log] level; logs go to stderr, the access log owns stdout.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    balancer::logging::init(&config.log.level);
 
     // Connections beyond the soft limit would fail with EMFILE long before max_connections.
     if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
@@ -133,3 +127,4 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         });
     }
 }
+

@@ -603,3 +603,158 @@ fn table_headers_with_comments_are_named_cleanly() {
         "the comment is not part of the key: {err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The running binary: its log on stderr, its level across reloads.
+
+mod common;
+
+use std::io::BufRead;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the binary wrote to stderr so far, collected by a thread as it arrives.
+#[derive(Clone, Default)]
+struct Stderr(Arc<Mutex<String>>);
+
+impl Stderr {
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+    fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+    /// Waits until `needle` has appeared `n` times; panics with the log after 10 s.
+    fn wait_for(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.count(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} did not appear {n} time(s) on stderr:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Like `common::start_binary`, with stderr piped to the returned collector, and with
+/// `RUST_LOG` and `NO_COLOR` removed so that only the config decides.
+fn start_logged(template: &str) -> (common::BinaryBalancer, Stderr) {
+    let addr = common::free_port();
+    let admin = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("balancer.toml");
+    let text = template
+        .replace("{listen}", &addr.to_string())
+        .replace("{admin}", &admin.to_string());
+    std::fs::write(&config_path, text).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Stderr::default();
+    let pipe = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            let mut s = sink.0.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let b = common::BinaryBalancer {
+        child,
+        addr,
+        admin,
+        dir,
+        config_path,
+    };
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return (b, log);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("balancer did not listen on {addr}:\n{}", log.text());
+}
+
+/// `[log] level` set to `level`; `/` is routed nowhere (a 404 the balancer logs at debug),
+/// `/app` to the backend.
+fn logged_config(backend: std::net::SocketAddr, level: &str) -> String {
+    format!(
+        "watch = false\nshutdown_grace = \"2s\"\n[admin]\nbind = \"{{admin}}\"\n\
+         [log]\naccess = false\nlevel = \"{level}\"\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n\
+         [[routes]]\npath_prefix = \"/app\"\npool = \"web\"\n\
+         [pools.web]\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// With stderr not a terminal (a pipe here; a file or journald in production) the log has no
+/// ANSI escape codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_has_no_colour_when_stderr_is_not_a_terminal() {
+    let a = common::start_backend("a").await;
+    let (mut bin, log) = start_logged(&logged_config(a.addr, "debug"));
+    log.wait_for("listening", 2);
+    let c = common::client();
+    assert_eq!(
+        common::get(&c, &format!("http://{}/", bin.addr))
+            .await
+            .status,
+        404
+    );
+    log.wait_for("answering 404", 1);
+    bin.signal("TERM");
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
+    let text = log.text();
+    assert!(text.contains("INFO") && text.contains("DEBUG"), "{text}");
+    assert!(!text.contains("\x1b["), "escape codes on a pipe:\n{text:?}");
+}
+
+/// `[log] level` is applied on every reload: info -> debug shows debug lines, debug -> warn
+/// hides info and debug ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_follows_reloads() {
+    let a = common::start_backend("a").await;
+    let (bin, log) = start_logged(&logged_config(a.addr, "info"));
+    let c = common::client();
+    let root = format!("http://{}/", bin.addr);
+    let reload = format!("http://{}/reload", bin.admin);
+    log.wait_for("listening", 2);
+
+    // info: the 404 is not logged; the reload that follows is.
+    assert_eq!(common::get(&c, &root).await.status, 404);
+    assert_eq!(common::post(&c, &reload, "").await.status, 200);
+    log.wait_for("config reloaded", 1);
+    assert_eq!(log.count("answering 404"), 0, "{}", log.text());
+
+    // debug
+    common::write_binary_config(&bin, &logged_config(a.addr, "debug"));
+    assert_eq!(common::post(&c, &reload, "").await.status, 200);
+    log.wait_for("log level changed", 1);
+    assert_eq!(common::get(&c, &root).await.status, 404);
+    log.wait_for("answering 404", 1);
+    log.wait_for("config reloaded", 2);
+
+    // warn: neither this reload's info line nor the debug 404 shows; the error of a rejected
+    // reload (written after both) does, so everything before it has been read.
+    common::write_binary_config(&bin, &logged_config(a.addr, "warn"));
+    assert_eq!(common::post(&c, &reload, "").await.status, 200);
+    assert_eq!(common::get(&c, &root).await.status, 404);
+    let ok = common::get(&c, &format!("http://{}/app", bin.addr)).await;
+    assert_eq!((ok.status.as_u16(), ok.body.as_str()), (200, "a"));
+    std::fs::write(&bin.config_path, "nonsense = 1\n").unwrap();
+    assert_eq!(common::post(&c, &reload, "").await.status, 400);
+    log.wait_for("reload rejected", 1);
+    let text = log.text();
+    assert_eq!(text.matches("answering 404").count(), 1, "{text}");
+    assert_eq!(text.matches("config reloaded").count(), 2, "{text}");
+}
