@@ -86,6 +86,7 @@ fn main() -> ExitCode {
         // Installed before anything is bound, so a SIGTERM that arrives during start-up is a
         // graceful stop rather than the default kill.
         let shutdown = shutdown_signal();
+        usr_signals();
         balancer::run(opts, shutdown, |_| {}).await
     });
     // Connections still draining after shutdown_grace are cut here.
@@ -128,3 +129,33 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// SIGUSR1 and SIGUSR2 kill a process by default; an operator (or logrotate) sending one must
+/// never take the balancer down. Installed before anything is bound, handled for the life of
+/// the process.
+fn usr_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut usr1), Ok(mut usr2)) = (
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        tracing::warn!(
+            "cannot install SIGUSR1/SIGUSR2 handlers; those signals would kill the process"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = usr1.recv() => {
+                    // The contract's "reopen log files": today the access log is stdout and
+                    // these logs stderr, which a rotating supervisor handles itself.
+                    tracing::info!("SIGUSR1: no log files to reopen (access log on stdout, logs on stderr)");
+                }
+                Some(()) = usr2.recv() => {
+                    tracing::warn!("SIGUSR2: binary upgrade is not implemented yet; signal ignored");
+                }
+                else => return,
+            }
+        }
+    });
+}

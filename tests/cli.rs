@@ -605,7 +605,7 @@ fn table_headers_with_comments_are_named_cleanly() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The running binary: its log on stderr, its level across reloads.
+// The running binary: its log on stderr, its level across reloads, SIGUSR1/SIGUSR2.
 
 mod common;
 
@@ -757,4 +757,43 @@ async fn log_level_follows_reloads() {
     let text = log.text();
     assert_eq!(text.matches("answering 404").count(), 1, "{text}");
     assert_eq!(text.matches("config reloaded").count(), 2, "{text}");
+}
+
+/// SIGUSR1 and SIGUSR2 are logged and survived, any number of times; the process still serves
+/// and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_and_sigusr2_do_not_kill() {
+    let a = common::start_backend("a").await;
+    let (mut bin, log) = start_logged(&logged_config(a.addr, "info"));
+    log.wait_for("listening", 2);
+    for n in 1..=2 {
+        bin.signal("USR1");
+        log.wait_for("SIGUSR1", n);
+        bin.signal("USR2");
+        log.wait_for("SIGUSR2", n);
+    }
+    let text = log.text();
+    assert!(
+        text.contains("nothing") || text.contains("no log files"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("WARN") && l.contains("SIGUSR2")),
+        "{text}"
+    );
+    assert_eq!(
+        bin.child.try_wait().unwrap(),
+        None,
+        "died on a signal:\n{text}"
+    );
+    let g = common::get(&common::client(), &format!("http://{}/app", bin.addr)).await;
+    assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "a"));
+    bin.signal("TERM");
+    assert_eq!(
+        bin.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        log.text()
+    );
 }
