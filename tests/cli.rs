@@ -641,6 +641,11 @@ impl Stderr {
 /// Like `common::start_binary`, with stderr piped to the returned collector, and with
 /// `RUST_LOG` and `NO_COLOR` removed so that only the config decides.
 fn start_logged(template: &str) -> (common::BinaryBalancer, Stderr) {
+    start_logged_env(template, &[])
+}
+
+/// `start_logged` with environment variables added.
+fn start_logged_env(template: &str, env: &[(&str, &str)]) -> (common::BinaryBalancer, Stderr) {
     let addr = common::free_port();
     let admin = common::free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -654,6 +659,7 @@ fn start_logged(template: &str) -> (common::BinaryBalancer, Stderr) {
         .arg(&config_path)
         .env_remove("RUST_LOG")
         .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -757,6 +763,38 @@ async fn log_level_follows_reloads() {
     let text = log.text();
     assert_eq!(text.matches("answering 404").count(), 1, "{text}");
     assert_eq!(text.matches("config reloaded").count(), 2, "{text}");
+}
+
+/// `RUST_LOG` wins over `[log] level`, at start and across reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_wins_over_reloaded_level() {
+    let a = common::start_backend("a").await;
+    let (bin, log) = start_logged_env(&logged_config(a.addr, "debug"), &[("RUST_LOG", "warn")]);
+    let c = common::client();
+    let reload = format!("http://{}/reload", bin.admin);
+    common::write_binary_config(&bin, &logged_config(a.addr, "info"));
+    assert_eq!(common::post(&c, &reload, "").await.status, 200);
+    assert_eq!(
+        common::get(&c, &format!("http://{}/", bin.addr))
+            .await
+            .status,
+        404
+    );
+    std::fs::write(&bin.config_path, "nonsense = 1\n").unwrap();
+    assert_eq!(common::post(&c, &reload, "").await.status, 400);
+    log.wait_for("reload rejected", 1);
+    let text = log.text();
+    for quiet in [
+        "listening",
+        "config reloaded",
+        "log level changed",
+        "answering 404",
+    ] {
+        assert!(
+            !text.contains(quiet),
+            "{quiet:?} logged under RUST_LOG=warn:\n{text}"
+        );
+    }
 }
 
 /// SIGUSR1 and SIGUSR2 are logged and survived, any number of times; the process still serves
