@@ -77,7 +77,13 @@ async fn handle(
                 .and_then(|v| v.to_str().ok());
             let format = Format::from_accept(accept);
             match crate::metrics::render(&shared, format) {
-                Ok(out) => reply(StatusCode::OK, format.content_type(), out),
+                Ok(out) => {
+                    let mut r = reply(StatusCode::OK, format.content_type(), out);
+                    // The body depends on Accept: a cache in between must not mix the formats.
+                    r.headers_mut()
+                        .insert(header::VARY, HeaderValue::from_static("accept"));
+                    r
+                }
                 Err(_) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",

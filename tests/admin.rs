@@ -648,6 +648,7 @@ async fn metrics_pass_promtool_and_openmetrics_on_request() {
         g.headers.get("content-type").unwrap(),
         "text/plain; version=0.0.4; charset=utf-8"
     );
+    assert_eq!(g.headers.get("vary").unwrap(), "accept");
     let text = g.body;
     assert!(!text.contains("# EOF"), "{text}");
     let types = declared_types(&text);
