@@ -420,9 +420,22 @@ impl Collector for Families {
                 Kind::Gauge => MetricType::Gauge,
                 Kind::Histogram => MetricType::Histogram,
             };
-            let mut family = enc.encode_descriptor(f.name, f.help, None, kind)?;
+            // Verbatim too: escape HELP as both formats define it.
+            let mut help = String::with_capacity(f.help.len());
+            escape(&mut help, f.help, false);
+            let mut family = enc.encode_descriptor(f.name, &help, None, kind)?;
             for (labels, value) in &f.samples {
-                let mut sample = family.encode_family(labels)?;
+                // prometheus-client writes label values verbatim; OpenMetrics escapes them as
+                // the text format does (a pool name is any TOML key, quotes included).
+                let labels: Labels = labels
+                    .iter()
+                    .map(|(k, v)| {
+                        let mut e = String::with_capacity(v.len());
+                        escape(&mut e, v, true);
+                        (*k, e)
+                    })
+                    .collect();
+                let mut sample = family.encode_family(&labels)?;
                 match value {
                     Value::Counter(v) => ConstCounter::new(*v).encode(sample)?,
                     Value::Gauge(v) => ConstGauge::new(*v).encode(sample)?,
@@ -515,8 +528,10 @@ mod tests {
         let om = encode_openmetrics(fams).unwrap();
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(om.contains("# TYPE x_requests counter\n"), "{om}");
+        assert!(om.contains("# HELP x_requests a \\\\ b\\nc\n"), "{om}");
+        assert!(om.contains(r#"x_requests_total{a="q\"\\\n"} 3"#), "{om}");
         assert!(
-            om.contains("x_seconds_bucket{a=\"b\",le=\"+Inf\"} 4\n"),
+            om.contains("x_seconds_bucket{le=\"+Inf\",a=\"b\"} 4\n"),
             "{om}"
         );
     }
