@@ -628,7 +628,7 @@ async fn metrics_pass_promtool_and_openmetrics_on_request() {
     ))
     .await;
     let c = client();
-    b.set_mode(Mode::Fail500);
+    b.set_mode(Mode::Fail503);
     for _ in 0..6 {
         get(&c, &bal.url("/")).await;
     }
@@ -740,7 +740,7 @@ async fn metrics_pass_promtool_and_openmetrics_on_request() {
 #[tokio::test]
 async fn status_and_metrics_agree_on_an_expired_breaker() {
     let a = start_backend("a").await;
-    a.set_mode(Mode::Fail500);
+    a.set_mode(Mode::Fail503);
     let bal = start_balancer(&config(
         &[a.addr],
         "round_robin",
