@@ -92,10 +92,6 @@ impl Backend {
         self.healthy.load(Relaxed)
     }
 
-    pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
-    }
-
     /// Starts an attempt: the breaker must let it through. The guard counts it in flight until
     /// it drops (it rides in the response body, so that is when the body ends).
     /// `breaker_overridden`: the pool's ejection cap lets the request through an open breaker

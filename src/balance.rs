@@ -5,7 +5,7 @@
 //! lock: it reads each member's health flag and breaker word and, for least connections, its
 //! in-flight count.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::backend::Backend;
@@ -27,6 +27,9 @@ pub struct Pool {
     /// picking is one `fetch_add` instead of a locked update of every member's current weight.
     sequence: Vec<u32>,
     cursor: AtomicUsize,
+    /// Whether the ejection cap was in force at the last pick, so that entering and leaving
+    /// it is logged once each rather than per request.
+    capped: AtomicBool,
     pub breaker: BreakerPolicy,
     pub attempts: u32,
     pub health_check: Option<HealthCheckConfig>,
@@ -50,6 +53,7 @@ impl Pool {
             sequence: smooth_sequence(&weights),
             members,
             cursor: AtomicUsize::new(0),
+            capped: AtomicBool::new(false),
             breaker: cfg.breaker,
             attempts: cfg.attempts,
             health_check: cfg.health_check.clone(),
@@ -77,7 +81,15 @@ impl Pool {
             .iter()
             .filter(|m| !m.backend.breaker.admits(&self.breaker, now))
             .count() as u64;
-        ejected * 100 > cap * self.members.len() as u64
+        let over = ejected * 100 > cap * self.members.len() as u64;
+        if self.capped.swap(over, Relaxed) != over {
+            if over {
+                tracing::warn!(pool = %self.name, ejected, members = self.members.len(), max_ejected_percent = cap, "open breakers exceed the ejection cap; sending to every healthy backend");
+            } else {
+                tracing::info!(pool = %self.name, ejected, "open breakers back under the ejection cap");
+            }
+        }
+        over
     }
 
     /// Picks a member, skipping unhealthy backends, open breakers (unless too many are open)

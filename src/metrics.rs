@@ -150,6 +150,11 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         "TCP connections opened to each backend; with attempts, the reuse ratio.",
         Kind::Counter,
     );
+    let mut overrides = Family::new(
+        "balancer_breaker_overrides",
+        "Attempts sent through an open breaker because open breakers already eject more than the pool's max_ejected_percent.",
+        Kind::Counter,
+    );
     let mut duration = Family::new(
         "balancer_request_duration_seconds",
         "Time from sending a request to a backend until its response headers.",
@@ -204,6 +209,9 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
             opened
                 .samples
                 .push((id(), Value::Counter(c.connections_opened.load(Relaxed))));
+            overrides
+                .samples
+                .push((id(), Value::Counter(c.ejection_overrides.load(Relaxed))));
             in_flight
                 .samples
                 .push((id(), Value::Gauge(b.in_flight.load(Relaxed) as i64)));
@@ -255,6 +263,7 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         failures,
         attempts,
         opened,
+        overrides,
         duration,
         in_flight,
         healthy,
