@@ -293,7 +293,8 @@ async fn all_breakers_open_is_503() {
     // Nobody listens on these: every connect is refused.
     let x = free_port();
     let y = free_port();
-    let extra = "[pools.web.circuit_breaker]\nconsecutive_failures = 1\nopen_duration = \"60s\"\n";
+    // No ejection cap: every breaker in the pool may be honoured.
+    let extra = "[pools.web.circuit_breaker]\nconsecutive_failures = 1\nopen_duration = \"60s\"\nmax_ejected_percent = 100\n";
     let bal = start_balancer(&config(&[x, y], "round_robin", extra)).await;
     let cl = client();
     // The first request tries both (a connect failure is retried elsewhere) and opens both

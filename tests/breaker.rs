@@ -203,7 +203,12 @@ async fn a_failed_trial_reopens_the_breaker() {
 async fn all_breakers_open_answers_503() {
     let a = start_backend("a").await;
     let b = start_backend("b").await;
-    let bal = start_balancer(&breaker_config(&[a.addr, b.addr], "")).await;
+    // No ejection cap: every breaker in the pool may be honoured.
+    let bal = start_balancer(&breaker_config(
+        &[a.addr, b.addr],
+        "max_ejected_percent = 100\n",
+    ))
+    .await;
     a.set_mode(Mode::Fail503);
     b.set_mode(Mode::Fail503);
     let c = client();

@@ -1054,6 +1054,7 @@ attempts = 1
 [pools.broken.circuit_breaker]
 consecutive_failures = 1
 open_duration = "60s"
+max_ejected_percent = 100
 "#,
         ok = ok.addr,
         dead = dead,
