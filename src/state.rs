@@ -89,12 +89,17 @@ impl Snapshot {
                 None => None,
             };
             let prev_pool = prev.and_then(|p| p.pools.iter().find(|o| *o.name == *pc.name));
-            let prev_cfg = prev.and_then(|p| p.config.pools.iter().find(|o| o.name == pc.name));
-            // Pooled connections are tagged with this: same TLS settings, same transport, and
+            // Pooled connections are tagged with this: same TLS trust, same transport, and
             // surviving backends keep their idle connections; otherwise none of the old ones is
-            // ever handed out again (see idle.rs).
-            let transport = match (prev_pool, prev_cfg) {
-                (Some(pp), Some(pcfg)) if pcfg.tls == pc.tls => pp.dial.transport,
+            // ever handed out again (see idle.rs), and health probes restart. The trust is
+            // compared as built, not as written: a CA file rewritten in place changes it.
+            let same_tls = |pp: &Pool| match (&pp.dial.tls, &tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.fingerprint() == b.fingerprint(),
+                _ => false,
+            };
+            let transport = match prev_pool {
+                Some(pp) if same_tls(pp) => pp.dial.transport,
                 _ => generation,
             };
             let members = pc

@@ -93,15 +93,22 @@ pub fn server_config(tls: &ListenerTls) -> Result<Arc<rustls::ServerConfig>, Str
 pub struct UpstreamTlsConnector {
     connector: tokio_rustls::TlsConnector,
     server_name: Option<String>,
+    /// What the connector trusts and checks: the root certificates' bytes and the server
+    /// name. A CA file rewritten in place changes it although the config text does not.
+    fingerprint: u64,
 }
 
 impl UpstreamTlsConnector {
     pub fn new(cfg: &UpstreamTls) -> Result<UpstreamTlsConnector, String> {
+        use std::hash::{Hash, Hasher};
+        let mut fp = std::collections::hash_map::DefaultHasher::new();
+        cfg.server_name.hash(&mut fp);
         let mut roots = rustls::RootCertStore::empty();
         match &cfg.ca {
             Some(path) => {
                 let certs = read_certs(path)?;
                 for c in certs {
+                    c.as_ref().hash(&mut fp);
                     roots
                         .add(c)
                         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -110,6 +117,7 @@ impl UpstreamTlsConnector {
             None => {
                 let found = rustls_native_certs::load_native_certs();
                 for c in found.certs {
+                    c.as_ref().hash(&mut fp);
                     let _ = roots.add(c);
                 }
                 if roots.is_empty() {
@@ -127,7 +135,13 @@ impl UpstreamTlsConnector {
         Ok(UpstreamTlsConnector {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name: cfg.server_name.clone(),
+            fingerprint: fp.finish(),
         })
+    }
+
+    /// Equal for two connectors that trust the same roots and check the same name.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// TLS over `tcp` to the backend at `address`, verified against the pool's roots. The

@@ -95,6 +95,8 @@ struct DualState {
     accepted: AtomicU64,
     handshakes_failed: AtomicU64,
     slow_arrived: AtomicU64,
+    /// Health probes answered over TLS.
+    tls_probes: AtomicU64,
     /// (path, over TLS) of every request but health probes, in arrival order.
     seen: Mutex<Vec<(String, bool)>>,
 }
@@ -103,11 +105,14 @@ struct Dual {
     addr: SocketAddr,
     st: Arc<DualState>,
     release: watch::Sender<bool>,
+    /// Set on drop: every connection closes, as when a real server stops.
+    kill: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Dual {
     fn drop(&mut self) {
+        let _ = self.kill.send(true);
         self.task.abort();
     }
 }
@@ -140,10 +145,24 @@ impl Drop for OpenConn {
 }
 
 async fn start_dual(tls: Option<Arc<rustls::ServerConfig>>) -> Dual {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_dual_at("127.0.0.1:0".parse().unwrap(), tls).unwrap()
+}
+
+/// A dual backend on `addr` (SO_REUSEADDR, so a stopped one's address can be taken again).
+fn start_dual_at(
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<Dual> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(128)?;
+    let listener = TcpListener::from_std(sock.into())?;
     let addr = listener.local_addr().unwrap();
     let st = Arc::new(DualState::default());
     let (release, release_rx) = watch::channel(false);
+    let (kill, kill_rx) = watch::channel(false);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let state = Arc::clone(&st);
     let task = tokio::spawn(async move {
@@ -153,34 +172,48 @@ async fn start_dual(tls: Option<Arc<rustls::ServerConfig>>) -> Dual {
             };
             state.accepted.fetch_add(1, SeqCst);
             let (st, rx, acceptor) = (Arc::clone(&state), release_rx.clone(), acceptor.clone());
+            let mut kill = kill_rx.clone();
             tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                let is_tls = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == 0x16);
-                match (is_tls, acceptor) {
-                    (true, Some(acceptor)) => {
-                        st.open_tls.fetch_add(1, SeqCst);
-                        let _open = OpenConn(Arc::clone(&st), true);
-                        let Ok(stream) = acceptor.accept(tcp).await else {
-                            st.handshakes_failed.fetch_add(1, SeqCst);
-                            return;
-                        };
-                        serve_dual(TokioIo::new(stream), st, rx, true).await;
-                    }
-                    (true, None) => {}
-                    (false, _) => {
-                        st.open_plain.fetch_add(1, SeqCst);
-                        let _open = OpenConn(Arc::clone(&st), false);
-                        serve_dual(TokioIo::new(tcp), st, rx, false).await;
-                    }
+                tokio::select! {
+                    _ = dual_conn(tcp, st, rx, acceptor) => {}
+                    _ = kill.wait_for(|k| *k) => {}
                 }
             });
         }
     });
-    Dual {
+    Ok(Dual {
         addr,
         st,
         release,
+        kill,
         task,
+    })
+}
+
+async fn dual_conn(
+    tcp: tokio::net::TcpStream,
+    st: Arc<DualState>,
+    rx: watch::Receiver<bool>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let mut first = [0u8; 1];
+    let is_tls = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+    match (is_tls, acceptor) {
+        (true, Some(acceptor)) => {
+            st.open_tls.fetch_add(1, SeqCst);
+            let _open = OpenConn(Arc::clone(&st), true);
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                st.handshakes_failed.fetch_add(1, SeqCst);
+                return;
+            };
+            serve_dual(TokioIo::new(stream), st, rx, true).await;
+        }
+        (true, None) => {}
+        (false, _) => {
+            st.open_plain.fetch_add(1, SeqCst);
+            let _open = OpenConn(Arc::clone(&st), false);
+            serve_dual(TokioIo::new(tcp), st, rx, false).await;
+        }
     }
 }
 
@@ -192,7 +225,11 @@ where
         let (st, mut rx) = (Arc::clone(&st), rx.clone());
         async move {
             let path = req.uri().path().to_owned();
-            if path != "/healthz" {
+            if path == "/healthz" {
+                if tls {
+                    st.tls_probes.fetch_add(1, SeqCst);
+                }
+            } else {
                 st.seen.lock().unwrap().push((path.clone(), tls));
             }
             let slow = path.ends_with("/slow");
@@ -401,6 +438,70 @@ async fn health_probes_restart_when_the_pools_ca_or_server_name_changes() {
         eventually_async(limit, || async { healthy(&bal, dual.addr).await }).await,
         "healthy again with the right settings"
     );
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_probes_follow_a_ca_file_rotated_in_place() {
+    // The CA file keeps its path and gets new content (a Kubernetes secret, a renewed
+    // internal CA): the config text does not change, yet the trust does.
+    let old_ca = make_ca("Internal CA 2025");
+    let new_ca = make_ca("Internal CA 2026");
+    let old = start_dual(Some(server_tls(&old_ca, "a.test"))).await;
+    let addr = old.addr;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &old_ca.pem).unwrap();
+    let cfg = one_pool(
+        addr,
+        &format!("tls = {{ ca = {}, server_name = \"a.test\" }}", q(&ca_path)),
+        FAST_HEALTH,
+    );
+    let bal = start_balancer(&cfg).await;
+    let limit = Duration::from_secs(5);
+    assert!(
+        eventually(limit, || old.st.tls_probes.load(SeqCst) >= 2).await,
+        "probes never reached the backend"
+    );
+    assert!(healthy(&bal, addr).await);
+    assert_eq!(
+        get_within(&client(), &bal.url("/x"), limit).await.status,
+        200
+    );
+
+    // The backend restarts with a certificate of the new CA; the CA file is rewritten and
+    // the config reloaded.
+    drop(old);
+    let new_tls = server_tls(&new_ca, "a.test");
+    let mut tries = 0;
+    let new = loop {
+        // The old listener closes when its aborted task is dropped, a moment later.
+        match start_dual_at(addr, Some(Arc::clone(&new_tls))) {
+            Ok(d) => break d,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot listen on {addr} again: {e}"),
+        }
+    };
+    std::fs::write(&ca_path, &new_ca.pem).unwrap();
+    bal.write_config(&cfg);
+    bal.handle.reload(Trigger::Admin).await.expect("reload");
+
+    // Probes must verify with the new CA, as requests do.
+    assert!(
+        eventually(limit, || new.st.tls_probes.load(SeqCst) >= 3).await,
+        "no probe got through to the re-certified backend ({} handshakes failed)",
+        new.st.handshakes_failed.load(SeqCst)
+    );
+    assert!(
+        eventually_async(limit, || async { healthy(&bal, addr).await }).await,
+        "the backend must be healthy under the new CA"
+    );
+    let g = get_within(&client(), &bal.url("/y"), limit).await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    assert_eq!(g.headers["x-tls"], "yes");
     bal.shutdown().await;
 }
 
