@@ -125,9 +125,22 @@ impl Controller {
             },
         };
         // Watch before anything is served or reported ready, so that no edit made after the
-        // caller learns we are up can be missed.
-        ctl.file.loaded = ctl.read_fingerprint().await;
+        // caller learns we are up can be missed; then fingerprint what is on disk. The caller
+        // read the file before we watched it: if what is there now is not what it read, the
+        // file changed in between, and the first turn of `serve` reloads it.
         ctl.rearm_watch();
+        ctl.file.loaded = ctl.read_fingerprint().await;
+        if cfg.watch {
+            let path = ctl.path.clone();
+            let on_disk = tokio::task::spawn_blocking(move || Config::load(&path).ok())
+                .await
+                .ok()
+                .flatten();
+            if on_disk.as_ref() != Some(&*cfg) {
+                ctl.file.loaded = None;
+                ctl.file.debounce = Some(Instant::now());
+            }
+        }
         let mut bound = Vec::new();
         for l in &cfg.listeners {
             bound.push((l.bind, ctl.bind(l.bind).await?));

@@ -879,6 +879,16 @@ impl Bound {
 /// balancer's own ready callback, before it returns.
 async fn launch(path: &Path, bound: Bound, on_ready: impl FnOnce() + Send + 'static) -> Running {
     let config = balancer::Config::load(path).expect("test config valid");
+    launch_loaded(path, config, bound, on_ready).await
+}
+
+/// `launch` with a config the caller already read from `path` (as `main` does).
+async fn launch_loaded(
+    path: &Path,
+    config: balancer::Config,
+    bound: Bound,
+    on_ready: impl FnOnce() + Send + 'static,
+) -> Running {
     let opts = balancer::Options {
         config_path: path.to_path_buf(),
         config,
@@ -959,6 +969,29 @@ async fn an_edit_made_as_soon_as_the_balancer_is_ready_is_applied() {
     assert_eq!(bal.version(), 2, "one edit, one reload");
     assert_eq!(body_of(bal.addr, "/new/x").await, (200, "b".to_owned()));
     assert_eq!(body_of(bal.addr, "/x").await, (200, "a".to_owned()));
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_edit_made_while_the_balancer_starts_is_applied() {
+    // `main` reads the config, then starts the balancer: an edit in between must not be
+    // taken for what was loaded.
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("balancer.toml");
+    let bound = bind_two().await;
+    std::fs::write(&path, bound.render(&watched(a.addr, ""))).unwrap();
+    let loaded = balancer::Config::load(&path).unwrap();
+    std::fs::write(&path, bound.render(&watched(b.addr, ""))).unwrap();
+    let bal = launch_loaded(&path, loaded, bound, || {}).await;
+    assert!(
+        eventually(Duration::from_secs(5), || bal.version() >= 2).await,
+        "the edit made during start-up was never applied (version {})",
+        bal.version()
+    );
+    assert_eq!(body_of(bal.addr, "/").await, (200, "b".to_owned()));
+    assert_eq!(bal.version(), 2);
     bal.shutdown().await;
 }
 
