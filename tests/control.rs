@@ -511,7 +511,7 @@ async fn health_probes_follow_a_ca_file_rotated_in_place() {
 /// A pool built directly (as benches/pick.rs does, but with members of our own), so its
 /// weights can make the smooth sequence long: weights 1000, 999, ... have gcd 1, so the
 /// sequence is as long as their sum.
-fn long_sequence_pool(n: usize, max_ejected_percent: u32) -> balancer::balance::Pool {
+fn long_sequence_pool(n: usize, max_ejected_percent: u8) -> balancer::balance::Pool {
     use balancer::backend::Backend;
     use balancer::balance::{Member, Pool};
     let text =
