@@ -160,6 +160,9 @@ async fn forward(
     let mut budget = RetryBudget::new(pool.attempts);
     let mut last_err: Option<ProxyError> = None;
     let mut note: Option<Reason> = None;
+    // A stale pooled connection was replayed: the log says `retried` although the budget
+    // got the attempt back. (`ejection_capped` alone is not a retry.)
+    let mut stale_replayed = false;
     loop {
         let now = now_ms();
         let pick = match pool.pick(now, budget.tried()) {
@@ -196,6 +199,7 @@ async fn forward(
         );
         let status = result.as_ref().ok().map(|s| s.response.status().as_u16());
         guard.record(verdict.outcome, status, sent_at.elapsed(), &pool.breaker);
+        stale_replayed |= verdict.note == Some(Reason::Note(Note::StaleConnectionRetried));
         note = verdict.note.or(note);
         match (verdict.next, result) {
             (Next::Respond, Ok(sent)) => {
@@ -205,7 +209,7 @@ async fn forward(
                         Outcome::Failure(f) => Some(Reason::Failed(f)),
                         Outcome::Success | Outcome::Neutral => note,
                     };
-                    if budget.spent() > 1 || note.is_some() {
+                    if budget.spent() > 1 || stale_replayed {
                         l.outcome = Ending::Retried;
                     }
                 }

@@ -1247,3 +1247,57 @@ async fn the_ejection_cap_keeps_breakers_from_taking_out_more_than_half_the_pool
     );
     bal.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_let_through_by_the_ejection_cap_is_logged_as_ejection_capped() {
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    a.set_mode(Mode::Fail503);
+    b.set_mode(Mode::Fail503);
+    let tmpl = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = true\nlevel = \"warn\"\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\nbackends = [\"{}\", \"{}\"]\n\
+         [pools.web.circuit_breaker]\nconsecutive_failures = 1\nopen_duration = \"60s\"\n",
+        a.addr, b.addr
+    );
+    let mut bin = start_binary(&tmpl, std::process::Stdio::piped());
+    let stdout = bin.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |i: usize| {
+        let l = tokio::task::block_in_place(|| rx.recv_timeout(Duration::from_secs(10)))
+            .unwrap_or_else(|_| panic!("access log line {i} missing"));
+        serde_json::from_str::<serde_json::Value>(&l).unwrap()
+    };
+    let url = format!("http://{}/", bin.addr);
+    let c = client();
+    // Each backend's 503 opens its breaker: then both are open, more than the default 50%.
+    for i in 0..2 {
+        assert_eq!(get(&c, &url).await.status, 503);
+        let l = next_line(i);
+        assert_eq!(l["reason"], "upstream_5xx", "{l}");
+    }
+    // Both recover. Their breakers are still open, but the cap lets requests through.
+    a.set_mode(Mode::Ok);
+    b.set_mode(Mode::Ok);
+    for i in 2..6 {
+        let g = get(&c, &url).await;
+        assert_eq!(g.status, 200, "{}", g.body);
+        let l = next_line(i);
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["reason"], "ejection_capped", "{l}");
+        assert_eq!(l["attempts"], 1, "{l}");
+        assert_eq!(
+            l["outcome"], "ok",
+            "one attempt, answered: nothing was retried: {l}"
+        );
+    }
+}
