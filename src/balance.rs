@@ -82,7 +82,8 @@ impl Pool {
             .filter(|m| !m.backend.breaker.admits(&self.breaker, now))
             .count() as u64;
         let over = ejected * 100 > cap * self.members.len() as u64;
-        if self.capped.swap(over, Relaxed) != over {
+        // Read first: a write per pick would bounce the cache line between cores for nothing.
+        if self.capped.load(Relaxed) != over && self.capped.swap(over, Relaxed) != over {
             if over {
                 tracing::warn!(pool = %self.name, ejected, members = self.members.len(), max_ejected_percent = cap, "open breakers exceed the ejection cap; sending to every healthy backend");
             } else {

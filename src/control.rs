@@ -62,6 +62,8 @@ struct FileWatch {
     /// Content last loaded (or rejected): a change event that leaves it as it was is ignored.
     loaded: Option<u64>,
     debounce: Option<Instant>,
+    /// A failure to watch was logged; not again until watching works.
+    warned: bool,
 }
 
 pub struct Controller {
@@ -122,6 +124,7 @@ impl Controller {
                 watcher: None,
                 loaded: None,
                 debounce: None,
+                warned: false,
             },
         };
         // Watch before anything is served or reported ready, so that no edit made after the
@@ -263,10 +266,16 @@ impl Controller {
             }
         }
         match ConfigWatch::start(&self.path, self.file.tx.clone()) {
-            Ok(w) => self.file.watcher = Some(w),
+            Ok(w) => {
+                self.file.watcher = Some(w);
+                self.file.warned = false;
+            }
             Err(e) => {
                 self.file.watcher = None;
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
+                // Retried every turn (the directory may appear), said once.
+                if !std::mem::replace(&mut self.file.warned, true) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
+                }
             }
         }
     }

@@ -15,6 +15,8 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 pub struct ConfigWatch {
+    /// The chain as computed when the watch started (watched or not, so that a directory
+    /// that cannot be watched does not make the watch look stale on every turn).
     dirs: Vec<PathBuf>,
     // Dropping the watcher stops it.
     _watcher: RecommendedWatcher,
