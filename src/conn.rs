@@ -3,14 +3,17 @@
 //! framing sniffer and WebSocket tunnels set.
 //!
 //! The listener creates one `ConnInfo` per accepted connection and shares it (an `Arc`) with
-//! every request of that connection and with the sniffer that reads its bytes.
+//! every request of that connection and with the sniffer and stall guard that read its bytes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
+use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 /// Held by every live connection and tunnel; graceful shutdown waits until all are dropped.
@@ -36,6 +39,81 @@ pub struct ConnInfo {
     /// Set once the connection became a WebSocket tunnel: from then on a shutdown of the
     /// socket is a real half-close that the peer must see.
     pub upgraded: AtomicBool,
+    /// Requests (h1) or streams (h2) of this connection: the low 32 bits count those in flight,
+    /// the high 32 bits those ever started (wrapping). One word, so that a request costs one
+    /// relaxed add when it starts and one relaxed sub when its response ends, and a reader can
+    /// tell "idle all along" from "idle again after other requests" with one load.
+    pub activity: AtomicU64,
+    /// An HTTP/1 request head has started arriving and is not complete yet (set by
+    /// `stall::StallTimeout`, only once the client paused mid-head): the connection is not idle,
+    /// header_timeout bounds it.
+    pub head_pending: AtomicBool,
+}
+
+/// One in-flight unit of `activity.started`.
+pub const STARTED_ONE: u64 = 1 << 32;
+
+/// Requests or streams in flight in an `activity` word.
+pub fn in_flight(activity: u64) -> u32 {
+    activity as u32
+}
+
+/// Requests or streams ever started (wrapping) in an `activity` word.
+pub fn started(activity: u64) -> u32 {
+    (activity >> 32) as u32
+}
+
+/// Counts one request or stream as in flight for as long as it lives: from the moment hyper
+/// hands the request to the service until its response body is dropped (fully sent, or the
+/// client went away).
+pub struct Active(Arc<ConnInfo>);
+
+impl Active {
+    pub fn start(info: &Arc<ConnInfo>) -> Active {
+        info.activity.fetch_add(STARTED_ONE | 1, Relaxed);
+        Active(Arc::clone(info))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.activity.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted in flight (`Active`) until hyper drops it.
+pub struct Tracked<B> {
+    inner: B,
+    _active: Active,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, active: Active) -> Tracked<B> {
+        Tracked {
+            inner,
+            _active: active,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl ConnInfo {
@@ -55,6 +133,8 @@ impl ConnInfo {
             requests: AtomicU64::new(0),
             ambiguous_at: AtomicU64::new(u64::MAX),
             upgraded: AtomicBool::new(false),
+            activity: AtomicU64::new(0),
+            head_pending: AtomicBool::new(false),
         })
     }
 }

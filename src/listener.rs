@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Limits, MIN_HEADER_BUFFER};
-use crate::conn::{ConnInfo, DrainGuard};
+use crate::conn::{Active, ConnInfo, DrainGuard, Tracked};
 use crate::framing::Sniffer;
 use crate::proxy;
 use crate::stall::{StallTimeout, StreamExec};
@@ -108,7 +108,10 @@ fn builder(limits: &Limits) -> auto::Builder<StreamExec> {
     let buf = limits.max_header_bytes.max(MIN_HEADER_BUFFER);
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        // hyper's head timer starts when it waits for the next request, so it would cut idle
+        // keep-alive connections at header_timeout: heads are timed from their first byte by
+        // StallTimeout instead, and idle waits are idle_timeout's.
+        .header_read_timeout(None)
         .max_buf_size(usize::try_from(buf).unwrap_or(usize::MAX))
         // half_close stays off: a client's FIN while its request is in flight means it went
         // away (nginx's 499), so the request is abandoned at once and never counted against
@@ -147,8 +150,8 @@ async fn serve(
     let limits = snap.limits;
     let tls = bind.and_then(|b| snap.tls_for(b));
     drop(snap);
-    // StallTimeout closes a connection that sends nothing within header_timeout (hyper's own
-    // header timer only starts once the protocol sniff has seen a byte).
+    // StallTimeout closes a connection that sends nothing within header_timeout (the protocol
+    // sniff of hyper-util's auto builder has no timeout), and times HTTP/1 request heads.
     match tls {
         None => {
             let info = ConnInfo::new(
@@ -162,6 +165,7 @@ async fn serve(
             let io = StallTimeout::new(
                 Sniffer::new(stream, Arc::clone(&info)).close_without_shutdown(),
                 send_timeout(&limits),
+                Arc::clone(&info),
             );
             drive(TokioIo::new(io), info, &limits, shared, signals).await
         }
@@ -179,6 +183,7 @@ async fn serve(
                     let io = StallTimeout::new(
                         Sniffer::new(tls, Arc::clone(&info)),
                         send_timeout(&limits),
+                        Arc::clone(&info),
                     );
                     drive(TokioIo::new(io), info, &limits, shared, signals).await
                 }
@@ -206,7 +211,15 @@ async fn drive<I>(
 {
     let b = builder(limits);
     let peer = info.peer;
-    let svc = service_fn(move |req| proxy::handle(Arc::clone(&shared), Arc::clone(&info), req));
+    let svc = service_fn(move |req| {
+        // In flight from here until the response body is dropped (sent, or the client left).
+        let active = Active::start(&info);
+        let handled = proxy::handle(Arc::clone(&shared), Arc::clone(&info), req);
+        async move {
+            let resp = handled.await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, active)))
+        }
+    });
     let conn = b.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let _guard = signals.drain_guard.clone();

@@ -3,7 +3,10 @@
 //! slot forever.
 //!
 //! - `StallTimeout` wraps a client socket: a write blocked for longer than the limit fails the
-//!   connection. Covers HTTP/1.1 and a whole h2 connection that stops reading.
+//!   connection. Covers HTTP/1.1 and a whole h2 connection that stops reading. It also times
+//!   HTTP/1 request heads: hyper's own `header_read_timeout` starts as soon as hyper waits for
+//!   the next request, so it would bound idle keep-alive waits too, which are `idle_timeout`'s
+//!   (`conns.rs`). Here the clock starts at a head's first byte instead.
 //! - `StreamExec` is the executor hyper spawns each h2 stream on: it resets a stream whose
 //!   peer keeps the connection alive but never opens the stream's flow-control window. The
 //!   response body (`body::ResponseBody`) reports, through `note_progress`, each time hyper
@@ -23,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::clock::now_ms;
+use crate::conn::{in_flight, started, ConnInfo};
 
 /// A client socket that gives up on a peer that stalls: one that never sends its first byte
 /// (the protocol sniff of hyper-util's auto builder has no timeout), and one that stops
@@ -39,16 +43,24 @@ pub struct StallTimeout<I> {
     /// the start of each blocked write.
     since: Option<tokio::time::Instant>,
     first_byte_seen: bool,
+    heads: Heads,
 }
 
 impl<I> StallTimeout<I> {
-    pub fn new(inner: I, limit: Duration) -> Self {
+    pub fn new(inner: I, limit: Duration, info: Arc<ConnInfo>) -> Self {
         StallTimeout {
             inner,
             limit,
             timer: None,
             since: Some(tokio::time::Instant::now()),
             first_byte_seen: false,
+            heads: Heads {
+                info,
+                proto: Proto::Sniffing(0),
+                head: None,
+                since: None,
+                timer: None,
+            },
         }
     }
 
@@ -79,6 +91,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if !this.first_byte_seen {
             match r {
@@ -89,7 +102,108 @@ impl<I: AsyncRead + Unpin> AsyncRead for StallTimeout<I> {
                 }
             }
         }
-        r
+        match r {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    this.heads.received(got);
+                }
+                r
+            }
+            Poll::Pending => match this.heads.waiting(cx, this.limit) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            Poll::Ready(Err(_)) => r,
+        }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+enum Proto {
+    /// This many bytes of the connection so far match the h2 preface.
+    Sniffing(usize),
+    Http1,
+    /// HTTP/2: its frames are not request heads (an idle h2 connection is `idle_timeout`'s).
+    Http2,
+}
+
+/// Request-head timing for HTTP/1. A head starts with the first byte received while no
+/// request is in flight (`ConnInfo::activity`), and ends when hyper hands the request over
+/// (the started count moves). No clock is read unless the client pauses mid-head: the wait
+/// starts when a read of an unfinished head finds nothing, microseconds after its first byte.
+struct Heads {
+    info: Arc<ConnInfo>,
+    proto: Proto,
+    /// The started count when the current head began; `None`: no head in progress.
+    head: Option<u32>,
+    /// When the client first paused in the current head.
+    since: Option<tokio::time::Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Heads {
+    fn received(&mut self, got: &[u8]) {
+        if let Proto::Sniffing(n) = self.proto {
+            let k = got.len().min(H2_PREFACE.len() - n);
+            self.proto = if got[..k] != H2_PREFACE[n..n + k] {
+                Proto::Http1
+            } else if n + k == H2_PREFACE.len() {
+                self.end();
+                Proto::Http2
+            } else {
+                Proto::Sniffing(n + k)
+            };
+        }
+        if let Proto::Http2 = self.proto {
+            return;
+        }
+        let a = self.info.activity.load(Relaxed);
+        if self.head == Some(started(a)) && in_flight(a) == 0 {
+            // More of the same head.
+            return;
+        }
+        self.end();
+        // Bytes that arrive while a request is in flight are its body or a pipelined head that
+        // hyper buffers; a tunnel's bytes are not HTTP at all.
+        if in_flight(a) == 0 && !self.info.upgraded.load(Relaxed) {
+            self.head = Some(started(a));
+        }
+    }
+
+    /// The read found nothing: an error once the current head has been waited on for `limit`.
+    fn waiting(&mut self, cx: &mut Context<'_>, limit: Duration) -> Option<std::io::Error> {
+        let head = self.head?;
+        let a = self.info.activity.load(Relaxed);
+        if started(a) != head || in_flight(a) != 0 || self.info.upgraded.load(Relaxed) {
+            // hyper took the head: it was complete.
+            self.end();
+            return None;
+        }
+        let since = *self.since.get_or_insert_with(|| {
+            self.info.head_pending.store(true, Relaxed);
+            tokio::time::Instant::now()
+        });
+        let deadline = since + limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request head not received within header_timeout",
+            )),
+            Poll::Pending => None,
+        }
+    }
+
+    fn end(&mut self) {
+        self.head = None;
+        self.timer = None;
+        if self.since.take().is_some() {
+            self.info.head_pending.store(false, Relaxed);
+        }
     }
 }
 
