@@ -3,7 +3,8 @@
 //! framing sniffer and WebSocket tunnels set.
 //!
 //! The listener creates one `ConnInfo` per accepted connection and shares it (an `Arc`) with
-//! every request of that connection and with the sniffer and stall guard that read its bytes.
+//! every request of that connection, with the sniffer and stall guard that read its bytes, and
+//! with its listener's registry (`conns.rs`), which reads `activity` to find idle connections.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// Held by every live connection and tunnel; graceful shutdown waits until all are dropped.
 pub type DrainGuard = mpsc::Sender<()>;
@@ -48,6 +49,9 @@ pub struct ConnInfo {
     /// `stall::StallTimeout`, only once the client paused mid-head): the connection is not idle,
     /// header_timeout bounds it.
     pub head_pending: AtomicBool,
+    /// Asks the connection to close once idle (idle timeout reached, or its listener is at
+    /// max_connections and a new client waits): `listener::drive` shuts it down gracefully.
+    pub close: Notify,
 }
 
 /// One in-flight unit of `activity.started`.
@@ -135,6 +139,12 @@ impl ConnInfo {
             upgraded: AtomicBool::new(false),
             activity: AtomicU64::new(0),
             head_pending: AtomicBool::new(false),
+            close: Notify::new(),
         })
+    }
+
+    /// Whether no request or stream is in flight.
+    pub fn is_idle(&self) -> bool {
+        in_flight(self.activity.load(Relaxed)) == 0
     }
 }

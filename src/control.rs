@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::admin;
 use crate::config::Config;
+use crate::conns::Conns;
 use crate::health::HealthTasks;
 use crate::listener::{self, Signals};
 use crate::reload::{self, Command, ReloadHandle, Trigger};
@@ -196,7 +197,13 @@ impl Controller {
             return;
         };
         tracing::info!(%addr, "listening");
-        tokio::spawn(listener::run(l, Arc::clone(&self.shared), signals));
+        let max = self.shared.snapshot.load().limits.max_connections;
+        tokio::spawn(listener::run(
+            l,
+            Arc::clone(&self.shared),
+            signals,
+            Conns::new(max),
+        ));
         self.listeners.insert(addr, Running { stop });
         self.started.push(addr);
     }

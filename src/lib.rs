@@ -16,7 +16,7 @@
 //! classify    classify(result) -> Verdict            listeners: stop removed
 //! backend     guard.record(outcome)  breaker+counters health: sync tasks
 //! answer      ProxyError -> status, close, log       idle conns of removed backends closed
-//! response_body  streams back; guard drops at its end
+//! response_body  streams back; guard drops at its end   listeners: resize max_connections
 //! ```
 
 #![forbid(unsafe_code)]
@@ -31,6 +31,7 @@ pub(crate) mod classify;
 pub mod clock;
 pub mod config;
 pub(crate) mod conn;
+pub(crate) mod conns;
 pub(crate) mod control;
 pub(crate) mod framing;
 pub mod headers;

@@ -2,9 +2,12 @@
 //! (HTTP/1.1 with keep-alive and pipelining, HTTP/2 by ALPN or h2c prior knowledge).
 //!
 //! A listener task owns its bound socket until told to stop (shutdown, or a reload that removed
-//! it). Each connection task holds a permit of the listener's `max_connections` semaphore and a
-//! clone of the drain sender, so graceful shutdown can wait for the last one. Limits and TLS
-//! certificates are read from the snapshot current at accept time.
+//! it). Each connection task holds a place under the listener's `max_connections` (`conns.rs`)
+//! and a clone of the drain sender, so graceful shutdown can wait for the last one. Limits and
+//! TLS certificates are read from the snapshot current at accept time.
+//!
+//! Idle connections (no request or stream in flight) are closed after `idle_timeout` by a
+//! sweeper task per listener, and sooner when the listener is full and a new client waits.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,10 +18,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::config::{Limits, MIN_HEADER_BUFFER};
 use crate::conn::{Active, ConnInfo, DrainGuard, Tracked};
+use crate::conns::{Conns, Slot};
 use crate::framing::Sniffer;
 use crate::proxy;
 use crate::stall::{StallTimeout, StreamExec};
@@ -34,29 +39,27 @@ pub struct Signals {
 }
 
 /// Accepts until `signals.stop` turns true, then returns (dropping the socket, so the kernel
-/// refuses new connections at once). Accept errors never end the loop.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut signals: Signals) {
+/// refuses new connections at once). Accept errors never end the loop. `conns` is this
+/// listener's table, sized by `max_connections` (the controller resizes it on reload).
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut signals: Signals,
+    conns: Arc<Conns>,
+) {
     // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here
     // instead of one per connection.
     if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
         tracing::warn!(error = %e, "cannot set TCP_NODELAY on the listener");
     }
     let bind = listener.local_addr().ok();
-    let max = shared.snapshot.load().limits.max_connections;
-    let permits = Arc::new(Semaphore::new(
-        usize::try_from(max)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS),
+    tokio::spawn(sweep(
+        Arc::clone(&conns),
+        Arc::clone(&shared),
+        signals.stop.clone(),
     ));
     let mut backoff = Duration::from_millis(5);
     loop {
-        // Beyond max_connections we stop calling accept(): new connections wait in the
-        // kernel's backlog instead of being accepted and starved.
-        let permit = tokio::select! {
-            biased;
-            _ = stopped(&mut signals.stop) => return,
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let accepted = tokio::select! {
             biased;
             _ = stopped(&mut signals.stop) => return,
@@ -79,12 +82,64 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut signals: Signal
                 continue;
             }
         };
+        // The place is taken after accepting, so a reload that lowers max_connections meanwhile
+        // is obeyed. Full: this client waits in `admit` (an idle connection is asked to make
+        // room), and the ones after it wait in the kernel's backlog.
+        let slot = match conns.capacity().try_acquire() {
+            Some(s) => s,
+            None => match admit(&conns, &mut signals.stop).await {
+                Some(s) => s,
+                None => return,
+            },
+        };
         let shared = Arc::clone(&shared);
         let signals = signals.clone();
+        let conns = Arc::clone(&conns);
         tokio::spawn(async move {
-            serve(stream, peer, bind, shared, signals).await;
-            drop(permit);
+            serve(stream, peer, bind, shared, signals, conns).await;
+            drop(slot);
         });
+    }
+}
+
+/// How long the accept loop waits for the idle connection it asked to close before asking
+/// another (the first may have started a request meanwhile, or be slow to answer its GOAWAY's
+/// PING).
+const EVICT_RETRY: Duration = Duration::from_millis(200);
+
+/// The listener is full and a client has been accepted: waits for a place, asking the
+/// connection idle the longest to make room. `None`: the listener is stopping.
+async fn admit(conns: &Conns, stop: &mut watch::Receiver<bool>) -> Option<Slot> {
+    loop {
+        if let Some(s) = conns.capacity().try_acquire() {
+            return Some(s);
+        }
+        conns.evict_one(now_ms());
+        tokio::select! {
+            biased;
+            _ = stopped(stop) => return None,
+            s = conns.capacity().acquire() => return s,
+            _ = tokio::time::sleep(EVICT_RETRY) => {}
+        }
+    }
+}
+
+/// Closes the listener's connections idle for `limits.idle_timeout`, looking a few times per
+/// timeout (at most once a second), so a connection closes within a quarter of the timeout
+/// (or a second) after it: a coarse clock instead of a timer re-armed per request.
+async fn sweep(conns: Arc<Conns>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let idle = shared.snapshot.load().limits.idle_timeout;
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let idle = shared.snapshot.load().limits.idle_timeout;
+        let n = conns.sweep(now_ms(), idle);
+        if n > 0 {
+            tracing::debug!(closing = n, idle_timeout = ?idle, "closing idle client connections");
+        }
     }
 }
 
@@ -143,6 +198,7 @@ async fn serve(
     bind: Option<SocketAddr>,
     shared: Arc<Shared>,
     signals: Signals,
+    conns: Arc<Conns>,
 ) {
     shared.open_connections.fetch_add(1, Relaxed);
     let _open = OpenConn(Arc::clone(&shared));
@@ -167,7 +223,7 @@ async fn serve(
                 send_timeout(&limits),
                 Arc::clone(&info),
             );
-            drive(TokioIo::new(io), info, &limits, shared, signals).await
+            drive(TokioIo::new(io), info, &limits, shared, signals, &conns).await
         }
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -185,7 +241,7 @@ async fn serve(
                         send_timeout(&limits),
                         Arc::clone(&info),
                     );
-                    drive(TokioIo::new(io), info, &limits, shared, signals).await
+                    drive(TokioIo::new(io), info, &limits, shared, signals, &conns).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -200,17 +256,24 @@ fn send_timeout(limits: &Limits) -> Duration {
     limits.header_timeout
 }
 
+/// How long a connection closed for being idle may take to finish closing (an h2 client
+/// acknowledging the GOAWAY's PING) before it is dropped, if it is still idle by then.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 async fn drive<I>(
     io: I,
     info: Arc<ConnInfo>,
     limits: &Limits,
     shared: Arc<Shared>,
     mut signals: Signals,
+    conns: &Arc<Conns>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let b = builder(limits);
     let peer = info.peer;
+    let _registered = conns.register(Arc::clone(&info), now_ms());
+    let watched = Arc::clone(&info);
     let svc = service_fn(move |req| {
         // In flight from here until the response body is dropped (sent, or the client left).
         let active = Active::start(&info);
@@ -226,20 +289,37 @@ async fn drive<I>(
     if *signals.drain.borrow() || *signals.stop.borrow() {
         conn.as_mut().graceful_shutdown();
     }
-    tokio::select! {
+    let idle_close = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             return;
         }
-        _ = stopped(&mut signals.drain) => {}
+        _ = stopped(&mut signals.drain) => false,
         // A reload removed this listener: its connections finish what they started.
-        _ = stopped(&mut signals.stop) => {}
-    }
+        _ = stopped(&mut signals.stop) => false,
+        // Idle past idle_timeout, or making room for a new client.
+        _ = watched.close.notified() => true,
+    };
     // Finish the request in flight (a long stream included), then close; idle keep-alive
-    // connections close at once.
+    // connections close at once, idle h2 ones after GOAWAY(NO_ERROR).
     conn.as_mut().graceful_shutdown();
+    if idle_close {
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "idle connection ended with an error while closing");
+                    }
+                    return;
+                }
+                // A stream that raced the GOAWAY is finished; a client that never answers
+                // the PING is not waited for.
+                _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => if watched.is_idle() { return },
+            }
+        }
+    }
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "connection ended with an error while draining");
     }

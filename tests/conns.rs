@@ -1,11 +1,13 @@
-//! Client connections: header_timeout times a head from its first byte, not the idle wait
-//! before it.
+//! Client connections: `[limits] idle_timeout` (idle HTTP/1.1 keep-alive and idle h2
+//! connections are closed, busy ones never; header_timeout times a head from its first byte,
+//! not the idle wait before it), and idle connections making room at `max_connections`.
 //!
 //! Real sockets and short configured timeouts; assertions are on what the client sees
 //! (answers, GOAWAY, EOF), with generous upper bounds for a loaded machine.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -63,7 +65,6 @@ async fn read_status(s: &mut TcpStream, limit: Duration) -> Result<u16, String> 
     .map_err(|_| "no response in time".to_string())?
 }
 
-#[allow(dead_code)]
 /// How long until the peer closes (EOF or reset), reading and discarding; `None` if it is
 /// still open after `limit`.
 async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
@@ -80,7 +81,207 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
 }
 
 // ------------------------------------------------------------------------------------------
-// header_timeout
+// HTTP/2 with raw frames, so the test sees GOAWAY and its error code
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, PartialEq)]
+enum Ev {
+    Headers {
+        stream: u32,
+        end: bool,
+        status_200: bool,
+    },
+    Data {
+        stream: u32,
+        end: bool,
+    },
+    GoAway {
+        code: u32,
+    },
+    Reset {
+        stream: u32,
+    },
+    Eof,
+}
+
+struct H2 {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len() as u32;
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+impl H2 {
+    async fn connect(addr: SocketAddr) -> H2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(4, 0, 0, &[]));
+        s.write_all(&hello).await.unwrap();
+        H2 { s, buf: Vec::new() }
+    }
+
+    /// GET `path` on `stream` (odd, increasing), headers only.
+    async fn get(&mut self, stream: u32, path: &str) {
+        let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+        block.push(0x04); // :path, literal without indexing
+        block.push(path.len() as u8);
+        block.extend_from_slice(path.as_bytes());
+        block.push(0x01); // :authority, literal without indexing
+        block.push(6);
+        block.extend_from_slice(b"a.test");
+        // END_STREAM | END_HEADERS
+        let f = frame(1, 0x1 | 0x4, stream, &block);
+        self.s.write_all(&f).await.unwrap();
+    }
+
+    /// The next event worth reporting; SETTINGS and PINGs are acknowledged on the way, as a
+    /// real client does.
+    async fn next(&mut self) -> Ev {
+        loop {
+            while self.buf.len() < 9 || self.buf.len() < 9 + frame_len(&self.buf) {
+                let mut b = [0u8; 16384];
+                match self.s.read(&mut b).await {
+                    Ok(0) | Err(_) => return Ev::Eof,
+                    Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                }
+            }
+            let len = frame_len(&self.buf);
+            let (ty, flags) = (self.buf[3], self.buf[4]);
+            let stream = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]])
+                & 0x7fff_ffff;
+            let payload: Vec<u8> = self.buf[9..9 + len].to_vec();
+            self.buf.drain(..9 + len);
+            match ty {
+                0 => {
+                    return Ev::Data {
+                        stream,
+                        end: flags & 0x1 != 0,
+                    }
+                }
+                1 => {
+                    return Ev::Headers {
+                        stream,
+                        end: flags & 0x1 != 0,
+                        // :status 200 is static table entry 8, sent indexed.
+                        status_200: payload.first() == Some(&0x88),
+                    };
+                }
+                3 => return Ev::Reset { stream },
+                4 if flags & 0x1 == 0 => {
+                    let _ = self.s.write_all(&frame(4, 0x1, 0, &[])).await;
+                }
+                6 if flags & 0x1 == 0 => {
+                    let _ = self.s.write_all(&frame(6, 0x1, 0, &payload)).await;
+                }
+                7 => {
+                    return Ev::GoAway {
+                        code: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads until stream `id`'s response ended; panics on anything else but GOAWAYs, which
+    /// are returned (in order) for the caller to judge.
+    async fn response(&mut self, id: u32, limit: Duration) -> Vec<Ev> {
+        let mut goaways = Vec::new();
+        let mut got_200 = false;
+        let r = tokio::time::timeout(limit, async {
+            loop {
+                match self.next().await {
+                    Ev::Headers {
+                        stream,
+                        end,
+                        status_200,
+                    } if stream == id => {
+                        got_200 = status_200;
+                        if end {
+                            return;
+                        }
+                    }
+                    Ev::Data { stream, end: true } if stream == id => return,
+                    Ev::Data { .. } => {}
+                    g @ Ev::GoAway { .. } => goaways.push(g),
+                    other => panic!("stream {id}: unexpected {other:?}"),
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "stream {id}: no complete response in {limit:?}");
+        assert!(got_200, "stream {id}: not a 200");
+        goaways
+    }
+
+    /// Reads until EOF; the GOAWAY codes seen on the way, and how long it took (`None`: still
+    /// open after `limit`).
+    async fn until_closed(&mut self, limit: Duration) -> (Vec<u32>, Option<Duration>) {
+        let start = Instant::now();
+        let mut codes = Vec::new();
+        let r = tokio::time::timeout(limit, async {
+            loop {
+                match self.next().await {
+                    Ev::GoAway { code } => codes.push(code),
+                    Ev::Eof => return,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        (codes, r.ok().map(|_| start.elapsed()))
+    }
+}
+
+fn frame_len(b: &[u8]) -> usize {
+    (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
+}
+
+// ------------------------------------------------------------------------------------------
+// idle_timeout
+
+#[tokio::test]
+async fn idle_http1_keepalive_connection_is_closed_after_idle_timeout() {
+    let a = start_backend("a").await;
+    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let mut s = TcpStream::connect(bal.addr).await.unwrap();
+    raw_get(&mut s, "/").await;
+    assert_eq!(read_status(&mut s, Duration::from_secs(5)).await, Ok(200));
+    // header_timeout is 10 s: only idle_timeout can close it this soon.
+    let t = closed_within(&mut s, Duration::from_secs(4))
+        .await
+        .expect("an idle keep-alive connection outlived idle_timeout");
+    assert!(
+        t >= Duration::from_millis(250),
+        "closed before idle_timeout: {t:?}"
+    );
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_request_in_flight_is_not_cut_by_idle_timeout() {
+    let a = start_backend("a").await;
+    a.set_delay(Duration::from_millis(1200));
+    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let mut s = TcpStream::connect(bal.addr).await.unwrap();
+    raw_get(&mut s, "/").await;
+    assert_eq!(read_status(&mut s, Duration::from_secs(5)).await, Ok(200));
+    // Idle from here on: closed after idle_timeout.
+    assert!(
+        closed_within(&mut s, Duration::from_secs(4))
+            .await
+            .is_some(),
+        "not closed once idle"
+    );
+    bal.shutdown().await;
+}
 
 #[tokio::test]
 async fn header_timeout_runs_from_a_heads_first_byte_not_from_the_idle_wait() {
@@ -135,5 +336,96 @@ async fn header_timeout_runs_from_a_heads_first_byte_not_from_the_idle_wait() {
     );
     assert!(t < Duration::from_secs(3), "cut too late: {t:?}");
     assert_eq!(a.requests(), 2);
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_h2_connection_gets_goaway_no_error_then_close() {
+    let a = start_backend("a").await;
+    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let mut c = H2::connect(bal.addr).await;
+    c.get(1, "/").await;
+    let early = c.response(1, Duration::from_secs(5)).await;
+    assert!(
+        early.is_empty(),
+        "GOAWAY while a stream was open: {early:?}"
+    );
+    let (codes, closed) = c.until_closed(Duration::from_secs(4)).await;
+    assert!(
+        closed.is_some(),
+        "an idle h2 connection outlived idle_timeout"
+    );
+    assert!(!codes.is_empty(), "closed without a GOAWAY");
+    assert!(
+        codes.iter().all(|&c| c == 0),
+        "GOAWAY codes {codes:?}, expected NO_ERROR"
+    );
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_stream_in_flight_is_not_cut_by_idle_timeout() {
+    let a = start_backend("a").await;
+    // Four idle timeouts' worth of waiting on the backend, with the client silent.
+    a.set_delay(Duration::from_millis(1200));
+    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let mut c = H2::connect(bal.addr).await;
+    c.get(1, "/").await;
+    let early = c.response(1, Duration::from_secs(5)).await;
+    assert!(
+        early.is_empty(),
+        "GOAWAY while a stream was in flight: {early:?}"
+    );
+    // Idle now: closed.
+    let (codes, closed) = c.until_closed(Duration::from_secs(4)).await;
+    assert!(closed.is_some(), "not closed once idle");
+    assert_eq!(codes.first(), Some(&0));
+    bal.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// max_connections
+
+#[tokio::test]
+async fn full_listener_closes_an_idle_h2_connection_to_admit_a_new_client() {
+    let a = start_backend("a").await;
+    // idle_timeout stays at its 60 s default: only making room can close one.
+    let bal = start_balancer(&config(
+        &[a.addr],
+        "round_robin",
+        "[limits]\nmax_connections = 5\n",
+    ))
+    .await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..5 {
+        let mut c = H2::connect(bal.addr).await;
+        c.get(1, "/").await;
+        let early = c.response(1, Duration::from_secs(5)).await;
+        assert!(early.is_empty());
+        // Idle from now on, answering PINGs for as long as the connection lives.
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (codes, closed) = c.until_closed(Duration::from_secs(30)).await;
+            let _ = tx.send((codes, closed.is_some()));
+        });
+    }
+    let start = Instant::now();
+    let g = tokio::time::timeout(Duration::from_secs(5), get(&client(), &bal.url("/")))
+        .await
+        .expect("a sixth client was locked out by five idle ones");
+    assert_eq!(g.status, 200);
+    println!("sixth client served after {:?}", start.elapsed());
+    let (codes, closed) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("no idle connection was closed")
+        .unwrap();
+    assert!(closed);
+    assert_eq!(codes.first(), Some(&0), "GOAWAY codes {codes:?}");
+    // Exactly one made room.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "more than one idle connection was closed"
+    );
     bal.shutdown().await;
 }

@@ -1,0 +1,380 @@
+//! The client connections of one listener: how many may be open (`max_connections`, resizable
+//! by a reload), which of them are idle, and asking idle ones to close, either because they
+//! have been idle for `idle_timeout` or because the listener is full and a new client waits
+//! (idle keep-alive connections make room first, as nginx reuses them, so idle clients can
+//! never lock out active ones).
+//!
+//! The request path never touches this module's lock: a request only moves its connection's
+//! `ConnInfo::activity` word (`conn::Active`). The table is locked when a connection opens or
+//! closes, by the sweeper (`listener::sweep`, a few times per `idle_timeout`, at most once a
+//! second) and by the accept loop when the listener is full.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::conn::{in_flight, ConnInfo};
+
+/// One listener's connections.
+pub struct Conns {
+    capacity: Arc<Capacity>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    next_id: u64,
+    /// Idle connections found by the last scan, oldest last (so `pop` takes it): the accept
+    /// loop evicts from here and rescans only once it is used up, so a full listener under a
+    /// stream of new clients pays a scan per batch of evictions, not per eviction.
+    candidates: Vec<Candidate>,
+}
+
+struct Entry {
+    info: Arc<ConnInfo>,
+    id: u64,
+    /// `activity` as last seen, and since when (ms): a word unchanged since then means no
+    /// request started or ended in between.
+    seen: u64,
+    seen_since: u64,
+    /// Already asked to close.
+    asked: bool,
+}
+
+struct Candidate {
+    since: u64,
+    slot: usize,
+    id: u64,
+}
+
+impl Entry {
+    /// Since when (ms, as far as observed) the connection has been idle; `None` if it is not.
+    fn idle_since(&mut self, now: u64) -> Option<u64> {
+        let a = self.info.activity.load(Relaxed);
+        if a != self.seen {
+            self.seen = a;
+            self.seen_since = now;
+        }
+        // A head that has started is header_timeout's, not idle.
+        (in_flight(a) == 0 && !self.info.head_pending.load(Relaxed)).then_some(self.seen_since)
+    }
+
+    fn ask(&mut self) {
+        self.asked = true;
+        // notify_one keeps the permit if the connection is not waiting on it yet.
+        self.info.close.notify_one();
+    }
+}
+
+/// Removes its connection from the table when the connection ends.
+pub struct Registered {
+    conns: Arc<Conns>,
+    slot: usize,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut t = self.conns.lock();
+        if let Some(s) = t.slots.get_mut(self.slot) {
+            *s = None;
+            t.free.push(self.slot);
+        }
+    }
+}
+
+impl Conns {
+    pub fn new(max_connections: u64) -> Arc<Conns> {
+        Arc::new(Conns {
+            capacity: Capacity::new(max_connections),
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Nothing panics while holding it; if something did, the table is still consistent
+        // enough to go on with (worst case an idle connection is not found).
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn capacity(&self) -> &Arc<Capacity> {
+        &self.capacity
+    }
+
+    /// Open connections known to the table.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let t = self.lock();
+        t.slots.len() - t.free.len()
+    }
+
+    pub fn register(self: &Arc<Self>, info: Arc<ConnInfo>, now: u64) -> Registered {
+        let mut t = self.lock();
+        let id = t.next_id;
+        t.next_id += 1;
+        let entry = Entry {
+            seen: info.activity.load(Relaxed),
+            info,
+            id,
+            seen_since: now,
+            asked: false,
+        };
+        let slot = match t.free.pop() {
+            Some(i) => {
+                t.slots[i] = Some(entry);
+                i
+            }
+            None => {
+                t.slots.push(Some(entry));
+                t.slots.len() - 1
+            }
+        };
+        Registered {
+            conns: Arc::clone(self),
+            slot,
+        }
+    }
+
+    /// Asks every connection idle for `idle_timeout` or more to close. Returns how many.
+    pub fn sweep(&self, now: u64, idle_timeout: Duration) -> usize {
+        let limit = idle_timeout.as_millis() as u64;
+        let mut t = self.lock();
+        let mut n = 0;
+        for e in t.slots.iter_mut().flatten() {
+            if e.asked {
+                continue;
+            }
+            if e.idle_since(now)
+                .is_some_and(|s| now.saturating_sub(s) >= limit)
+            {
+                e.ask();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Asks the connection idle the longest to close, to make room for a new one. Returns
+    /// whether one was asked.
+    pub fn evict_one(&self, now: u64) -> bool {
+        let mut t = self.lock();
+        let Table {
+            slots, candidates, ..
+        } = &mut *t;
+        for rescanned in [false, true] {
+            if rescanned {
+                candidates.clear();
+                for (slot, e) in slots.iter_mut().enumerate() {
+                    let Some(e) = e else { continue };
+                    if let (false, Some(since)) = (e.asked, e.idle_since(now)) {
+                        candidates.push(Candidate {
+                            since,
+                            slot,
+                            id: e.id,
+                        });
+                    }
+                }
+                candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.since));
+            }
+            while let Some(c) = candidates.pop() {
+                let Some(Some(e)) = slots.get_mut(c.slot) else {
+                    continue;
+                };
+                // Still the same connection, still idle since then (no request in between).
+                if e.id == c.id && !e.asked && e.idle_since(now) == Some(c.since) {
+                    e.ask();
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A listener's `max_connections`, as a semaphore whose size a reload can change: more
+/// permits are added at once; fewer are taken back from those available, and the rest as
+/// connections close (`debt`), so the open connections are never cut.
+pub struct Capacity {
+    sem: Arc<Semaphore>,
+    /// Permits still to take back: the next this many connections to close forget their
+    /// permit instead of returning it.
+    debt: AtomicUsize,
+    /// The size last asked for (clamped), changed only under this lock (reloads are serial,
+    /// but the lock keeps `resize` correct on its own).
+    size: Mutex<usize>,
+}
+
+/// A connection's place under `max_connections`.
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    capacity: Arc<Capacity>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            let owed = self
+                .capacity
+                .debt
+                .fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1))
+                .is_ok();
+            if owed {
+                p.forget();
+            }
+        }
+    }
+}
+
+fn clamp(max: u64) -> usize {
+    usize::try_from(max)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS)
+}
+
+impl Capacity {
+    pub fn new(max_connections: u64) -> Arc<Capacity> {
+        let n = clamp(max_connections);
+        Arc::new(Capacity {
+            sem: Arc::new(Semaphore::new(n)),
+            debt: AtomicUsize::new(0),
+            size: Mutex::new(n),
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let p = Arc::clone(&self.sem).try_acquire_owned().ok()?;
+        Some(self.slot(p))
+    }
+
+    /// Waits for a place; `None` only if the semaphore was closed (it never is).
+    pub async fn acquire(self: &Arc<Self>) -> Option<Slot> {
+        let p = Arc::clone(&self.sem).acquire_owned().await.ok()?;
+        Some(self.slot(p))
+    }
+
+    fn slot(self: &Arc<Self>, p: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(p),
+            capacity: Arc::clone(self),
+        }
+    }
+
+    /// Applies a new `max_connections`.
+    pub fn resize(&self, max_connections: u64) {
+        let new = clamp(max_connections);
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        let old = *size;
+        *size = new;
+        if new > old {
+            // Cancel what is still owed before adding permits.
+            let grow = new - old;
+            let owed = self
+                .debt
+                .fetch_update(Relaxed, Relaxed, |d| Some(d.saturating_sub(grow)))
+                .unwrap_or(0);
+            self.sem.add_permits(grow - owed.min(grow));
+        } else if new < old {
+            let shrink = old - new;
+            let taken = self.sem.forget_permits(shrink);
+            self.debt.fetch_add(shrink - taken, Relaxed);
+        }
+    }
+
+    /// Places free right now.
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.sem.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Active;
+
+    fn info() -> Arc<ConnInfo> {
+        ConnInfo::new(
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            Duration::from_secs(1),
+            None,
+        )
+    }
+
+    #[test]
+    fn shrinking_takes_permits_back_as_connections_close() {
+        let c = Capacity::new(3);
+        let a = c.try_acquire().unwrap();
+        let b = c.try_acquire().unwrap();
+        c.resize(1);
+        // One was available and is gone; one more is owed.
+        assert!(c.try_acquire().is_none());
+        drop(a);
+        assert!(c.try_acquire().is_none(), "the first close pays the debt");
+        drop(b);
+        let d = c.try_acquire().expect("one place at size 1");
+        assert!(c.try_acquire().is_none());
+        // Growing cancels what is owed before adding.
+        c.resize(2);
+        let e = c.try_acquire().expect("a second place at size 2");
+        drop((d, e));
+        assert_eq!(c.available(), 2);
+    }
+
+    #[test]
+    fn growing_while_in_debt() {
+        let c = Capacity::new(2);
+        let a = c.try_acquire().unwrap();
+        let b = c.try_acquire().unwrap();
+        c.resize(1); // owes 1
+        c.resize(3); // cancels the debt and adds 1
+        let x = c.try_acquire().expect("one free place at size 3");
+        assert!(c.try_acquire().is_none());
+        drop((a, b, x));
+        assert_eq!(c.available(), 3);
+    }
+
+    #[test]
+    fn idle_connections_are_swept_and_evicted_oldest_first() {
+        let conns = Conns::new(10);
+        let (old, young, busy) = (info(), info(), info());
+        let _r1 = conns.register(Arc::clone(&old), 1_000);
+        let _r2 = conns.register(Arc::clone(&young), 2_000);
+        let _r3 = conns.register(Arc::clone(&busy), 1_000);
+        let _req = Active::start(&busy);
+        assert_eq!(conns.sweep(2_500, Duration::from_millis(1_000)), 1);
+        assert!(old.close.notified().now_or_never_ready());
+        assert!(conns.evict_one(2_600));
+        assert!(young.close.notified().now_or_never_ready());
+        assert!(!conns.evict_one(2_700), "the busy one is never evicted");
+        assert_eq!(conns.len(), 3);
+    }
+
+    #[test]
+    fn a_request_in_between_restarts_the_idle_clock() {
+        let conns = Conns::new(10);
+        let c = info();
+        let _r = conns.register(Arc::clone(&c), 0);
+        drop(Active::start(&c));
+        // First look after the request: idle since now, not since registration.
+        assert_eq!(conns.sweep(5_000, Duration::from_millis(1_000)), 0);
+        assert_eq!(conns.sweep(5_999, Duration::from_millis(1_000)), 0);
+        assert_eq!(conns.sweep(6_000, Duration::from_millis(1_000)), 1);
+    }
+
+    trait NowOrNever {
+        fn now_or_never_ready(self) -> bool;
+    }
+
+    impl<F: std::future::Future> NowOrNever for F {
+        fn now_or_never_ready(self) -> bool {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            let mut f = std::pin::pin!(self);
+            f.as_mut().poll(&mut cx).is_ready()
+        }
+    }
+}
