@@ -53,6 +53,9 @@ pub enum RunError {
 
 struct Running {
     stop: watch::Sender<bool>,
+    /// A client listener's connections, resized when a reload changes max_connections (the
+    /// admin listener has none).
+    conns: Option<Arc<Conns>>,
 }
 
 /// The config file as the watcher sees it.
@@ -198,13 +201,20 @@ impl Controller {
         };
         tracing::info!(%addr, "listening");
         let max = self.shared.snapshot.load().limits.max_connections;
+        let conns = Conns::new(max);
         tokio::spawn(listener::run(
             l,
             Arc::clone(&self.shared),
             signals,
-            Conns::new(max),
+            Arc::clone(&conns),
         ));
-        self.listeners.insert(addr, Running { stop });
+        self.listeners.insert(
+            addr,
+            Running {
+                stop,
+                conns: Some(conns),
+            },
+        );
         self.started.push(addr);
     }
 
@@ -217,7 +227,7 @@ impl Controller {
             self.handle(),
             stop_rx,
         ));
-        self.admin = Some((addr, Running { stop }));
+        self.admin = Some((addr, Running { stop, conns: None }));
         self.started.push(addr);
     }
 
@@ -371,6 +381,12 @@ impl Controller {
             if let Some(r) = self.listeners.remove(&addr) {
                 tracing::info!(%addr, "listener removed; its open connections finish");
                 let _ = r.stop.send(true);
+            }
+        }
+        // Listeners that stay take the new max_connections (new ones start with it).
+        for r in self.listeners.values() {
+            if let Some(c) = &r.conns {
+                c.capacity().resize(next.limits.max_connections);
             }
         }
         for (addr, l) in fresh {

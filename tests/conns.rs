@@ -1,6 +1,7 @@
 //! Client connections: `[limits] idle_timeout` (idle HTTP/1.1 keep-alive and idle h2
 //! connections are closed, busy ones never; header_timeout times a head from its first byte,
-//! not the idle wait before it), and idle connections making room at `max_connections`.
+//! not the idle wait before it), idle connections making room at `max_connections`, and
+//! reloads resizing `max_connections`.
 //!
 //! Real sockets and short configured timeouts; assertions are on what the client sees
 //! (answers, GOAWAY, EOF), with generous upper bounds for a loaded machine.
@@ -10,6 +11,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use balancer::reload::Trigger;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -426,6 +428,89 @@ async fn full_listener_closes_an_idle_h2_connection_to_admit_a_new_client() {
     assert!(
         rx.try_recv().is_err(),
         "more than one idle connection was closed"
+    );
+    bal.shutdown().await;
+}
+
+/// A client whose request the backend holds: a connection that is never idle.
+async fn busy_client(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    raw_get(&mut s, "/").await;
+    s
+}
+
+/// Whether a client connecting now is answered within `wait`.
+async fn served_within(addr: SocketAddr, wait: Duration) -> (TcpStream, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    raw_get(&mut s, "/").await;
+    let mut b = [0u8; 1];
+    let served = tokio::time::timeout(wait, s.peek(&mut b)).await.is_ok();
+    (s, served)
+}
+
+fn limits(max: u64) -> String {
+    format!("[limits]\nmax_connections = {max}\n")
+}
+
+#[tokio::test]
+async fn reload_raising_max_connections_admits_waiting_clients() {
+    let a = start_backend("a").await;
+    a.set_mode(Mode::Hang);
+    let cfg = |max| config(&[a.addr], "round_robin", &limits(max));
+    let bal = start_balancer(&cfg(1)).await;
+    let busy = busy_client(bal.addr).await;
+    assert!(
+        eventually(Duration::from_secs(5), || a.requests() == 1).await,
+        "the first request never reached the backend"
+    );
+    a.set_mode(Mode::Ok);
+    let (mut waiting, served) = served_within(bal.addr, Duration::from_millis(600)).await;
+    assert!(!served, "served beyond max_connections = 1");
+    bal.write_config(&cfg(3));
+    bal.handle.reload(Trigger::Admin).await.unwrap();
+    assert_eq!(
+        read_status(&mut waiting, Duration::from_secs(3)).await,
+        Ok(200),
+        "a waiting client was not admitted after max_connections went up"
+    );
+    let (_third, served) = served_within(bal.addr, Duration::from_secs(3)).await;
+    assert!(
+        served,
+        "a third connection was not admitted at max_connections = 3"
+    );
+    drop(busy);
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_lowering_max_connections_holds_new_clients_until_enough_close() {
+    let a = start_backend("a").await;
+    a.set_mode(Mode::Hang);
+    let cfg = |max| config(&[a.addr], "round_robin", &limits(max));
+    let bal = start_balancer(&cfg(3)).await;
+    let busy1 = busy_client(bal.addr).await;
+    let busy2 = busy_client(bal.addr).await;
+    assert!(
+        eventually(Duration::from_secs(5), || a.requests() == 2).await,
+        "the requests never reached the backend"
+    );
+    a.set_mode(Mode::Ok);
+    bal.write_config(&cfg(1));
+    bal.handle.reload(Trigger::Admin).await.unwrap();
+    // Two open, limit 1: the place that was free is gone.
+    let (mut waiting, served) = served_within(bal.addr, Duration::from_millis(600)).await;
+    assert!(!served, "served with 2 open at max_connections = 1");
+    // One closes: still at the limit.
+    drop(busy1);
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(600), waiting.peek(&mut b)).await;
+    assert!(early.is_err(), "served with 1 open at max_connections = 1");
+    // The other closes: now there is room.
+    drop(busy2);
+    assert_eq!(
+        read_status(&mut waiting, Duration::from_secs(3)).await,
+        Ok(200),
+        "not admitted once the open connections fell under the new max_connections"
     );
     bal.shutdown().await;
 }
