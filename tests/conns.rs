@@ -16,8 +16,9 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn with_idle(ms: u64) -> impl FnOnce(&mut balancer::Config) {
-    move |c| c.limits.idle_timeout = Duration::from_millis(ms)
+/// `[limits]` with a short idle_timeout.
+fn idle(ms: u64) -> String {
+    format!("[limits]\nidle_timeout = \"{ms}ms\"\n")
 }
 
 // ------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ fn frame_len(b: &[u8]) -> usize {
 #[tokio::test]
 async fn idle_http1_keepalive_connection_is_closed_after_idle_timeout() {
     let a = start_backend("a").await;
-    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", &idle(300))).await;
     let mut s = TcpStream::connect(bal.addr).await.unwrap();
     raw_get(&mut s, "/").await;
     assert_eq!(read_status(&mut s, Duration::from_secs(5)).await, Ok(200));
@@ -271,7 +272,7 @@ async fn idle_http1_keepalive_connection_is_closed_after_idle_timeout() {
 async fn http1_request_in_flight_is_not_cut_by_idle_timeout() {
     let a = start_backend("a").await;
     a.set_delay(Duration::from_millis(1200));
-    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", &idle(300))).await;
     let mut s = TcpStream::connect(bal.addr).await.unwrap();
     raw_get(&mut s, "/").await;
     assert_eq!(read_status(&mut s, Duration::from_secs(5)).await, Ok(200));
@@ -288,14 +289,11 @@ async fn http1_request_in_flight_is_not_cut_by_idle_timeout() {
 #[tokio::test]
 async fn header_timeout_runs_from_a_heads_first_byte_not_from_the_idle_wait() {
     let a = start_backend("a").await;
-    let bal = start_balancer_with(
-        &config(
-            &[a.addr],
-            "round_robin",
-            "[limits]\nheader_timeout = \"1s\"\n",
-        ),
-        with_idle(5000),
-    )
+    let bal = start_balancer(&config(
+        &[a.addr],
+        "round_robin",
+        "[limits]\nheader_timeout = \"1s\"\nidle_timeout = \"5s\"\n",
+    ))
     .await;
     let mut s = TcpStream::connect(bal.addr).await.unwrap();
     raw_get(&mut s, "/").await;
@@ -344,7 +342,7 @@ async fn header_timeout_runs_from_a_heads_first_byte_not_from_the_idle_wait() {
 #[tokio::test]
 async fn idle_h2_connection_gets_goaway_no_error_then_close() {
     let a = start_backend("a").await;
-    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", &idle(300))).await;
     let mut c = H2::connect(bal.addr).await;
     c.get(1, "/").await;
     let early = c.response(1, Duration::from_secs(5)).await;
@@ -370,7 +368,7 @@ async fn h2_stream_in_flight_is_not_cut_by_idle_timeout() {
     let a = start_backend("a").await;
     // Four idle timeouts' worth of waiting on the backend, with the client silent.
     a.set_delay(Duration::from_millis(1200));
-    let bal = start_balancer_with(&config(&[a.addr], "round_robin", ""), with_idle(300)).await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", &idle(300))).await;
     let mut c = H2::connect(bal.addr).await;
     c.get(1, "/").await;
     let early = c.response(1, Duration::from_secs(5)).await;

@@ -294,15 +294,6 @@ impl Balancer {
 /// Starts the balancer in-process on the config `template`, where `{listen}` and `{admin}`
 /// are replaced with addresses the harness bound on 127.0.0.1:0.
 pub async fn start_balancer(template: &str) -> Balancer {
-    start_balancer_with(template, |_| {}).await
-}
-
-/// `start_balancer`, with `patch` applied to the loaded config before start (for settings the
-/// TOML cannot express yet; a reload re-reads the file and drops the patch).
-pub async fn start_balancer_with(
-    template: &str,
-    patch: impl FnOnce(&mut balancer::Config),
-) -> Balancer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -313,9 +304,8 @@ pub async fn start_balancer_with(
         .replace("{listen}", &addr.to_string())
         .replace("{admin}", &admin_addr.to_string());
     std::fs::write(&config_path, &text).unwrap();
-    let mut config = balancer::Config::load(&config_path)
+    let config = balancer::Config::load(&config_path)
         .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
-    patch(&mut config);
     let opts = balancer::Options {
         config_path: config_path.clone(),
         config,
