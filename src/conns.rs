@@ -158,8 +158,8 @@ impl Conns {
     }
 
     /// Asks the connection idle the longest to close, to make room for a new one. Returns
-    /// whether one was asked.
-    pub fn evict_one(&self, now: u64) -> bool {
+    /// the one asked, if any.
+    pub fn evict_one(&self, now: u64) -> Option<Arc<ConnInfo>> {
         let mut t = self.lock();
         let Table {
             slots, candidates, ..
@@ -186,11 +186,11 @@ impl Conns {
                 // Still the same connection, still idle since then (no request in between).
                 if e.id == c.id && !e.asked && e.idle_since(now) == Some(c.since) {
                     e.ask();
-                    return true;
+                    return Some(Arc::clone(&e.info));
                 }
             }
         }
-        false
+        None
     }
 }
 
@@ -347,9 +347,13 @@ mod tests {
         let _req = Active::start(&busy);
         assert_eq!(conns.sweep(2_500, Duration::from_millis(1_000)), 1);
         assert!(old.close.notified().now_or_never_ready());
-        assert!(conns.evict_one(2_600));
+        let asked = conns.evict_one(2_600).expect("one idle left");
+        assert!(Arc::ptr_eq(&asked, &young));
         assert!(young.close.notified().now_or_never_ready());
-        assert!(!conns.evict_one(2_700), "the busy one is never evicted");
+        assert!(
+            conns.evict_one(2_700).is_none(),
+            "the busy one is never evicted"
+        );
         assert_eq!(conns.len(), 3);
     }
 

@@ -102,19 +102,30 @@ pub async fn run(
     }
 }
 
-/// How long the accept loop waits for the idle connection it asked to close before asking
-/// another (the first may have started a request meanwhile, or be slow to answer its GOAWAY's
-/// PING).
+/// How often the accept loop, waiting for a place, looks again for an idle connection to ask
+/// to make room (none was idle, or the one asked started a request instead of closing).
 const EVICT_RETRY: Duration = Duration::from_millis(200);
 
 /// The listener is full and a client has been accepted: waits for a place, asking the
 /// connection idle the longest to make room. `None`: the listener is stopping.
 async fn admit(conns: &Conns, stop: &mut watch::Receiver<bool>) -> Option<Slot> {
+    let mut asked: Option<(Arc<ConnInfo>, tokio::time::Instant)> = None;
     loop {
         if let Some(s) = conns.capacity().try_acquire() {
             return Some(s);
         }
-        conns.evict_one(now_ms());
+        // One asked and still idle is on its way out (an h2 client answering the GOAWAY's
+        // PING; `drive` drops it after IDLE_CLOSE_GRACE at worst): asking more would close
+        // connections for nothing. Past that grace it is gone and its place went elsewhere
+        // (to a lowered max_connections).
+        let on_its_way = asked
+            .as_ref()
+            .is_some_and(|(c, at)| c.is_idle() && at.elapsed() < IDLE_CLOSE_GRACE + EVICT_RETRY);
+        if !on_its_way {
+            asked = conns
+                .evict_one(now_ms())
+                .map(|c| (c, tokio::time::Instant::now()));
+        }
         tokio::select! {
             biased;
             _ = stopped(stop) => return None,
