@@ -7,16 +7,16 @@
 //! ```text
 //! request path (no locks)                         control path (one task: control.rs)
 //! listener  accept -> TLS -> hyper h1|h2          SIGHUP | file change (watch) | POST /reload
-//! conn      ConnInfo per connection                reload::prepare  (blocking thread)
+//! conn(s)   ConnInfo; idle ones closed             reload::prepare  (blocking thread)
 //! proxy     handle -> forward                        config: text -> Config (file:line:col)
 //! request     check, authority, normalise path       state:  Snapshot::build(cfg, prev)
 //! state       snap.route(host, path)     -> 404              (same Arc<Backend> per pool+address)
 //! balance     pool.pick(now, tried)      -> 503      listeners: bind added
 //! upstream    send (pooled conn)                     reload::swap (one store)
-//! classify    classify(result) -> Verdict            listeners: stop removed
+//! classify    classify(result) -> Verdict            listeners: stop removed, resize the rest
 //! backend     guard.record(outcome)  breaker+counters health: sync tasks
 //! answer      ProxyError -> status, close, log       idle conns of removed backends closed
-//! response_body  streams back; guard drops at its end   listeners: resize max_connections
+//! response_body  streams back; guard drops at its end
 //! ```
 
 #![forbid(unsafe_code)]
