@@ -130,6 +130,12 @@ async fn forward(
         Some(_) => parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
         None => None,
     };
+    if parts.version == Version::HTTP_2 {
+        request::join_cookie_crumbs(&mut parts.headers);
+    }
+    if !snap.limits.allow_underscores_in_headers {
+        request::drop_underscored(&mut parts.headers);
+    }
     request::rewrite_request_headers(&mut parts.headers, authority, conn);
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::UPGRADE, proto.clone());

@@ -2,6 +2,8 @@
 //! (CONNECT, header limits, a bad `Host`), the authority and the normalised path that routing
 //! and the backend both see, and the forwarded headers (`X-Forwarded-*`, hop-by-hop removed).
 
+use std::borrow::Cow;
+
 use bytes::BytesMut;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
@@ -34,6 +36,7 @@ pub fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<()
     if parts.headers.len() > MAX_HEADER_FIELDS {
         return Err(ProxyError::HeadersTooLarge);
     }
+    check_transfer_codings(&parts.headers)?;
     let max = snap.limits.max_header_bytes;
     // hyper enforces the limit itself from MIN_HEADER_BUFFER up; below that, count here.
     if max < crate::config::MIN_HEADER_BUFFER {
@@ -46,6 +49,33 @@ pub fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<()
         if total as u64 > max {
             return Err(ProxyError::HeadersTooLarge);
         }
+    }
+    Ok(())
+}
+
+/// hyper accepts any `Transfer-Encoding` whose last coding is `chunked` and decodes only
+/// that one: the body of `gzip, chunked` would reach the backend still gzipped and no longer
+/// labelled so. Codings we do not implement are a 501 (RFC 9112 §6.1), and chunked applied
+/// twice (RFC 9112 §7: MUST NOT) a 400.
+fn check_transfer_codings(h: &HeaderMap) -> Result<(), ProxyError> {
+    let mut chunked = 0;
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let v = v
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest("invalid Transfer-Encoding"))?;
+        for coding in v.split(',') {
+            let name = coding.split(';').next().unwrap_or("").trim();
+            if name.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else if !name.is_empty() {
+                return Err(ProxyError::UnsupportedTransferCoding(
+                    "only chunked is implemented",
+                ));
+            }
+        }
+    }
+    if chunked > 1 {
+        return Err(ProxyError::BadRequest("chunked applied more than once"));
     }
     Ok(())
 }
@@ -68,14 +98,17 @@ pub fn authority(parts: &http::request::Parts) -> Result<Option<HeaderValue>, Pr
                 }
             }
         }
+        // `http`'s parser accepts userinfo (`evil@a.example`), which RFC 9113 §8.3.1 and
+        // RFC 9110 §4.2.4 forbid here.
+        if !valid_host(a.as_str().as_bytes()) {
+            return Err(ProxyError::BadRequest("invalid authority"));
+        }
         return HeaderValue::from_str(a.as_str())
             .map(Some)
             .map_err(|_| ProxyError::BadRequest("invalid authority"));
     }
     match host {
-        Some(h) if !h.is_empty() && h.as_bytes().iter().all(|b| b.is_ascii_graphic()) => {
-            Ok(Some(h.clone()))
-        }
+        Some(h) if valid_host(h.as_bytes()) => Ok(Some(h.clone())),
         Some(_) => Err(ProxyError::BadRequest("invalid Host header")),
         None if parts.version == Version::HTTP_11 => {
             Err(ProxyError::BadRequest("missing Host header"))
@@ -84,53 +117,174 @@ pub fn authority(parts: &http::request::Parts) -> Result<Option<HeaderValue>, Pr
     }
 }
 
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2) with a host routing can trust: a bracketed IP
+/// literal, or a reg-name of non-empty labels (one trailing dot allowed) without userinfo, and
+/// a decimal port up to 65535. Anything else could be matched differently by a route and by
+/// the backend.
+pub fn valid_host(h: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = h.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.')
+        {
+            return false;
+        }
+        let after = &rest[end + 1..];
+        match after.strip_prefix(b":") {
+            Some(p) => (None, Some(p)),
+            None if after.is_empty() => (None, None),
+            None => return false,
+        }
+    } else {
+        match h.iter().rposition(|b| *b == b':') {
+            Some(i) => (Some(&h[..i]), Some(&h[i + 1..])),
+            None => (Some(h), None),
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty()
+            || p.len() > 5
+            || !p.iter().all(u8::is_ascii_digit)
+            || std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_none_or(|n| n > 65535)
+        {
+            return false;
+        }
+    }
+    let Some(host) = host else {
+        return true;
+    };
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    !host.is_empty()
+        && host.split(|b| *b == b'.').all(|label| {
+            !label.is_empty()
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_~%!$&'()*+,;=".contains(b))
+        })
+}
+
 pub fn declared_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// Removes dot segments (RFC 3986 §5.2.4) so that routing and the backend see the same path,
-/// and `/public/../admin` is routed as `/admin`. Paths without dot segments are borrowed.
-pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
-    let has_dots = path.split('/').any(|s| {
-        s == "."
-            || s == ".."
-            || s.eq_ignore_ascii_case("%2e")
-            || s.eq_ignore_ascii_case("%2e%2e")
-            || s.eq_ignore_ascii_case(".%2e")
-            || s.eq_ignore_ascii_case("%2e.")
-    });
-    if !has_dots || !path.starts_with('/') {
-        return std::borrow::Cow::Borrowed(path);
+/// The path routing and the backend both see (RFC 3986 §6.2.2): escapes of unreserved
+/// characters decoded and the hex of the others upper-cased (so `/%61dmin` is `/admin`), then
+/// dot segments removed (§5.2.4; decoding first makes `/%2e%2e/` one), then empty segments
+/// dropped (`//admin///x` is `/admin/x`). Reserved escapes (`%2F`, `%3F`) stay encoded: they
+/// mean something else decoded. Paths already in that form, nearly all of them, are borrowed.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    if !path.starts_with('/') || is_normal(path.as_bytes()) {
+        return Cow::Borrowed(path);
     }
+    let decoded = decode_unreserved(path);
     let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path[1..].split('/').collect();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
     let last = segments.len().saturating_sub(1);
     for (i, seg) in segments.iter().enumerate() {
-        let dot = *seg == "." || seg.eq_ignore_ascii_case("%2e");
-        let dotdot = *seg == ".."
-            || seg.eq_ignore_ascii_case("%2e%2e")
-            || seg.eq_ignore_ascii_case(".%2e")
-            || seg.eq_ignore_ascii_case("%2e.");
-        if dot || dotdot {
-            if dotdot {
-                out.pop();
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." {
+                    out.pop();
+                }
+                if i == last {
+                    out.push("");
+                }
             }
-            if i == last {
-                out.push("");
-            }
-        } else {
-            out.push(seg);
+            _ => out.push(seg),
         }
     }
-    let mut s = String::with_capacity(path.len());
-    for seg in &out {
+    let keep = out.len().saturating_sub(1);
+    let mut s = String::with_capacity(decoded.len());
+    for (i, seg) in out.iter().enumerate() {
+        // An empty segment only survives as the trailing slash.
+        if seg.is_empty() && i != keep {
+            continue;
+        }
         s.push('/');
         s.push_str(seg);
     }
     if s.is_empty() {
         s.push('/');
     }
-    std::borrow::Cow::Owned(s)
+    Cow::Owned(s)
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// One pass over the bytes: no escape to decode or upper-case, no empty, `.` or `..` segment.
+fn is_normal(p: &[u8]) -> bool {
+    let mut seg_start = 1;
+    let mut i = 1;
+    while i <= p.len() {
+        match p.get(i) {
+            None | Some(b'/') => {
+                let seg = &p[seg_start..i];
+                if seg == b"." || seg == b".." || (seg.is_empty() && i < p.len()) {
+                    return false;
+                }
+                seg_start = i + 1;
+            }
+            Some(b'%') => {
+                if let (Some(&h), Some(&l)) = (p.get(i + 1), p.get(i + 2)) {
+                    if let (Some(hv), Some(lv)) = (hex(h), hex(l)) {
+                        if is_unreserved(hv << 4 | lv)
+                            || h.is_ascii_lowercase()
+                            || l.is_ascii_lowercase()
+                        {
+                            return false;
+                        }
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Decodes escapes of unreserved characters and upper-cases the hex of the rest; a `%` not
+/// followed by two hex digits is left as it is.
+fn decode_unreserved(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = String::with_capacity(p.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let (Some(&h), Some(&l)) = (b.get(i + 1), b.get(i + 2)) {
+                if let (Some(hv), Some(lv)) = (hex(h), hex(l)) {
+                    let c = hv << 4 | lv;
+                    if is_unreserved(c) {
+                        out.push(c as char);
+                    } else {
+                        out.push('%');
+                        out.push(h.to_ascii_uppercase() as char);
+                        out.push(l.to_ascii_uppercase() as char);
+                    }
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        // Paths are ASCII (the URI parser refuses anything else), so bytes are chars.
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
 }
 
 pub fn upstream_uri(uri: &Uri, path: &str) -> Result<Uri, ProxyError> {
@@ -148,6 +302,42 @@ pub fn upstream_uri(uri: &Uri, path: &str) -> Result<Uri, ProxyError> {
         s.push_str(q);
     }
     Uri::try_from(s).map_err(|_| ProxyError::BadRequest("invalid target"))
+}
+
+/// h2 clients may split `cookie` into one field per pair (RFC 9113 §8.2.3); an HTTP/1.1
+/// backend expects a single `Cookie` line, so the crumbs are joined with "; " again.
+pub fn join_cookie_crumbs(h: &mut HeaderMap) {
+    let mut crumbs = h.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = BytesMut::with_capacity(256);
+    for (i, v) in h.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
+/// Drops request headers whose name has a `_` (nginx's default): CGI-style backends map
+/// `X_Forwarded_For` and `X-Forwarded-For` to the same variable, so a client could pass off
+/// its own value as one the balancer set.
+pub fn drop_underscored(h: &mut HeaderMap) {
+    if !h.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in names {
+        h.remove(n);
+    }
 }
 
 static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -198,5 +388,124 @@ mod tests {
         assert_eq!(normalize_path("/../../x"), "/x");
         assert_eq!(normalize_path("/a/%2e%2e/b"), "/b");
         assert_eq!(normalize_path("/a/.."), "/");
+    }
+
+    #[test]
+    fn unreserved_escapes_decoded_and_slashes_merged() {
+        assert_eq!(normalize_path("/%61dmin"), "/admin");
+        assert_eq!(normalize_path("/%61%44min/x"), "/aDmin/x");
+        assert_eq!(normalize_path("/%7euser"), "/~user");
+        assert_eq!(normalize_path("/a%2db%2E%5f"), "/a-b._");
+        assert_eq!(normalize_path("//admin///x"), "/admin/x");
+        assert_eq!(normalize_path("//"), "/");
+        assert_eq!(normalize_path("/a//"), "/a/");
+        assert_eq!(normalize_path("/%2e%2e/admin"), "/admin");
+        assert_eq!(normalize_path("/public/%2E./admin"), "/admin");
+        assert_eq!(normalize_path("/public//../d"), "/public/d");
+        assert_eq!(normalize_path("/x/%2E%2E//%61dmin"), "/admin");
+        // Reserved and non-ASCII escapes stay encoded, in upper case.
+        assert_eq!(normalize_path("/a%2fb"), "/a%2Fb");
+        assert_eq!(normalize_path("/a%3f%23"), "/a%3F%23");
+        assert_eq!(normalize_path("/caf%c3%a9"), "/caf%C3%A9");
+        // Not an escape: left alone.
+        assert_eq!(normalize_path("/a%zz%4"), "/a%zz%4");
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for p in [
+            "/",
+            "/a/b",
+            "/a/",
+            "/a%2Fb",
+            "/caf%C3%A9",
+            "/a.b/.c/..d",
+            "/a%zz",
+            "*",
+        ] {
+            assert!(matches!(normalize_path(p), Cow::Borrowed(_)), "{p}");
+        }
+        for p in ["/a%2fb", "/%41", "//", "/a//b", "/.", "/a/..", "/a/./b"] {
+            assert!(matches!(normalize_path(p), Cow::Owned(_)), "{p}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for h in [
+            "a.example",
+            "a.example.",
+            "a.example:8080",
+            "localhost",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "under_score.example",
+        ] {
+            assert!(valid_host(h.as_bytes()), "{h}");
+        }
+        for h in [
+            "",
+            "evil@a.example",
+            "a..example",
+            ".a.example",
+            "a.example..",
+            "a.example:",
+            "a.example:65536",
+            "a.example:8o",
+            "a.example:123456",
+            "a:b:c",
+            "[::1",
+            "[::1]x",
+            "[]",
+            "a/b",
+            "a b",
+            "a\\b",
+            ":80",
+        ] {
+            assert!(!valid_host(h.as_bytes()), "{h}");
+        }
+    }
+
+    #[test]
+    fn cookie_crumbs_joined_and_underscores_dropped() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append("x_forwarded_for", HeaderValue::from_static("1.2.3.4"));
+        h.append("x-kept", HeaderValue::from_static("1"));
+        join_cookie_crumbs(&mut h);
+        drop_underscored(&mut h);
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+        assert!(h.get("x_forwarded_for").is_none());
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let te = |v: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in v {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            check_transfer_codings(&h)
+        };
+        assert!(te(&[]).is_ok());
+        assert!(te(&["chunked"]).is_ok());
+        assert!(te(&["Chunked"]).is_ok());
+        assert!(matches!(
+            te(&["gzip, chunked"]),
+            Err(ProxyError::UnsupportedTransferCoding(_))
+        ));
+        assert!(matches!(
+            te(&["x", "chunked"]),
+            Err(ProxyError::UnsupportedTransferCoding(_))
+        ));
+        assert!(matches!(
+            te(&["chunked", "chunked"]),
+            Err(ProxyError::BadRequest(_))
+        ));
     }
 }

@@ -97,3 +97,45 @@ async fn h2_stream_whose_window_never_opens_is_reset() {
     assert_eq!(resp.await.unwrap().status(), 200);
     bal.shutdown().await;
 }
+
+/// RFC 9113 §8.2.3: an h2 client may send each cookie pair as its own field; an HTTP/1.1
+/// backend must get them back as one `Cookie` line.
+#[tokio::test]
+async fn h2_cookie_crumbs_reach_an_http1_backend_as_one_header() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
+    let mut send = h2(bal.addr, 65_535).await;
+    let req = Request::get("http://a.example/c")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    let h = a.state.last_headers.lock().unwrap().clone().unwrap();
+    let cookies: Vec<&str> = h
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    bal.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_authority_that_is_not_a_valid_host_is_refused() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(&[a.addr], "round_robin", "")).await;
+    let mut send = h2(bal.addr, 65_535).await;
+    for authority in ["evil@a.example", "a..example", "a.example:99999"] {
+        let req = Request::get(format!("http://{authority}/x"))
+            .body(())
+            .unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 400, "{authority}");
+        send = send.ready().await.unwrap();
+    }
+    assert_eq!(a.requests(), 0, "a refused request reached the backend");
+    bal.shutdown().await;
+}
