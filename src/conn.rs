@@ -52,6 +52,9 @@ pub struct ConnInfo {
     /// Asks the connection to close once idle (idle timeout reached, or its listener is at
     /// max_connections and a new client waits): `listener::drive` shuts it down gracefully.
     pub close: Notify,
+    /// Set when the balancer gave up on a client that stopped reading (a write blocked past
+    /// the send timeout): the responses cut then are the balancer's doing, and logged so.
+    pub stalled: AtomicBool,
 }
 
 /// One in-flight unit of `activity.started`.
@@ -140,6 +143,7 @@ impl ConnInfo {
             activity: AtomicU64::new(0),
             head_pending: AtomicBool::new(false),
             close: Notify::new(),
+            stalled: AtomicBool::new(false),
         })
     }
 

@@ -290,7 +290,7 @@ fn respond(
     sent: Sent,
     guard: InFlight,
     log: Option<Box<LogEntry>>,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ResponseBody> {
     let upgrade_asked = client_upgrade.is_some();
@@ -311,6 +311,6 @@ fn respond(
     }
     Response::from_parts(
         parts,
-        ResponseBody::upstream(body, Some(sent.conn), guard, log),
+        ResponseBody::upstream(body, Some(sent.conn), guard, log, Arc::clone(conn)),
     )
 }

@@ -5,7 +5,10 @@
 //! connection (returned only when the exchange completed cleanly) and the access-log entry
 //! (written when the body ends or the client goes away).
 
+use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -15,8 +18,9 @@ use hyper::body::Incoming;
 
 use crate::accesslog::{self, Ending, LogEntry};
 use crate::backend::InFlight;
+use crate::conn::ConnInfo;
 use crate::idle::Conn;
-use crate::reason::{Failure, Reason};
+use crate::reason::{ClientEvent, Failure, Reason};
 
 /// The response sent to the client: one the balancer made itself, or a backend's, streamed.
 pub struct ResponseBody {
@@ -32,10 +36,17 @@ enum Kind {
 struct Upstream {
     inner: Incoming,
     done: bool,
-    failed: bool,
+    /// The backend broke the body: how.
+    failed: Option<Failure>,
+    /// Body bytes hyper took on and came back for more after: written, or queued behind
+    /// bytes that were (hyper asks for the next frame once the last one is on its way).
     bytes: u64,
+    /// The last data frame handed to hyper, counted once hyper comes back or the body ends:
+    /// an h2 stream without window holds it unsent.
+    pending: u64,
     conn: Option<Conn>,
     guard: InFlight,
+    client: Arc<ConnInfo>,
 }
 
 impl ResponseBody {
@@ -62,15 +73,18 @@ impl ResponseBody {
         conn: Option<Conn>,
         guard: InFlight,
         log: Option<Box<LogEntry>>,
+        client: Arc<ConnInfo>,
     ) -> ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(Box::new(Upstream {
                 inner,
                 done: false,
-                failed: false,
+                failed: None,
                 bytes: 0,
+                pending: 0,
                 conn,
                 guard,
+                client,
             })),
             log,
         }
@@ -88,6 +102,7 @@ impl Body for ResponseBody {
         match &mut self.get_mut().kind {
             Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => {
+                up.bytes += std::mem::take(&mut up.pending);
                 let polled = Pin::new(&mut up.inner).poll_frame(cx);
                 crate::stall::note_progress(polled.is_pending());
                 let res = ready!(polled);
@@ -95,13 +110,13 @@ impl Body for ResponseBody {
                     None => up.done = true,
                     Some(Ok(frame)) => {
                         if let Some(d) = frame.data_ref() {
-                            up.bytes += d.len() as u64;
+                            up.pending = d.len() as u64;
                         }
                         if up.inner.is_end_stream() {
                             up.done = true;
                         }
                     }
-                    Some(Err(_)) => up.failed = true,
+                    Some(Err(e)) => up.failed = Some(body_failure(e)),
                 }
                 Poll::Ready(res)
             }
@@ -128,21 +143,29 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Kind::Upstream(up) = &mut self.kind {
             let complete = up.done || up.inner.is_end_stream();
+            // Ours, not the client's: an h2 stream the watchdog resets, or a connection whose
+            // writes stayed blocked past the send timeout.
+            let reset = crate::stall::resetting() || up.client.stalled.load(Relaxed);
             if let Some(conn) = up.conn.take() {
                 if complete {
                     return_conn(&up.guard, conn);
                 }
             }
-            if up.failed {
-                up.guard.backend().note_late_failure(Failure::UpstreamReset);
+            if let Some(f) = up.failed {
+                up.guard.backend().note_late_failure(f);
             }
             if let Some(l) = self.log.as_deref_mut() {
                 l.bytes = up.bytes;
-                if up.failed {
-                    l.reason = Some(Reason::Failed(Failure::UpstreamReset));
+                if let Some(f) = up.failed {
+                    l.reason = Some(Reason::Failed(f));
                     l.outcome = Ending::UpstreamAborted;
+                } else if reset {
+                    l.reason = Some(Reason::Client(ClientEvent::ClientStalled));
+                    l.outcome = Ending::Reset;
                 } else if !complete {
                     l.outcome = Ending::ClientClosed;
+                } else {
+                    l.bytes += up.pending;
                 }
             }
         }
@@ -150,6 +173,27 @@ impl Drop for ResponseBody {
             accesslog::write(l);
         }
     }
+}
+
+/// A body the backend broke: bytes that are not HTTP (a bad chunk) are a protocol error,
+/// a body that stopped short (EOF, reset) is a reset.
+fn body_failure(e: &hyper::Error) -> Failure {
+    if e.is_parse() {
+        return Failure::UpstreamProtocol;
+    }
+    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            ) {
+                return Failure::UpstreamProtocol;
+            }
+        }
+        src = s.source();
+    }
+    Failure::UpstreamReset
 }
 
 /// How long a finished connection may take to become ready for the next request before it

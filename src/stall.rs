@@ -14,7 +14,7 @@
 //!   response, is not waiting on its backend, and has not been asked for data within the limit
 //!   is dropped, which makes h2 send RST_STREAM.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -74,7 +74,12 @@ impl<I> StallTimeout<I> {
             timer.as_mut().reset(deadline);
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, what)),
+            Poll::Ready(()) => {
+                if self.first_byte_seen {
+                    self.heads.info.stalled.store(true, Relaxed);
+                }
+                Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -261,6 +266,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
 thread_local! {
     /// The progress cell of the h2 stream being polled on this thread, if any.
     static CURRENT: RefCell<Option<Arc<AtomicU64>>> = const { RefCell::new(None) };
+    /// True while a stalled h2 stream is being dropped, so its response body can log that
+    /// the balancer reset it.
+    static RESETTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the response body being dropped belongs to an h2 stream the watchdog is resetting.
+pub fn resetting() -> bool {
+    RESETTING.with(|r| r.get())
 }
 
 /// Bit 0 of a progress cell: the body is waiting on its backend, not on the client.
@@ -291,7 +304,7 @@ where
 {
     fn execute(&self, fut: F) {
         tokio::spawn(Watched {
-            inner: Box::pin(fut),
+            inner: Some(Box::pin(fut)),
             progress: Some(Arc::new(AtomicU64::new(0))),
             timer: None,
             limit: self.limit,
@@ -300,7 +313,8 @@ where
 }
 
 struct Watched<F> {
-    inner: Pin<Box<F>>,
+    /// Taken out and dropped here when the stream is reset, to mark the drop as ours.
+    inner: Option<Pin<Box<F>>>,
     /// 0 until the response body is first polled; then (ms << 1) | WAITING_ON_BACKEND.
     progress: Option<Arc<AtomicU64>>,
     timer: Option<Pin<Box<Sleep>>>,
@@ -312,9 +326,12 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(());
+        };
         // Lend the cell to this thread for the duration of the poll, without cloning the Arc.
         let lent = CURRENT.with(|c| c.replace(this.progress.take()));
-        let r = this.inner.as_mut().poll(cx);
+        let r = inner.as_mut().poll(cx);
         this.progress = CURRENT.with(|c| c.replace(lent));
         if r.is_ready() {
             return Poll::Ready(());
@@ -334,6 +351,9 @@ impl<F: Future> Future for Watched<F> {
                 "h2 stream reset: peer did not open its window for {:?}",
                 this.limit
             );
+            RESETTING.with(|r| r.set(true));
+            this.inner = None;
+            RESETTING.with(|r| r.set(false));
             return Poll::Ready(());
         }
         let deadline = tokio::time::Instant::now()

@@ -1410,3 +1410,173 @@ async fn host_that_is_not_a_valid_host_gets_400() {
     ])
     .await;
 }
+
+// ------------------------------------------------------------------------------------------
+// Backends that break HTTP, and what the access log says about cut responses
+
+/// A backend on raw TCP that answers by path: `/cl-te` with both Content-Length and
+/// Transfer-Encoding, `/cut` with 10 of the 100 bytes it announced and a close, `/badchunk`
+/// with a chunk size that is not hex after 5 bytes, anything else `200 ok`. Counts
+/// connections opened and those the balancer closed.
+struct BrokenBackend {
+    addr: SocketAddr,
+    opened: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+}
+
+async fn start_broken_backend() -> BrokenBackend {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let opened = Arc::new(AtomicU64::new(0));
+    let closed = Arc::new(AtomicU64::new(0));
+    let (o, c) = (opened.clone(), closed.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            o.fetch_add(1, SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    let Some(end) = find(&buf, b"\r\n\r\n") else {
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => {
+                                c.fetch_add(1, SeqCst);
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let answer: &[u8] = match path.as_str() {
+                        "/raw/cl-te" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                        "/raw/cut" => b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+                        "/raw/badchunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        c.fetch_add(1, SeqCst);
+                        return;
+                    }
+                    if path == "/raw/cut" {
+                        let _ = s.flush().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    BrokenBackend {
+        addr,
+        opened,
+        closed,
+    }
+}
+
+fn broken_config(raw: SocketAddr, web: SocketAddr) -> String {
+    format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = true\nlevel = \"warn\"\n\
+         [limits]\nheader_timeout = \"1s\"\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n\
+         [[routes]]\npath_prefix = \"/raw\"\npool = \"raw\"\n\
+         [[routes]]\npath_prefix = \"/\"\npool = \"web\"\n\
+         [pools.raw]\nbackends = [\"{raw}\"]\n[pools.web]\nbackends = [\"{web}\"]\n"
+    )
+}
+
+/// A backend response with both Content-Length and Transfer-Encoding is a 502 with
+/// `upstream_protocol_error`, for HTTP/1.1 and h2 clients alike; its connection is closed,
+/// never pooled, and the next request works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_response_with_length_and_chunked_is_502_and_its_connection_dropped() {
+    let raw = start_broken_backend().await;
+    let web = start_backend("web").await;
+    let mut bin = start_binary(
+        &broken_config(raw.addr, web.addr),
+        std::process::Stdio::piped(),
+    );
+    let log = AccessLog::of(&mut bin);
+    let base = format!("http://{}", bin.addr);
+    for (proto, c) in [("HTTP/1.1", client()), ("HTTP/2", h2_client())] {
+        let g = get(&c, &format!("{base}/raw/cl-te")).await;
+        assert_eq!(g.status, 502, "{proto}: {}", g.body);
+        let l = log.line_for("/raw/cl-te");
+        assert_eq!(l["proto"], proto);
+        assert_eq!(l["status"], 502, "{l}");
+        assert_eq!(l["reason"], "upstream_protocol_error", "{l}");
+        assert!(
+            eventually(Duration::from_secs(5), || raw.closed.load(SeqCst)
+                == raw.opened.load(SeqCst))
+            .await,
+            "{proto}: the broken connection was kept ({} opened, {} closed)",
+            raw.opened.load(SeqCst),
+            raw.closed.load(SeqCst)
+        );
+        let g = get(&c, &format!("{base}/raw/ok")).await;
+        assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "ok"), "{proto}");
+        assert_eq!(log.line_for("/raw/ok")["status"], 200);
+    }
+    // Each broken response cost its connection; the /raw/ok one is pooled and reused.
+    assert_eq!(raw.opened.load(SeqCst), 3);
+}
+
+/// A backend that breaks its body mid-way: the client's response is cut, and the log says
+/// `upstream_aborted` with the backend's reason and the bytes that reached the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_cut_by_the_backend_is_logged_as_upstream_aborted() {
+    let raw = start_broken_backend().await;
+    let web = start_backend("web").await;
+    let mut bin = start_binary(
+        &broken_config(raw.addr, web.addr),
+        std::process::Stdio::piped(),
+    );
+    let log = AccessLog::of(&mut bin);
+    for (path, reason, bytes) in [
+        ("/raw/cut", "upstream_reset", 10),
+        ("/raw/badchunk", "upstream_protocol_error", 5),
+    ] {
+        let text = raw_async(
+            bin.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+        let l = log.line_for(path);
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["outcome"], "upstream_aborted", "{l}");
+        assert_eq!(l["reason"], reason, "{l}");
+        assert_eq!(l["bytes"], bytes, "{l}");
+    }
+}
+
+/// A client that stops reading a large response: the balancer gives up after the send
+/// timeout, and the log says it reset the response (`reset`, `client_stalled`), not that the
+/// client closed, with fewer bytes than the whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_logged_as_reset_by_the_balancer() {
+    let raw = start_broken_backend().await;
+    let web = start_backend("web").await;
+    let mut bin = start_binary(
+        &broken_config(raw.addr, web.addr),
+        std::process::Stdio::piped(),
+    );
+    let log = AccessLog::of(&mut bin);
+    const TOTAL: u64 = 64 * 1024 * 1024;
+    let mut s = TcpStream::connect(bin.addr).await.unwrap();
+    s.write_all(format!("GET /bytes/{TOTAL} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let l = log.line_for(&format!("/bytes/{TOTAL}"));
+    assert_eq!(l["status"], 200, "{l}");
+    assert_eq!(l["outcome"], "reset", "{l}");
+    assert_eq!(l["reason"], "client_stalled", "{l}");
+    assert!(l["bytes"].as_u64().unwrap() < TOTAL, "{l}");
+    drop(s);
+}

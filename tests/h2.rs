@@ -139,3 +139,34 @@ async fn h2_authority_that_is_not_a_valid_host_is_refused() {
     assert_eq!(a.requests(), 0, "a refused request reached the backend");
     bal.shutdown().await;
 }
+
+/// The balancer resets an h2 stream whose window never opens: the access log says so
+/// (`reset`, `client_stalled`), not that the client closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_stream_reset_for_a_stalled_window_is_logged_as_reset() {
+    let a = start_backend("a").await;
+    let tmpl = config(
+        &[a.addr],
+        "round_robin",
+        "[limits]\nheader_timeout = \"1s\"\n",
+    )
+    .replace("access = false", "access = true\nlevel = \"warn\"");
+    let mut bin = start_binary(&tmpl, std::process::Stdio::piped());
+    let log = AccessLog::of(&mut bin);
+    let mut send = h2(bin.addr, 0).await;
+    let req = Request::get(format!("http://{}/bytes/1000000", bin.addr))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("response headers")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let l = log.line_for("/bytes/1000000");
+    assert_eq!(l["proto"], "HTTP/2");
+    assert_eq!(l["outcome"], "reset", "{l}");
+    assert_eq!(l["reason"], "client_stalled", "{l}");
+    assert_eq!(l["bytes"], 0, "{l}");
+    drop(resp);
+}

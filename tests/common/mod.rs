@@ -687,3 +687,48 @@ pub fn generated_body(total: u64, chunk: usize, byte: u8) -> TestBody {
     .map_err(|never| match never {})
     .boxed()
 }
+
+// ------------------------------------------------------------------------------------------
+// The access log of the binary
+
+/// The binary's stdout, line by line, on a thread (the pipe must never fill up).
+pub struct AccessLog {
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl AccessLog {
+    pub fn of(bin: &mut BinaryBalancer) -> AccessLog {
+        let stdout = bin
+            .child
+            .stdout
+            .take()
+            .expect("start_binary with Stdio::piped()");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        AccessLog { rx }
+    }
+
+    /// The next line whose `path` is `path` (lines of other requests are skipped); panics
+    /// after 15 s without one. Needs a multi-threaded test runtime.
+    pub fn line_for(&self, path: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = tokio::task::block_in_place(|| self.rx.recv_timeout(left))
+                .unwrap_or_else(|_| panic!("no access log line for {path}"));
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+            if v["path"] == path {
+                return v;
+            }
+        }
+    }
+}
