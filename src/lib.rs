@@ -41,6 +41,7 @@ pub(crate) mod listener;
 // pub: the binary sets logging up.
 pub mod logging;
 pub(crate) mod metrics;
+pub(crate) mod preface;
 pub(crate) mod proxy;
 pub mod reason;
 pub mod reload;

@@ -25,6 +25,7 @@ use crate::config::{Limits, MIN_HEADER_BUFFER};
 use crate::conn::{Active, ConnInfo, DrainGuard, Tracked};
 use crate::conns::{Conns, Slot};
 use crate::framing::Sniffer;
+use crate::preface::{self, Opening};
 use crate::proxy;
 use crate::stall::{StallTimeout, StreamExec};
 use crate::state::Shared;
@@ -241,6 +242,20 @@ async fn serve(
             // A handshake that stalls is cut off like a slow request head.
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
+                    // ALPN is binding: h2 means HTTP/2 only; http/1.1, or no ALPN, HTTP/1.1
+                    // only. hyper-util picks by the first bytes, so they are checked first.
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let tls = match preface::read_opening(tls, limits.header_timeout).await {
+                        Opening::H2(io) if h2 => io,
+                        Opening::Other(io) if !h2 => io,
+                        Opening::H2(io) => {
+                            return preface::refuse_as_http1(io, limits.header_timeout).await
+                        }
+                        Opening::Other(io) => {
+                            return preface::refuse_as_h2(io, limits.header_timeout).await
+                        }
+                        Opening::Gone => return,
+                    };
                     let info = ConnInfo::new(
                         peer,
                         true,

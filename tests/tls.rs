@@ -152,7 +152,17 @@ fn client_config(
     Arc::new(cfg)
 }
 
+/// Offers http/1.1 only: ALPN is binding, and `h1_get` speaks HTTP/1.1.
 fn default_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    client_config(
+        ca_pem,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        &[b"http/1.1"],
+    )
+}
+
+/// Offers h2 first, like a browser.
+fn h2_first_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     client_config(
         ca_pem,
         &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -360,7 +370,7 @@ async fn alpn_h2_and_http11_both_work() {
     let bal = start_balancer(&tls_config(&[backend.addr], &[a], "")).await;
 
     // h2 offered first: negotiated, and spoken.
-    let s = tls_connect(bal.addr, "a.test", default_client(&ca.pem))
+    let s = tls_connect(bal.addr, "a.test", h2_first_client(&ca.pem))
         .await
         .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -892,4 +902,111 @@ async fn upstream_tls_default_name_is_the_backend_host() {
         "IP name",
     )
     .await;
+}
+
+/// Reads until the peer closes (or 5 s pass).
+async fn read_to_close(s: &mut TlsStream<TcpStream>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// The error code of the first GOAWAY among the h2 frames in `bytes`.
+fn goaway_code(mut bytes: &[u8]) -> Option<u32> {
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let kind = bytes[3];
+        let payload = bytes.get(9..9 + len)?;
+        if kind == 0x7 && len >= 8 {
+            return Some(u32::from_be_bytes([
+                payload[4], payload[5], payload[6], payload[7],
+            ]));
+        }
+        bytes = &bytes[9 + len..];
+    }
+    None
+}
+
+/// ALPN is binding (h2spec 3.5 #2): after `h2` only HTTP/2 is spoken, and a bad preface
+/// gets GOAWAY(PROTOCOL_ERROR), not an HTTP/1.1 answer; after `http/1.1`, or without ALPN,
+/// an h2 preface is not taken up as HTTP/2.
+#[tokio::test]
+async fn alpn_is_binding() {
+    let backend = start_backend("web1").await;
+    let ca = make_ca("Test CA");
+    let leaf = make_leaf(&ca, "a.test");
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_leaf(dir.path(), "a", &leaf);
+    let bal = start_balancer(&tls_config(&[backend.addr], &[a], "")).await;
+
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"[..],
+        &b"INVALID CONNECTION PREFACE\r\n\r\n"[..],
+    ] {
+        let mut s = tls_connect(bal.addr, "a.test", h2_first_client(&ca.pem))
+            .await
+            .unwrap();
+        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        s.write_all(garbage).await.unwrap();
+        let out = read_to_close(&mut s).await;
+        assert!(
+            !out.starts_with(b"HTTP/"),
+            "answered as HTTP/1: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        assert_eq!(
+            goaway_code(&out),
+            Some(1),
+            "no GOAWAY(PROTOCOL_ERROR): {out:?}"
+        );
+    }
+    assert_eq!(backend.requests(), 0);
+
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    for alpn in [&[&b"http/1.1"[..]][..], &[][..]] {
+        let mut s = tls_connect(
+            bal.addr,
+            "a.test",
+            client_config(&ca.pem, &[&rustls::version::TLS13], alpn),
+        )
+        .await
+        .unwrap();
+        s.write_all(preface).await.unwrap();
+        let out = read_to_close(&mut s).await;
+        assert!(
+            out.is_empty() || out.starts_with(b"HTTP/1.1 "),
+            "ALPN {alpn:?}: an h2 preface was taken up: {out:?}"
+        );
+    }
+    // Both still work when spoken as negotiated.
+    let s = tls_connect(
+        bal.addr,
+        "a.test",
+        client_config(&ca.pem, &[&rustls::version::TLS13], &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(h1_get(s, "a.test", "/").await.0, 200);
+    let s = tls_connect(bal.addr, "a.test", h2_first_client(&ca.pem))
+        .await
+        .unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://a.test/h2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
+    bal.shutdown().await;
 }

@@ -1,0 +1,151 @@
+//! ALPN is binding (RFC 9113 §3.3, RFC 7301): after a TLS client chose `h2` the connection
+//! speaks only HTTP/2; after `http/1.1`, or without ALPN, only HTTP/1.1. hyper-util's auto
+//! builder picks the protocol from the first bytes whatever ALPN said (and its
+//! `http1_only`/`http2_only` are ignored by `serve_connection_with_upgrades`), so the first
+//! bytes are read here and checked against ALPN before hyper sees them again.
+//!
+//! A bad preface after `h2` gets the GOAWAY(PROTOCOL_ERROR) RFC 9113 §3.4 allows (hyper's h2
+//! server would just drop the connection; h2spec 3.5 looks for it), after the empty SETTINGS
+//! frame that must open the server's side.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An empty SETTINGS frame, then GOAWAY(last stream 0, PROTOCOL_ERROR).
+const SETTINGS_THEN_GOAWAY: [u8; 9 + 17] = [
+    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, no parameters
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes of payload, stream 0
+    0, 0, 0, 0, // last stream id
+    0, 0, 0, 1, // PROTOCOL_ERROR
+];
+
+/// What a TLS client sent first.
+pub enum Opening<I> {
+    /// The HTTP/2 client preface.
+    H2(Replay<I>),
+    /// Anything else (an HTTP/1 request, garbage).
+    Other(Replay<I>),
+    /// Nothing within the limit, or the connection ended.
+    Gone,
+}
+
+/// Reads until the bytes are the h2 preface or cannot become it, within `limit`. The bytes
+/// read come back in front of the stream, so hyper-util's own protocol sniff sees them too
+/// and, given what ALPN allowed, picks the same protocol.
+pub async fn read_opening<I>(mut io: I, limit: Duration) -> Opening<I>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut buf = [0u8; 24];
+    let mut n = 0;
+    let read = tokio::time::timeout(limit, async {
+        while n < buf.len() {
+            let k = io.read(&mut buf[n..]).await.ok()?;
+            if k == 0 {
+                return None;
+            }
+            n += k;
+            // Decide at the first byte that differs rather than wait for 24 that may never
+            // come (a short HTTP/1 request, garbage).
+            if buf[..n] != PREFACE[..n] {
+                return Some(false);
+            }
+        }
+        Some(true)
+    })
+    .await;
+    let replay = || Replay {
+        inner: io,
+        buf,
+        len: n,
+        pos: 0,
+    };
+    match read {
+        Ok(Some(true)) => Opening::H2(replay()),
+        Ok(Some(false)) => Opening::Other(replay()),
+        Ok(None) | Err(_) => Opening::Gone,
+    }
+}
+
+/// After ALPN `h2`, anything but the preface: GOAWAY(PROTOCOL_ERROR), then close.
+pub async fn refuse_as_h2<I: AsyncWrite + Unpin>(mut io: I, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        io.write_all(&SETTINGS_THEN_GOAWAY).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+/// After ALPN `http/1.1` (or none), the h2 preface: what hyper's HTTP/1 server answers a
+/// `PRI * HTTP/2.0` request line with.
+pub async fn refuse_as_http1<I: AsyncWrite + Unpin>(mut io: I, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        io.write_all(
+            b"HTTP/1.1 505 HTTP Version Not Supported\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+/// A stream whose first bytes read are those `read_opening` took off it.
+pub struct Replay<I> {
+    inner: I,
+    buf: [u8; 24],
+    len: usize,
+    pos: usize,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.len {
+            let rest = &this.buf[this.pos..this.len];
+            let k = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..k]);
+            this.pos += k;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Replay<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
