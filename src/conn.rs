@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crossbeam_queue::SegQueue;
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{mpsc, Notify};
@@ -55,6 +56,11 @@ pub struct ConnInfo {
     /// Set when the balancer gave up on a client that stopped reading (a write blocked past
     /// the send timeout): the responses cut then are the balancer's doing, and logged so.
     pub stalled: AtomicBool,
+    /// h2 `:path`s that carried a `#`, as the URI parser cut them (`h2path.rs` finds them;
+    /// `proxy::forward` refuses the requests they became).
+    pub h2_fragments: SegQueue<Box<str>>,
+    /// The h2 header blocks could not be followed: paths can no longer be checked.
+    pub h2_unchecked: AtomicBool,
 }
 
 /// One in-flight unit of `activity.started`.
@@ -144,11 +150,39 @@ impl ConnInfo {
             head_pending: AtomicBool::new(false),
             close: Notify::new(),
             stalled: AtomicBool::new(false),
+            h2_fragments: SegQueue::new(),
+            h2_unchecked: AtomicBool::new(false),
         })
     }
 
     /// Whether no request or stream is in flight.
     pub fn is_idle(&self) -> bool {
         in_flight(self.activity.load(Relaxed)) == 0
+    }
+}
+
+impl ConnInfo {
+    /// Whether this h2 request's `:path` had a `#` (or could not be checked). Takes the
+    /// matching report off the queue; the queue is empty, and this one load, for nearly every
+    /// connection.
+    pub fn h2_fragment(&self, path_and_query: &str) -> bool {
+        if self.h2_unchecked.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        if self.h2_fragments.is_empty() {
+            return false;
+        }
+        let mut found = false;
+        for _ in 0..self.h2_fragments.len() {
+            let Some(p) = self.h2_fragments.pop() else {
+                break;
+            };
+            if !found && &*p == path_and_query {
+                found = true;
+            } else {
+                self.h2_fragments.push(p);
+            }
+        }
+        found
     }
 }

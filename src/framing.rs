@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::conn::ConnInfo;
+use crate::h2path::Follower;
 
 /// Heads longer than this are hyper's to refuse (431); the sniffer gives up on them.
 const MAX_HEAD: usize = 128 * 1024;
@@ -38,7 +39,10 @@ enum State {
     ChunkDataEnd,
     /// Trailer section after the last chunk: length of the current line.
     Trailers(usize),
-    /// Not HTTP/1 heads any more (h2, upgrade, garbage): pass bytes through.
+    /// An h2 connection (prior knowledge, or ALPN): its header blocks are followed for
+    /// `#` in `:path`.
+    H2(Box<Follower>),
+    /// Not HTTP/1 heads any more (upgrade, garbage): pass bytes through.
     Off,
 }
 
@@ -75,6 +79,10 @@ impl<I> Sniffer<I> {
         while !buf.is_empty() {
             match &mut self.state {
                 State::Off => return,
+                State::H2(f) => {
+                    f.feed(buf, &self.info);
+                    return;
+                }
                 State::Head if self.head.is_empty() => match head_end(buf, 0) {
                     // The usual case: the whole head arrived in one read; parse it in place.
                     Some(end) => {
@@ -168,6 +176,9 @@ impl<I> Sniffer<I> {
 
     /// Reads one complete head: notes ambiguous framing, and says how its body is framed.
     fn classify(&mut self, head: &[u8]) -> State {
+        if self.index == 0 && head == b"PRI * HTTP/2.0\r\n\r\n" {
+            return State::H2(Box::default());
+        }
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut req = httparse::Request::new(&mut headers);
         let Ok(httparse::Status::Complete(_)) = req.parse(head) else {

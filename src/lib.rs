@@ -34,6 +34,7 @@ pub(crate) mod conn;
 pub(crate) mod conns;
 pub(crate) mod control;
 pub(crate) mod framing;
+pub(crate) mod h2path;
 pub mod headers;
 pub(crate) mod health;
 pub mod idle;

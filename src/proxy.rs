@@ -105,6 +105,8 @@ async fn forward(
                 "ambiguous framing or a fragment in the target",
             ));
         }
+    } else if conn.h2_fragment(req.uri().path_and_query().map_or("", |p| p.as_str())) {
+        return Err(ProxyError::BadRequest("a fragment in :path"));
     }
     let (mut parts, body) = req.into_parts();
     request::check_request(snap, &parts)?;
