@@ -1364,7 +1364,6 @@ async fn header_names_with_underscores_are_dropped_by_default() {
 }
 
 #[tokio::test]
-#[ignore = "needs [limits] allow_underscores_in_headers parsed (config branch)"]
 async fn header_names_with_underscores_are_kept_when_allowed() {
     let a = start_backend("a").await;
     let bal = start_balancer(&config(
