@@ -51,10 +51,6 @@ struct Upstream {
 
 impl ResponseBody {
     pub fn local(text: &'static str, log: Option<Box<LogEntry>>) -> ResponseBody {
-        let mut log = log;
-        if let Some(l) = log.as_deref_mut() {
-            l.bytes = text.len() as u64;
-        }
         ResponseBody {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
             log,
@@ -99,8 +95,16 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
-            Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Local(b) => {
+                let text = b.take();
+                // Counted when hyper takes it: never for HEAD, nor for a client already gone.
+                if let (Some(t), Some(l)) = (&text, this.log.as_deref_mut()) {
+                    l.bytes = t.len() as u64;
+                }
+                Poll::Ready(text.map(|b| Ok(Frame::data(b))))
+            }
             Kind::Upstream(up) => {
                 up.bytes += std::mem::take(&mut up.pending);
                 let polled = Pin::new(&mut up.inner).poll_frame(cx);

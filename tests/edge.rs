@@ -1579,3 +1579,66 @@ async fn client_that_stops_reading_is_logged_as_reset_by_the_balancer() {
     assert!(l["bytes"].as_u64().unwrap() < TOTAL, "{l}");
     drop(s);
 }
+
+/// `bytes` is the body that went out: none for HEAD, whether the balancer or a backend
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_log_no_body_bytes() {
+    let raw = start_broken_backend().await;
+    let web = start_backend("web").await;
+    let mut bin = start_binary(
+        &broken_config(raw.addr, web.addr),
+        std::process::Stdio::piped(),
+    );
+    let log = AccessLog::of(&mut bin);
+    // A route that matches nothing: the balancer's own 404.
+    let tmpl = broken_config(raw.addr, web.addr).replace(
+        "[[routes]]\npath_prefix = \"/\"\npool = \"web\"\n",
+        "[[routes]]\npath_prefix = \"/web\"\npool = \"web\"\n",
+    );
+    write_binary_config(&bin, &tmpl);
+    bin.signal("HUP");
+    let c = client();
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            get(&c, &format!("http://{}/nowhere", bin.addr))
+                .await
+                .status
+                == 404
+        })
+        .await
+    );
+    let g = send(
+        &c,
+        Request::head(format!("http://{}/nowhere", bin.addr))
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(g.status, 404);
+    let g = send(
+        &c,
+        Request::head(format!("http://{}/web/x", bin.addr))
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(g.status, 200);
+    let mut heads = 0;
+    while heads < 2 {
+        let l = log.line_for("/nowhere");
+        if l["method"] == "GET" {
+            assert_eq!(l["bytes"], "404 Not Found\n".len(), "{l}");
+            continue;
+        }
+        assert_eq!(l["bytes"], 0, "{l}");
+        heads += 1;
+        let l = log.line_for("/web/x");
+        assert_eq!(
+            (l["status"].as_u64(), l["bytes"].as_u64()),
+            (Some(200), Some(0)),
+            "{l}"
+        );
+        heads += 1;
+    }
+}
