@@ -114,8 +114,7 @@ async fn probe_loop(
     tls: Option<UpstreamTlsConnector>,
 ) {
     tokio::time::sleep(jitter(cfg.interval)).await;
-    let mut passes = 0u32;
-    let mut failures = 0u32;
+    let mut streak = Streak::default();
     let mut conn = None;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,25 +131,45 @@ async fn probe_loop(
             conn = None;
         }
         let healthy = backend.healthy.load(Relaxed);
-        match failure {
-            None => {
-                failures = 0;
-                passes = passes.saturating_add(1);
-                if !healthy && passes >= cfg.healthy_threshold {
-                    backend.healthy.store(true, Relaxed);
-                    tracing::info!(backend = %backend.address, passes, "backend is healthy again");
-                }
+        match streak.observe(failure.is_none(), healthy, &cfg) {
+            Some(true) => {
+                backend.healthy.store(true, Relaxed);
+                tracing::info!(backend = %backend.address, passes = streak.passes, "backend is healthy again");
             }
-            Some(e) => {
-                passes = 0;
-                failures = failures.saturating_add(1);
-                if healthy && failures >= cfg.unhealthy_threshold {
-                    backend.healthy.store(false, Relaxed);
-                    tracing::warn!(backend = %backend.address, failures, error = %e, "backend is unhealthy");
-                } else {
+            Some(false) => {
+                backend.healthy.store(false, Relaxed);
+                let error = failure.as_deref().unwrap_or("-");
+                tracing::warn!(backend = %backend.address, failures = streak.failures, error, "backend is unhealthy");
+            }
+            None => {
+                if let Some(e) = &failure {
                     tracing::debug!(backend = %backend.address, error = %e, "health probe failed");
                 }
             }
+        }
+    }
+}
+
+/// Consecutive probe results, kept by the probe task alone. A pure state machine (no clock,
+/// no I/O), so the thresholds are tested directly.
+#[derive(Debug, Default)]
+struct Streak {
+    passes: u32,
+    failures: u32,
+}
+
+impl Streak {
+    /// Records one probe; returns the new health when it flips (the caller stores and logs
+    /// it, once).
+    fn observe(&mut self, passed: bool, healthy: bool, cfg: &HealthCheckConfig) -> Option<bool> {
+        if passed {
+            self.failures = 0;
+            self.passes = self.passes.saturating_add(1);
+            (!healthy && self.passes >= cfg.healthy_threshold).then_some(true)
+        } else {
+            self.passes = 0;
+            self.failures = self.failures.saturating_add(1);
+            (healthy && self.failures >= cfg.unhealthy_threshold).then_some(false)
         }
     }
 }
@@ -186,5 +205,36 @@ async fn probe(
         Ok(())
     } else {
         Err(format!("status {}", status.as_u16()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_count_consecutive_results_only() {
+        let cfg = HealthCheckConfig {
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            ..HealthCheckConfig::default()
+        };
+        let mut s = Streak::default();
+        let mut healthy = true;
+        let mut run = |s: &mut Streak, passed: bool| {
+            if let Some(h) = s.observe(passed, healthy, &cfg) {
+                healthy = h;
+            }
+            healthy
+        };
+        // Two failures, a pass, two failures: never three in a row.
+        for r in [false, false, true, false, false] {
+            assert!(run(&mut s, r));
+        }
+        assert!(!run(&mut s, false), "third consecutive failure flips");
+        assert!(!run(&mut s, true), "one pass is not enough");
+        assert!(!run(&mut s, false));
+        assert!(!run(&mut s, true));
+        assert!(run(&mut s, true), "second consecutive pass flips back");
     }
 }
