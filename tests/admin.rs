@@ -489,7 +489,7 @@ async fn in_flight_lasts_until_the_body_ends() {
     );
     drop(resp);
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             status_backend(&status(&bal).await, "web", a.addr).unwrap()["in_flight"] == 0
         })
         .await,

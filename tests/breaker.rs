@@ -288,7 +288,7 @@ async fn client_disconnect_is_not_a_backend_failure() {
     // Every abandoned attempt ends (the balancer noticed), and none counted as a failure, even
     // once the response timeout has passed.
     assert!(
-        eventually_async(Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), || async {
             breaker_of(&bal, &a).await["in_flight"] == 0
         })
         .await,

@@ -411,14 +411,14 @@ async fn health_probes_restart_when_the_pools_ca_or_server_name_changes() {
     .await;
     let limit = Duration::from_secs(5);
     assert!(
-        eventually_async(limit, || async { !healthy(&bal, dual.addr).await }).await,
+        wait_until(limit, || async { !healthy(&bal, dual.addr).await }).await,
         "a backend whose certificate the pool cannot verify must turn unhealthy"
     );
 
     // The right CA: probes must use it, not keep failing with the old one.
     reload_tls(&bal, dual.addr, &right, "a.test").await;
     assert!(
-        eventually_async(limit, || async { healthy(&bal, dual.addr).await }).await,
+        wait_until(limit, || async { healthy(&bal, dual.addr).await }).await,
         "after the reload with the right CA the backend must turn healthy again"
     );
     let g = get_within(&client(), &bal.url("/x"), limit).await;
@@ -429,13 +429,13 @@ async fn health_probes_restart_when_the_pools_ca_or_server_name_changes() {
     // connection they verified under the old settings).
     reload_tls(&bal, dual.addr, &right, "b.test").await;
     assert!(
-        eventually_async(limit, || async { !healthy(&bal, dual.addr).await }).await,
+        wait_until(limit, || async { !healthy(&bal, dual.addr).await }).await,
         "after the reload with a wrong server name the backend must turn unhealthy"
     );
     reload_tls(&bal, dual.addr, &wrong, "a.test").await;
     reload_tls(&bal, dual.addr, &right, "a.test").await;
     assert!(
-        eventually_async(limit, || async { healthy(&bal, dual.addr).await }).await,
+        wait_until(limit, || async { healthy(&bal, dual.addr).await }).await,
         "healthy again with the right settings"
     );
     bal.shutdown().await;
@@ -496,7 +496,7 @@ async fn health_probes_follow_a_ca_file_rotated_in_place() {
         new.st.handshakes_failed.load(SeqCst)
     );
     assert!(
-        eventually_async(limit, || async { healthy(&bal, addr).await }).await,
+        wait_until(limit, || async { healthy(&bal, addr).await }).await,
         "the backend must be healthy under the new CA"
     );
     let g = get_within(&client(), &bal.url("/y"), limit).await;

@@ -1600,7 +1600,7 @@ async fn head_requests_log_no_body_bytes() {
     bin.signal("HUP");
     let c = client();
     assert!(
-        eventually_async(Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), || async {
             get(&c, &format!("http://{}/nowhere", bin.addr))
                 .await
                 .status

@@ -555,7 +555,7 @@ async fn malformed_and_ambiguous_requests_never_reach_a_backend() {
     let st = status(&bal).await;
     let b = status_backend(&st, "web", backend.addr).unwrap();
     assert!(
-        eventually_async(Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), || async {
             let st = status(&bal).await;
             status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
         })
@@ -890,7 +890,7 @@ async fn slow_body_gets_408_or_close_and_frees_the_backend() {
         "backend still held"
     );
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             let st = status(&bal).await;
             status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
         })
@@ -931,10 +931,10 @@ async fn client_that_never_reads_is_disconnected_and_in_flight_returns_to_zero()
             .as_u64()
             .unwrap()
     };
-    assert!(eventually_async(Duration::from_secs(5), || async { in_flight().await == 1 }).await);
+    assert!(wait_until(Duration::from_secs(5), || async { in_flight().await == 1 }).await);
     let started = Instant::now();
     assert!(
-        eventually_async(Duration::from_secs(30), || async { in_flight().await == 0 }).await,
+        wait_until(Duration::from_secs(30), || async { in_flight().await == 0 }).await,
         "a client that never reads must not hold its backend forever"
     );
     let held = started.elapsed();
@@ -1346,7 +1346,7 @@ fn randomized_mutations_never_crash_or_reach_a_backend_malformed() {
         );
         assert_eq!(b["breaker"], "closed", "{b}");
         assert!(
-            eventually_async(Duration::from_secs(15), || async {
+            wait_until(Duration::from_secs(15), || async {
                 let st = status(&bal).await;
                 status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
             })
@@ -1481,7 +1481,7 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
     let g = get(&client(), &format!("http://{addr}/after")).await;
     assert_eq!(g.status, 200);
     assert!(
-        eventually_async(Duration::from_secs(15), || async {
+        wait_until(Duration::from_secs(15), || async {
             let st = status_at(bin.admin).await;
             status_backend(&st, "web", backend.addr).unwrap()["in_flight"] == 0
         })

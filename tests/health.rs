@@ -232,7 +232,7 @@ async fn unhealthy_backend_gets_no_traffic_and_returns_when_healthy() {
 
     a.set_health(false);
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             !status_healthy(&bal, &a).await
         })
         .await,
@@ -248,7 +248,7 @@ async fn unhealthy_backend_gets_no_traffic_and_returns_when_healthy() {
 
     a.set_health(true);
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             status_healthy(&bal, &a).await
         })
         .await,
@@ -316,7 +316,7 @@ async fn hanging_health_endpoint_fails_by_timeout() {
     let hung_from = a.requests();
     let started = tokio::time::Instant::now();
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             !status_healthy(&bal, &a).await
         })
         .await,
@@ -359,7 +359,7 @@ async fn refusing_backend_is_marked_unhealthy() {
     next_probe(&a).await;
     a.stop();
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             !status_healthy(&bal, &a).await
         })
         .await,

@@ -78,17 +78,17 @@ async fn wait_status(
     admin: SocketAddr,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> Option<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let last = std::sync::Mutex::new(None);
+    let reached = wait_until(Duration::from_secs(5), || async {
         let s = status_at(admin).await;
-        if cond(&s) {
-            return Some(s);
+        let ok = cond(&s);
+        if let Ok(mut l) = last.lock() {
+            *l = Some(s);
         }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ok
+    })
+    .await;
+    last.into_inner().ok().flatten().filter(|_| reached)
 }
 
 #[derive(Default)]
@@ -612,7 +612,7 @@ async fn surviving_backends_keep_their_state_and_removed_ones_get_nothing() {
     // e turns unhealthy.
     e.set_health(false);
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(5), || async {
             status_backend(&status(&bal).await, "hc", e.addr).unwrap()["healthy"] == false
         })
         .await

@@ -169,7 +169,7 @@ async fn messages_cross_the_tunnel_and_in_flight_follows_the_socket() {
     })
     .await;
     assert!(
-        eventually_async(Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), || async {
             in_flight(&bal, backend.addr).await == 1
         })
         .await,
@@ -179,7 +179,7 @@ async fn messages_cross_the_tunnel_and_in_flight_follows_the_socket() {
     // A client that just drops the TCP connection also ends the tunnel.
     drop(ws2);
     assert!(
-        eventually_async(Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), || async {
             in_flight(&bal, backend.addr).await == 0
         })
         .await,
@@ -247,7 +247,7 @@ async fn reload_keeping_the_backend_does_not_close_the_socket() {
     })
     .await;
     assert!(
-        eventually_async(Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), || async {
             in_flight(&bal, backend.addr).await == 0
         })
         .await

@@ -509,16 +509,9 @@ pub async fn status(b: &Balancer) -> serde_json::Value {
     serde_json::from_str(&g.body).unwrap()
 }
 
-/// Polls `cond` every 20 ms for up to `limit`.
+/// `wait_until` for a plain condition.
 pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut cond: F) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
+    wait_until(limit, || std::future::ready(cond())).await
 }
 
 /// A minimal config: one listener, the admin API, one pool of `backends`, extra TOML appended.
@@ -536,8 +529,9 @@ fn _unused(_: Infallible) {}
 // ------------------------------------------------------------------------------------------
 // Helpers for the health, breaker, reload and admin tests
 
-/// Polls the async `cond` every 20 ms for up to `limit`.
-pub async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
+/// The one polling loop of the tests: checks the async `cond` every 20 ms for up to `limit`
+/// and says whether it held. `eventually` and `wait_status` are its two shapes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -640,17 +634,22 @@ pub async fn wait_status(
     what: &str,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
+    let last = std::sync::Mutex::new(serde_json::Value::Null);
+    let reached = wait_until(limit, || async {
         let s = status(bal).await;
-        if cond(&s) {
-            return s;
+        let ok = cond(&s);
+        if let Ok(mut l) = last.lock() {
+            *l = s;
         }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("{what}: not reached within {limit:?}; /status = {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ok
+    })
+    .await;
+    let s = last.into_inner().unwrap_or_default();
+    assert!(
+        reached,
+        "{what}: not reached within {limit:?}; /status = {s}"
+    );
+    s
 }
 
 /// `total` bytes of `byte` in `chunk`-sized frames, generated as they are sent, with no
