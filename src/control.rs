@@ -164,6 +164,7 @@ impl Controller {
         }
         let snap = ctl.shared.snapshot.load_full();
         ctl.health.sync(&snap);
+        log_startup(&ctl.path, &snap);
         Ok(ctl)
     }
 
@@ -430,6 +431,66 @@ impl Controller {
     }
 }
 
+/// One line, once everything is bound, that says what this process runs: an operator reading
+/// a journal after a restart sees the version, the file and what came of it without `/status`.
+fn log_startup(path: &std::path::Path, snap: &Snapshot) {
+    let s = StartupSummary::new(&snap.config, &snap.pools);
+    // Absolute (from the working directory, no I/O), since a relative path in a journal says
+    // nothing about which file it was.
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    tracing::info!(
+        version = %env!("CARGO_PKG_VERSION"),
+        config = %path.display(),
+        listeners = ?s.listeners,
+        pools = ?s.pools,
+        admin = ?s.admin,
+        "balancer started"
+    );
+}
+
+/// The startup line's fields, as text (quoted by the log, since they contain spaces).
+#[derive(Debug, PartialEq, Eq)]
+struct StartupSummary {
+    /// `ADDR (tls)` or `ADDR (plain)`, in file order.
+    listeners: String,
+    /// `NAME: N backend(s)`, in file order; N counts what was resolved, not what was written.
+    pools: String,
+    admin: String,
+}
+
+impl StartupSummary {
+    fn new(cfg: &Config, pools: &[Arc<crate::balance::Pool>]) -> StartupSummary {
+        let listeners = cfg
+            .listeners
+            .iter()
+            .map(|l| {
+                let kind = if l.tls.is_some() { "tls" } else { "plain" };
+                format!("{} ({kind})", l.bind)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let pools = pools
+            .iter()
+            .map(|p| plural_backends(&p.name, p.members.len()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let admin = match &cfg.admin {
+            Some(a) => a.bind.to_string(),
+            None => "no admin listener".to_owned(),
+        };
+        StartupSummary {
+            listeners,
+            pools,
+            admin,
+        }
+    }
+}
+
+fn plural_backends(pool: &str, n: usize) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("{pool}: {n} backend{s}")
+}
+
 /// Binds with SO_REUSEADDR (restarts do not wait for TIME_WAIT) and a deep backlog, since
 /// connections beyond `max_connections` wait there.
 pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -468,5 +529,28 @@ async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_summary_counts_backends_and_names_a_missing_admin() {
+        let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n\
+                    [pools.web]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n\
+                    [pools.one]\nbackends = [\"127.0.0.1:9003\"]\n";
+        let cfg = Arc::new(Config::parse(text, "t.toml", None).unwrap());
+        let snap = Snapshot::build(Arc::clone(&cfg), None, 1).unwrap();
+        let s = StartupSummary::new(&cfg, &snap.pools);
+        assert_eq!(
+            s,
+            StartupSummary {
+                listeners: "127.0.0.1:8080 (plain)".into(),
+                pools: "web: 2 backends, one: 1 backend".into(),
+                admin: "no admin listener".into(),
+            }
+        );
     }
 }

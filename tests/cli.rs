@@ -725,6 +725,76 @@ async fn log_has_no_colour_when_stderr_is_not_a_terminal() {
     assert!(!text.contains("\x1b["), "escape codes on a pipe:\n{text:?}");
 }
 
+/// The one line that says what was started, after binding: version, the config file (absolute),
+/// every listener with TLS or not, every pool with its backend count, and the admin address;
+/// on a pipe, without escape codes.
+#[test]
+fn startup_line_says_what_runs() {
+    let certs = tempfile::tempdir().unwrap();
+    write_site_cert(certs.path());
+    let tls = common::free_port();
+    let template = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = false\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n\
+         [[listeners]]\nbind = \"{tls}\"\n\
+         tls = {{ cert = \"{dir}/certs/site.pem\", key = \"{dir}/certs/site.key\" }}\n\
+         [[routes]]\npath_prefix = \"/api\"\npool = \"api\"\n\
+         [[routes]]\npool = \"web\"\n\
+         [pools.web]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n\
+         [pools.api]\nbackends = [\"127.0.0.1:9003\"]\n",
+        dir = certs.path().display()
+    );
+    let (mut bin, log) = start_logged(&template);
+    log.wait_for("balancer started", 1);
+    let text = log.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("balancer started"))
+        .unwrap();
+    let version = format!("version={}", env!("CARGO_PKG_VERSION"));
+    let config = format!("config={}", bin.config_path.display());
+    let listeners = format!("listeners=\"{} (plain), {tls} (tls)\"", bin.addr);
+    let admin = format!("admin=\"{}\"", bin.admin);
+    for want in [
+        "INFO",
+        &version,
+        &config,
+        &listeners,
+        "pools=\"web: 2 backends, api: 1 backend\"",
+        &admin,
+    ] {
+        assert!(
+            line.contains(want),
+            "{want:?} not in the startup line:\n{line}"
+        );
+    }
+    // After binding: every listener was up before it was written.
+    let at = text.find("balancer started").unwrap();
+    assert_eq!(text[..at].matches("listening").count(), 3, "{text}");
+    assert!(!text.contains("\x1b["), "escape codes on a pipe:\n{text:?}");
+    bin.signal("TERM");
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// Without `[admin]` the startup line says so rather than leaving the field out.
+#[test]
+fn startup_line_says_when_there_is_no_admin_listener() {
+    let (mut bin, log) = start_logged(
+        "watch = false\n[[listeners]]\nbind = \"{listen}\"\n\
+         [pools.web]\nbackends = [\"127.0.0.1:9001\"]\n",
+    );
+    log.wait_for("balancer started", 1);
+    let text = log.text();
+    assert!(
+        text.lines().any(|l| l.contains("balancer started")
+            && l.contains("admin=\"no admin listener\"")
+            && l.contains("pools=\"web: 1 backend\"")),
+        "{text}"
+    );
+    bin.signal("TERM");
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 /// `[log] level` is applied on every reload: info -> debug shows debug lines, debug -> warn
 /// hides info and debug ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
