@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod packaging;
 
 #[derive(Parser)]
 #[command(
@@ -13,7 +15,14 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short = 'c', global = true, default_value = "balancer.toml")]
+    // The hint makes shell completions offer file names here.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        default_value = "balancer.toml",
+        value_hint = clap::ValueHint::FilePath
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -23,10 +32,26 @@ struct Cli {
 enum Command {
     /// Validate the configuration: print "ok" and exit 0, or the error and exit 1.
     Check,
+    /// Print a shell completion script for SHELL on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout.
+    Manpage,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Packaging helpers: generated from the parser itself, so they never drift from the real
+    // command line, and they need no config file (a package build has none).
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            return packaging::completions(Cli::command(), *shell)
+        }
+        Some(Command::Manpage) => return packaging::manpage(Cli::command()),
+        _ => {}
+    }
     let config = match balancer::Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
