@@ -167,3 +167,153 @@ fn manpage_renders_without_warnings_when_groff_exists() {
     assert!(g.status.success(), "{}", stderr(&g));
     assert!(g.stderr.is_empty(), "groff warnings:\n{}", stderr(&g));
 }
+
+// ---------------------------------------------------------------------------------------------
+// systemd unit
+
+const UNIT: &str = "dist/balancer.service";
+
+/// `Key=value` lines of `section` (comments and blank lines skipped), in file order.
+fn unit_entries(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut current = String::new();
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            current = line.trim_matches(['[', ']']).to_owned();
+            continue;
+        }
+        if current == section {
+            if let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// A systemd time span of the forms this unit uses ("45s", "2min", "1min 30s"), in seconds.
+fn seconds(span: &str) -> u64 {
+    span.split_whitespace()
+        .map(|part| {
+            let digits: String = part.chars().take_while(|c| c.is_ascii_digit()).collect();
+            let n: u64 = digits
+                .parse()
+                .unwrap_or_else(|_| panic!("time span {span:?}"));
+            match &part[digits.len()..] {
+                "" | "s" | "sec" => n,
+                "m" | "min" => n * 60,
+                unit => panic!("unit {unit:?} in {span:?}"),
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn unit_runs_the_binary_with_reload_drain_and_hardening() {
+    let text = std::fs::read_to_string(repo(UNIT)).unwrap();
+    let service = unit_entries(&text, "Service");
+    let get = |key: &str| -> Vec<&str> {
+        service
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let one = |key: &str| -> String {
+        let v = get(key);
+        assert_eq!(v.len(), 1, "{key} must be set once in {UNIT}: {v:?}");
+        v[0].to_owned()
+    };
+    assert!(["simple", "exec"].contains(&one("Type").as_str()));
+    assert_eq!(
+        one("ExecStart"),
+        "/usr/local/bin/balancer --config /etc/balancer/balancer.toml"
+    );
+    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(one("KillSignal"), "SIGTERM");
+    // Above shutdown_grace's default, or systemd SIGKILLs a drain that is within its rights.
+    assert!(seconds(&one("TimeoutStopSec")) > 30, "TimeoutStopSec");
+    for (key, value) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("RestrictNamespaces", "yes"),
+        ("LockPersonality", "yes"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("SystemCallArchitectures", "native"),
+        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
+        ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
+        ("ReadOnlyPaths", "/etc/balancer"),
+        ("LimitNOFILE", "65536"),
+    ] {
+        assert_eq!(one(key), value, "{key} in {UNIT}");
+    }
+    // Not root: a dynamic user or a named one.
+    let user = get("User");
+    assert!(
+        get("DynamicUser") == ["yes"] || (user.len() == 1 && user[0] != "root"),
+        "the unit must not run as root"
+    );
+    let install = unit_entries(&text, "Install");
+    assert!(install.contains(&("WantedBy".into(), "multi-user.target".into())));
+}
+
+/// `systemd-analyze verify` on the unit. It insists that ExecStart's binary exists and that
+/// the `man:` page in Documentation= resolves, neither of which is installed by a test: it
+/// verifies a copy whose ExecStart points at the binary cargo built, with the page this binary
+/// generates on MANPATH. Unknown keys and bad values are warnings with exit 0, so any output
+/// at all fails the test.
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("note: systemd-analyze not found; `systemd-analyze verify {UNIT}` is skipped");
+        return;
+    }
+    let text = std::fs::read_to_string(repo(UNIT)).unwrap();
+    let bin = common::binary();
+    let installed = "ExecStart=/usr/local/bin/balancer ";
+    assert!(text.contains(installed), "{UNIT} has no {installed:?}");
+    let copy = text.replace(installed, &format!("ExecStart={} ", bin.display()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("balancer.service");
+    std::fs::write(&unit, copy).unwrap();
+    let man1 = dir.path().join("man/man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    let page = balancer(&["manpage"]);
+    assert!(page.status.success());
+    std::fs::write(man1.join("balancer.1"), &page.stdout).unwrap();
+
+    let mut verify = Command::new("systemd-analyze");
+    verify.arg("verify");
+    // Documentation=man:... is looked up with man(1); without it, check everything else.
+    if !have("man") {
+        eprintln!("note: man not found; Documentation= is not checked");
+        verify.arg("--man=no");
+    }
+    let o = verify
+        .arg(&unit)
+        .env("MANPATH", dir.path().join("man"))
+        .output()
+        .unwrap();
+    let said = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(o.status.success(), "systemd-analyze verify failed:\n{said}");
+    assert!(
+        said.trim().is_empty(),
+        "systemd-analyze verify warned:\n{said}"
+    );
+}
