@@ -317,3 +317,38 @@ fn unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify warned:\n{said}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Licence
+
+/// Cargo.toml says `MIT OR Apache-2.0`: both texts ship, complete, with a LICENSE that says
+/// how they combine.
+#[test]
+fn licence_files_match_cargo_toml() {
+    let manifest = std::fs::read_to_string(repo("Cargo.toml")).unwrap();
+    assert!(
+        manifest
+            .lines()
+            .any(|l| l.trim() == r#"license = "MIT OR Apache-2.0""#),
+        "Cargo.toml's licence changed: update LICENSE* and this test"
+    );
+    let read = |f: &str| std::fs::read_to_string(repo(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let summary = read("LICENSE");
+    for needle in ["LICENSE-MIT", "LICENSE-APACHE", "MIT OR Apache-2.0"] {
+        assert!(summary.contains(needle), "LICENSE must mention {needle}");
+    }
+    let mit = read("LICENSE-MIT");
+    assert!(mit.contains("Copyright (c)") && mit.contains("The balancer authors"));
+    assert!(mit.contains("Permission is hereby granted, free of charge"));
+    assert!(mit.contains("IN NO EVENT SHALL THE\nAUTHORS OR COPYRIGHT HOLDERS BE LIABLE"));
+    let apache = read("LICENSE-APACHE");
+    assert!(apache.contains("Version 2.0, January 2004"));
+    // All nine sections and the end marker: a truncated copy is not the licence.
+    for section in 1..=9 {
+        assert!(
+            apache.contains(&format!("\n   {section}. ")),
+            "LICENSE-APACHE lacks section {section}"
+        );
+    }
+    assert!(apache.contains("END OF TERMS AND CONDITIONS"));
+}
