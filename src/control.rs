@@ -309,6 +309,7 @@ impl Controller {
 
     /// Validates, binds, swaps. The old config keeps serving on any error.
     async fn apply(&mut self, trigger: Trigger) -> Result<u64, String> {
+        let before = self.shared.snapshot.load_full();
         let res = self.try_apply().await;
         match &res {
             Ok(v) => {
@@ -316,12 +317,12 @@ impl Controller {
                 self.shared.last_error.store(Arc::new(None));
                 let snap = self.shared.snapshot.load();
                 crate::logging::set_level(&snap.config.log.level);
-                let backends: usize = snap.pools.iter().map(|p| p.members.len()).sum();
+                // The same comparison as `balancer check --diff`, in one line.
+                let changes = crate::diff::configs(&before.config, &snap.config).summary();
                 tracing::info!(
                     version = v,
                     trigger = trigger.as_str(),
-                    pools = snap.pools.len(),
-                    backends,
+                    changes = %changes,
                     "config reloaded"
                 );
             }

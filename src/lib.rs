@@ -27,12 +27,14 @@ pub(crate) mod answer;
 pub mod backend;
 pub mod balance;
 pub mod breaker;
+pub mod check;
 pub(crate) mod classify;
 pub mod clock;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod conns;
 pub(crate) mod control;
+pub mod diff;
 pub(crate) mod framing;
 pub(crate) mod h2path;
 pub mod headers;
@@ -58,7 +60,7 @@ pub(crate) mod watch;
 
 use std::future::Future;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, ConfigErrors};
 pub use control::{Options, RunError};
 pub use reload::ReloadHandle;
 

@@ -30,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the configuration: print "ok" and exit 0, or the error and exit 1.
-    Check,
+    /// Validate the configuration: print "ok" (and any warnings) and exit 0, or every error
+    /// and exit 1.
+    Check(CheckArgs),
     /// Print a shell completion script for SHELL on stdout.
     Completions {
         #[arg(value_enum)]
@@ -39,6 +40,25 @@ enum Command {
     },
     /// Print the manual page (roff) on stdout.
     Manpage,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Print what a reload to this config would change, instead of "ok".
+    #[arg(long)]
+    diff: bool,
+    /// The running balancer's admin API to compare with (pools and backends only); the
+    /// default is the config's own [admin] bind.
+    #[arg(long, value_name = "ADMIN_URL", requires = "diff")]
+    against: Option<String>,
+    /// Another config file to compare with, completely.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "diff",
+        conflicts_with = "against"
+    )]
+    against_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -52,24 +72,25 @@ fn main() -> ExitCode {
         Some(Command::Manpage) => return packaging::manpage(Cli::command()),
         _ => {}
     }
-    let config = match balancer::Config::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
+    if let Some(Command::Check(args)) = cli.command {
+        use balancer::check::Against;
+        let against = match (args.diff, args.against, args.against_file) {
+            (false, _, _) => None,
+            (true, _, Some(file)) => Some(Against::File(file)),
+            (true, Some(url), None) => Some(Against::Admin(url)),
+            (true, None, None) => Some(Against::OwnAdmin),
+        };
+        return ExitCode::from(balancer::check::run(&cli.config, against));
+    }
+    let config = match balancer::Config::check_file(&cli.config) {
+        Ok(c) => c.config,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
             return ExitCode::from(1);
         }
     };
-    if let Some(Command::Check) = cli.command {
-        // Certificates and CA files are read when the snapshot is built: do it here too, so
-        // that `check` catches a missing or unparsable file before a reload would.
-        let config = std::sync::Arc::new(config);
-        if let Err(e) = balancer::state::Snapshot::build(config, None, 1) {
-            eprintln!("error: {}: {e}", cli.config.display());
-            return ExitCode::from(1);
-        }
-        println!("ok");
-        return ExitCode::SUCCESS;
-    }
 
     // RUST_LOG wins over [log] level; logs go to stderr, the access log owns stdout.
     balancer::logging::init(&config.log.level);

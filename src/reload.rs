@@ -75,8 +75,12 @@ impl ReloadHandle {
 /// Reads, validates and builds the next snapshot from the file at `path`. Blocking: call it
 /// from `spawn_blocking`.
 pub fn prepare(path: PathBuf, prev: Arc<Snapshot>) -> Result<Snapshot, String> {
-    let cfg = Config::load(&path).map_err(|e| e.to_string())?;
-    Snapshot::build(Arc::new(cfg), Some(&prev), prev.generation + 1)
+    // Every error, one per line: `/status` and the 400 of `POST /reload` show them all.
+    let checked = Config::check_file(&path).map_err(|e| e.to_string())?;
+    for w in &checked.warnings {
+        tracing::warn!("config: {w}");
+    }
+    Snapshot::build(Arc::new(checked.config), Some(&prev), prev.generation + 1)
 }
 
 /// Swaps `next` in: requests that loaded the old snapshot finish on it, every later one sees

@@ -587,9 +587,18 @@ fn rejects_wrong_type_naming_the_key() {
     assert_rejected(&text, "watch", Some(9), &[": watch: ", "bool"]);
     let text = base("\n[pools.web.retries]\nattempts = \"3\"\n");
     assert_rejected(&text, "attempts", Some(12), &["pools.web.retries.attempts"]);
-    // Inside an inline table the field is named in the message.
+    // Inside an inline table the key names the element and the field.
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  { address = \"127.0.0.1:9002\", weight = \"2\" },\n]\n";
-    assert_rejected(text, "weight", Some(42), &["`weight`"]);
+    let err = assert_rejected(
+        text,
+        "weight",
+        Some(42),
+        &["pools.web.backends[0].weight", "must be an integer"],
+    );
+    assert!(
+        !err.contains("i64") && !err.contains("invalid type"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! the typed structs and, all together at the top, every default and every limit, because an
 //! operator fixing a config at 3 a.m. needs the line and the allowed range, not a guess.
 
+mod collect;
 mod raw;
 mod span;
 mod validate;
@@ -16,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use span::ConfigError;
+pub use span::{ConfigError, ConfigErrors};
 
 pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_WATCH: bool = true;
@@ -346,26 +347,94 @@ impl Default for Timeouts {
     }
 }
 
+/// A config that validated, and what in it is legal but almost surely a mistake.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub config: Config,
+    /// Same shape as errors (`file:line:col: key: message`); they never reject a config.
+    pub warnings: Vec<ConfigError>,
+}
+
 impl Config {
-    /// Reads and validates `path`. The error names the file as given.
+    /// Reads and validates `path`. The error is the first of [`Config::check_file`]'s, and
+    /// names the file as given.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: None,
-            key: None,
-            msg: format!("cannot read: {e}"),
-        })?;
-        Config::parse(&text, &file, path.parent())
+        Config::check_file(path)
+            .map(|c| c.config)
+            .map_err(ConfigErrors::into_first)
     }
 
     /// Parses and validates `text`; relative certificate paths are resolved against `base_dir`
-    /// (the config file's directory), so the config works from any working directory.
+    /// (the config file's directory), so the config works from any working directory. The
+    /// error is the first of [`Config::check`]'s.
     pub fn parse(text: &str, file: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
-        let src = span::Source { text, file };
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
-        validate::Validator { src, base_dir }.validate(raw)
+        Config::check(text, file, base_dir)
+            .map(|c| c.config)
+            .map_err(ConfigErrors::into_first)
     }
+
+    /// [`Config::check`] on the file at `path`.
+    pub fn check_file(path: &Path) -> Result<Checked, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: None,
+                key: None,
+                msg: format!("cannot read: {e}"),
+            }])
+        })?;
+        Config::check(&text, &file, path.parent())
+    }
+
+    /// Parses and validates `text`, going on after each error so that every mistake in the
+    /// file is reported at once, in file order; on success, also the warnings.
+    pub fn check(text: &str, file: &str, base_dir: Option<&Path>) -> Result<Checked, ConfigErrors> {
+        let src = span::Source { text, file };
+        let collected = src.collect();
+        let mut errors = collected.errors;
+        let mut warnings = Vec::new();
+        let mut config = None;
+        if let Some(raw) = collected.raw {
+            let v = validate::Validator {
+                src,
+                base_dir,
+                errors: Default::default(),
+                warnings: Default::default(),
+            };
+            let c = v.validate(raw);
+            // What was taken out of the file for a shape error is missing now: do not report
+            // that again ("a pool needs at least one backend" after "backends must be a list").
+            let removed = &collected.removed;
+            errors.extend(
+                v.errors
+                    .into_inner()
+                    .into_iter()
+                    .filter(|e| !removed.iter().any(|r| follows_from(e, r))),
+            );
+            warnings = v.warnings.into_inner();
+            config = Some(c);
+        }
+        // File order reads best; errors without a place (a missing section) go last. The sort
+        // is stable, so errors at one place keep the order they were found in.
+        errors.sort_by_key(|e| e.line.map_or((usize::MAX, 0), |p| p));
+        match config {
+            Some(config) if errors.is_empty() => Ok(Checked { config, warnings }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+/// `true` when `e` is about the value `removed`, something in it, or a table it was in (whose
+/// check, "`cert` and `key` go together", now misses it).
+fn follows_from(e: &ConfigError, removed: &str) -> bool {
+    let Some(key) = &e.key else { return false };
+    let under = |a: &str, b: &str| {
+        a == b
+            || a.strip_prefix(b)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    };
+    under(key, removed) || under(removed, key)
 }
 
 #[cfg(test)]

@@ -78,7 +78,8 @@ pub(super) struct RawLimits {
 pub(super) struct RawRoute {
     pub host: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
-    pub pool: Spanned<String>,
+    /// Optional here only so that validation can name the route that lacks it.
+    pub pool: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -33,6 +33,37 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Every error found in one config, in file order; never empty. Displayed one per line, so
+/// the first line is exactly what the first [`ConfigError`] alone displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The first error, for callers that report one.
+    pub fn into_first(self) -> ConfigError {
+        self.0.into_iter().next().unwrap_or_else(|| ConfigError {
+            file: String::new(),
+            line: None,
+            key: None,
+            msg: "invalid configuration".to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
 /// The text being parsed and the name to report it under.
 #[derive(Clone, Copy)]
 pub(super) struct Source<'a> {

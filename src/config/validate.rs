@@ -5,6 +5,7 @@
 //! missing value takes its default from the typed struct's `Default`, so each default is
 //! written once, as a `DEFAULT_*` const in `mod.rs`.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -21,35 +22,48 @@ pub(super) struct Validator<'a> {
     /// Relative certificate paths are resolved against it, so the config works from any
     /// working directory.
     pub base_dir: Option<&'a Path>,
+    /// Every error found so far: validation goes on after one, so `balancer check` shows all
+    /// of a file's mistakes in one run instead of one per edit.
+    pub errors: RefCell<Vec<ConfigError>>,
+    /// Legal but almost surely not what the operator meant.
+    pub warnings: RefCell<Vec<ConfigError>>,
 }
 
 impl Validator<'_> {
-    pub fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let shutdown_grace = self.duration(
-            &raw.shutdown_grace,
-            "shutdown_grace",
+    /// Every section is validated even after an error, each bad value replaced by its default
+    /// so that the rest can still be checked; the caller decides from `errors` whether the
+    /// returned config may be used.
+    pub fn validate(&self, raw: RawConfig) -> Config {
+        let shutdown_grace = self.keep(
+            self.duration(
+                &raw.shutdown_grace,
+                "shutdown_grace",
+                DEFAULT_SHUTDOWN_GRACE,
+                true,
+            ),
             DEFAULT_SHUTDOWN_GRACE,
-            true,
-        )?;
+        );
         let admin = match &raw.admin {
-            Some(a) => Some(self.admin(a)?),
+            Some(a) => self.keep(self.admin(a).map(Some), None),
             None => None,
         };
         let log = match &raw.log {
-            Some(l) => self.log(l)?,
+            Some(l) => self.log(l),
             None => LogConfig::default(),
         };
-        let listeners = self.listeners(&raw.listeners, admin.as_ref())?;
+        let listeners = self.listeners(&raw.listeners, admin.as_ref());
         let limits = match &raw.limits {
-            Some(l) => self.limits(l)?,
+            Some(l) => self.limits(l),
             None => Limits::default(),
         };
-        let pools = self.pools(&raw)?;
-        let mut routes = Vec::with_capacity(raw.routes.len());
-        for (i, r) in raw.routes.iter().enumerate() {
-            routes.push(self.route(r.get_ref(), i, &pools)?);
-        }
-        Ok(Config {
+        let pools = self.pools(&raw);
+        let routes: Vec<RouteConfig> = raw
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.route(r, i, &pools))
+            .collect();
+        let config = Config {
             shutdown_grace,
             watch: raw.watch.unwrap_or(DEFAULT_WATCH),
             admin,
@@ -58,7 +72,21 @@ impl Validator<'_> {
             limits,
             routes,
             pools,
+        };
+        self.warn(&raw, &config);
+        config
+    }
+
+    /// Records the error of `r`, if any, and goes on with `fallback`.
+    fn keep<T>(&self, r: Result<T, ConfigError>, fallback: T) -> T {
+        r.unwrap_or_else(|e| {
+            self.report(e);
+            fallback
         })
+    }
+
+    fn report(&self, e: ConfigError) {
+        self.errors.borrow_mut().push(e);
     }
 
     fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
@@ -67,14 +95,16 @@ impl Validator<'_> {
         })
     }
 
-    fn log(&self, l: &RawLog) -> Result<LogConfig, ConfigError> {
+    fn log(&self, l: &RawLog) -> LogConfig {
         let d = LogConfig::default();
         let level = match &l.level {
             None => d.level,
             Some(s) => {
                 let lvl = s.get_ref().trim().to_ascii_lowercase();
-                if !["trace", "debug", "info", "warn", "error", "off"].contains(&lvl.as_str()) {
-                    return Err(self.src.err(
+                if ["trace", "debug", "info", "warn", "error", "off"].contains(&lvl.as_str()) {
+                    lvl
+                } else {
+                    self.report(self.src.err(
                         s.span(),
                         "log.level",
                         format!(
@@ -82,52 +112,57 @@ impl Validator<'_> {
                             s.get_ref()
                         ),
                     ));
+                    d.level
                 }
-                lvl
             }
         };
-        Ok(LogConfig {
+        LogConfig {
             access: l.access.unwrap_or(d.access),
             level,
-        })
+        }
     }
 
-    fn listeners(
-        &self,
-        raw: &[RawListener],
-        admin: Option<&AdminConfig>,
-    ) -> Result<Vec<ListenerConfig>, ConfigError> {
+    fn listeners(&self, raw: &[RawListener], admin: Option<&AdminConfig>) -> Vec<ListenerConfig> {
         if raw.is_empty() {
-            return Err(self
-                .src
-                .err_nowhere("listeners", "at least one [[listeners]] is required"));
+            self.report(
+                self.src
+                    .err_nowhere("listeners", "at least one [[listeners]] is required"),
+            );
         }
         let mut listeners = Vec::with_capacity(raw.len());
         let mut bound = HashSet::new();
         for (i, l) in raw.iter().enumerate() {
             let key = format!("listeners[{i}].bind");
-            let bind = self.address(&l.bind, &key)?;
+            let bind = match self.address(&l.bind, &key) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.report(e);
+                    continue;
+                }
+            };
             if !bound.insert(bind) {
-                return Err(self.src.err(
+                self.report(self.src.err(
                     l.bind.span(),
                     key,
                     format!("{bind} is already used by another listener"),
                 ));
+                continue;
             }
             if admin.is_some_and(|a| a.bind == bind) {
-                return Err(self.src.err(
+                self.report(self.src.err(
                     l.bind.span(),
                     key,
                     format!("{bind} is also the admin address"),
                 ));
+                continue;
             }
             let tls = match &l.tls {
                 None => None,
-                Some(t) => Some(self.listener_tls(t, i)?),
+                Some(t) => self.keep(self.listener_tls(t, i).map(Some), None),
             };
             listeners.push(ListenerConfig { bind, tls });
         }
-        Ok(listeners)
+        listeners
     }
 
     fn listener_tls(
@@ -170,88 +205,99 @@ impl Validator<'_> {
         Ok(ListenerTls { certificates })
     }
 
-    fn limits(&self, l: &RawLimits) -> Result<Limits, ConfigError> {
+    fn limits(&self, l: &RawLimits) -> Limits {
         let d = Limits::default();
-        let max_header_bytes = self.size(
+        let max_header_bytes = match self.size(
             &l.max_header_bytes,
             "limits.max_header_bytes",
             d.max_header_bytes,
-        )?;
-        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
-            let span = l
-                .max_header_bytes
-                .as_ref()
-                .map(|s| s.span())
-                .unwrap_or(0..0);
-            return Err(self.src.err(
-                span,
-                "limits.max_header_bytes",
-                format!(
-                    "{max_header_bytes} bytes is outside {MIN_HEADER_BYTES} (1KiB) to \
-                     {MAX_HEADER_BYTES} (1MiB)"
-                ),
-            ));
-        }
+        ) {
+            Ok(n) if (MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&n) => n,
+            Ok(n) => {
+                let span = l
+                    .max_header_bytes
+                    .as_ref()
+                    .map(|s| s.span())
+                    .unwrap_or(0..0);
+                self.report(self.src.err(
+                    span,
+                    "limits.max_header_bytes",
+                    format!(
+                        "{n} bytes is outside {MIN_HEADER_BYTES} (1KiB) to \
+                         {MAX_HEADER_BYTES} (1MiB)"
+                    ),
+                ));
+                d.max_header_bytes
+            }
+            Err(e) => {
+                self.report(e);
+                d.max_header_bytes
+            }
+        };
         let max_connections = match &l.max_connections {
             None => d.max_connections,
             Some(v) => match u64::try_from(*v.get_ref()) {
                 Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
                 _ => {
-                    return Err(self.src.err(
+                    self.report(self.src.err(
                         v.span(),
                         "limits.max_connections",
                         format!("must be an integer from 1 to {MAX_CONNECTIONS}"),
-                    ))
+                    ));
+                    d.max_connections
                 }
             },
         };
-        Ok(Limits {
+        Limits {
             max_header_bytes,
-            max_body_bytes: self.size(
-                &l.max_body_bytes,
-                "limits.max_body_bytes",
+            max_body_bytes: self.keep(
+                self.size(&l.max_body_bytes, "limits.max_body_bytes", d.max_body_bytes),
                 d.max_body_bytes,
-            )?,
-            header_timeout: self.duration(
-                &l.header_timeout,
-                "limits.header_timeout",
+            ),
+            header_timeout: self.keep(
+                self.duration(
+                    &l.header_timeout,
+                    "limits.header_timeout",
+                    d.header_timeout,
+                    false,
+                ),
                 d.header_timeout,
-                false,
-            )?,
+            ),
             max_connections,
-            idle_timeout: self.duration(
-                &l.idle_timeout,
-                "limits.idle_timeout",
+            idle_timeout: self.keep(
+                self.duration(
+                    &l.idle_timeout,
+                    "limits.idle_timeout",
+                    d.idle_timeout,
+                    false,
+                ),
                 d.idle_timeout,
-                false,
-            )?,
+            ),
             allow_underscores_in_headers: l
                 .allow_underscores_in_headers
                 .unwrap_or(d.allow_underscores_in_headers),
-        })
+        }
     }
 
-    fn pools(&self, raw: &RawConfig) -> Result<Vec<PoolConfig>, ConfigError> {
+    fn pools(&self, raw: &RawConfig) -> Vec<PoolConfig> {
         if raw.pools.is_empty() {
-            return Err(self
-                .src
-                .err_nowhere("pools", "at least one [pools.NAME] is required"));
+            self.report(
+                self.src
+                    .err_nowhere("pools", "at least one [pools.NAME] is required"),
+            );
         }
         // BTreeMap sorts by name; restore file order from the spans.
         let mut raw_pools: Vec<_> = raw.pools.iter().collect();
         raw_pools.sort_by_key(|(name, _)| name.span().start);
-        let mut pools = Vec::with_capacity(raw_pools.len());
-        for (name, p) in raw_pools {
-            pools.push(self.pool(name, p)?);
-        }
-        Ok(pools)
+        raw_pools
+            .into_iter()
+            .map(|(name, p)| self.pool(name, p))
+            .collect()
     }
 
-    fn pool(
-        &self,
-        name: &Spanned<String>,
-        p: &Spanned<RawPool>,
-    ) -> Result<PoolConfig, ConfigError> {
+    /// A pool with errors is still returned (with defaults in their place), so that routes
+    /// naming it are not reported as naming a missing pool.
+    fn pool(&self, name: &Spanned<String>, p: &Spanned<RawPool>) -> PoolConfig {
         let n = name.get_ref();
         let key = |k: &str| format!("pools.{n}.{k}");
         if n.is_empty()
@@ -259,7 +305,7 @@ impl Validator<'_> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
         {
-            return Err(self.src.err(
+            self.report(self.src.err(
                 name.span(),
                 format!("pools.{n}"),
                 "pool names use letters, digits, '_', '-' and '.'",
@@ -272,42 +318,46 @@ impl Validator<'_> {
                 "round_robin" => StrategyKind::RoundRobin,
                 "least_connections" => StrategyKind::LeastConnections,
                 other => {
-                    return Err(self.src.err(
+                    self.report(self.src.err(
                         s.span(),
                         key("strategy"),
                         format!("unknown strategy {other:?} (round_robin or least_connections)"),
-                    ))
+                    ));
+                    StrategyKind::default()
                 }
             },
         };
-        let backends = self.backends(n, p)?;
+        let backends = self.backends(n, p);
         let tls = match &raw.tls {
             None => None,
-            Some(t) => self.upstream_tls(t.get_ref(), &key)?,
+            Some(t) => self.keep(self.upstream_tls(t.get_ref(), &key), None),
         };
-        let health_check = match &raw.health_check {
-            None => None,
-            Some(h) => Some(self.health_check(h, &key)?),
-        };
+        let health_check = raw
+            .health_check
+            .as_ref()
+            .map(|h| self.health_check(h, &key));
         let breaker = match &raw.circuit_breaker {
             None => BreakerPolicy::default(),
-            Some(b) => self.breaker(b, &key)?,
+            Some(b) => self.breaker(b, &key),
         };
         let timeouts = match &raw.timeouts {
             None => Timeouts::default(),
-            Some(t) => self.timeouts(t, &key)?,
+            Some(t) => self.timeouts(t, &key),
         };
         let attempts = match &raw.retries {
             None => DEFAULT_ATTEMPTS,
-            Some(r) => self.count(
-                &r.attempts,
-                &key("retries.attempts"),
+            Some(r) => self.keep(
+                self.count(
+                    &r.attempts,
+                    &key("retries.attempts"),
+                    DEFAULT_ATTEMPTS,
+                    1,
+                    MAX_ATTEMPTS,
+                ),
                 DEFAULT_ATTEMPTS,
-                1,
-                MAX_ATTEMPTS,
-            )?,
+            ),
         };
-        Ok(PoolConfig {
+        PoolConfig {
             name: n.clone(),
             strategy,
             backends,
@@ -316,20 +366,24 @@ impl Validator<'_> {
             breaker,
             timeouts,
             attempts,
-        })
+        }
     }
 
-    fn backends(&self, n: &str, p: &Spanned<RawPool>) -> Result<Vec<BackendConfig>, ConfigError> {
+    fn backends(&self, n: &str, p: &Spanned<RawPool>) -> Vec<BackendConfig> {
         let key = format!("pools.{n}.backends");
         let Some(list) = &p.get_ref().backends else {
-            return Err(self
-                .src
-                .err(p.span(), key, "a pool needs at least one backend"));
+            self.report(
+                self.src
+                    .err(p.span(), key, "a pool needs at least one backend"),
+            );
+            return Vec::new();
         };
         if list.get_ref().is_empty() {
-            return Err(self
-                .src
-                .err(list.span(), key, "a pool needs at least one backend"));
+            self.report(
+                self.src
+                    .err(list.span(), key, "a pool needs at least one backend"),
+            );
+            return Vec::new();
         }
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.get_ref().len());
         for (i, b) in list.get_ref().iter().enumerate() {
@@ -342,25 +396,36 @@ impl Validator<'_> {
                         Some(w) => match u32::try_from(*w.get_ref()) {
                             Ok(v) if (1..=MAX_WEIGHT).contains(&v) => v,
                             _ => {
-                                return Err(self.src.err(
+                                self.report(self.src.err(
                                     w.span(),
                                     format!("{bkey}.weight"),
-                                    format!("weight must be an integer from 1 to {MAX_WEIGHT}"),
-                                ))
+                                    format!(
+                                        "weight must be an integer from 1 to {MAX_WEIGHT}, not {}",
+                                        w.get_ref()
+                                    ),
+                                ));
+                                DEFAULT_WEIGHT
                             }
                         },
                     };
                     (t.address.clone(), w)
                 }
             };
-            let addr = self.address(&address, &bkey)?;
+            let addr = match self.address(&address, &bkey) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.report(e);
+                    continue;
+                }
+            };
             let address = address.into_inner();
             if backends.iter().any(|o| o.address == address) {
-                return Err(self.src.err(
+                self.report(self.src.err(
                     b.span(),
                     bkey,
                     format!("{address} is listed twice in this pool (use weight instead)"),
                 ));
+                continue;
             }
             backends.push(BackendConfig {
                 address,
@@ -368,7 +433,7 @@ impl Validator<'_> {
                 weight,
             });
         }
-        Ok(backends)
+        backends
     }
 
     fn upstream_tls(
@@ -402,14 +467,10 @@ impl Validator<'_> {
         })
     }
 
-    fn health_check(
-        &self,
-        h: &RawHealthCheck,
-        key: &dyn Fn(&str) -> String,
-    ) -> Result<HealthCheckConfig, ConfigError> {
+    fn health_check(&self, h: &RawHealthCheck, key: &dyn Fn(&str) -> String) -> HealthCheckConfig {
         let d = HealthCheckConfig::default();
         let path = match &h.path {
-            None => d.path,
+            None => d.path.clone(),
             Some(p)
                 if p.get_ref().starts_with('/')
                     && !p
@@ -420,84 +481,91 @@ impl Validator<'_> {
                 p.get_ref().clone()
             }
             Some(p) => {
-                return Err(self.src.err(
+                self.report(self.src.err(
                     p.span(),
                     key("health_check.path"),
                     "must be a path starting with '/'",
-                ))
+                ));
+                d.path.clone()
             }
         };
-        Ok(HealthCheckConfig {
+        let count = |v: &Option<Spanned<i64>>, k: &str, default: u32| {
+            self.keep(self.count(v, &key(k), default, 1, MAX_THRESHOLD), default)
+        };
+        let duration = |v: &Option<Spanned<String>>, k: &str, default: Duration| {
+            self.keep(self.duration(v, &key(k), default, false), default)
+        };
+        HealthCheckConfig {
             path,
-            interval: self.duration(
-                &h.interval,
-                &key("health_check.interval"),
-                d.interval,
-                false,
-            )?,
-            timeout: self.duration(&h.timeout, &key("health_check.timeout"), d.timeout, false)?,
-            healthy_threshold: self.count(
+            interval: duration(&h.interval, "health_check.interval", d.interval),
+            timeout: duration(&h.timeout, "health_check.timeout", d.timeout),
+            healthy_threshold: count(
                 &h.healthy_threshold,
-                &key("health_check.healthy_threshold"),
+                "health_check.healthy_threshold",
                 d.healthy_threshold,
-                1,
-                MAX_THRESHOLD,
-            )?,
-            unhealthy_threshold: self.count(
+            ),
+            unhealthy_threshold: count(
                 &h.unhealthy_threshold,
-                &key("health_check.unhealthy_threshold"),
+                "health_check.unhealthy_threshold",
                 d.unhealthy_threshold,
-                1,
-                MAX_THRESHOLD,
-            )?,
-        })
+            ),
+        }
     }
 
-    fn breaker(
-        &self,
-        b: &RawBreaker,
-        key: &dyn Fn(&str) -> String,
-    ) -> Result<BreakerPolicy, ConfigError> {
+    fn breaker(&self, b: &RawBreaker, key: &dyn Fn(&str) -> String) -> BreakerPolicy {
         let d = BreakerPolicy::default();
-        Ok(BreakerPolicy {
-            consecutive_failures: self.count(
-                &b.consecutive_failures,
-                &key("circuit_breaker.consecutive_failures"),
+        BreakerPolicy {
+            consecutive_failures: self.keep(
+                self.count(
+                    &b.consecutive_failures,
+                    &key("circuit_breaker.consecutive_failures"),
+                    d.consecutive_failures,
+                    0,
+                    MAX_THRESHOLD,
+                ),
                 d.consecutive_failures,
-                0,
-                MAX_THRESHOLD,
-            )?,
-            open_duration: self.duration(
-                &b.open_duration,
-                &key("circuit_breaker.open_duration"),
+            ),
+            open_duration: self.keep(
+                self.duration(
+                    &b.open_duration,
+                    &key("circuit_breaker.open_duration"),
+                    d.open_duration,
+                    false,
+                ),
                 d.open_duration,
-                false,
-            )?,
-            half_open_requests: self.count(
-                &b.half_open_requests,
-                &key("circuit_breaker.half_open_requests"),
+            ),
+            half_open_requests: self.keep(
+                self.count(
+                    &b.half_open_requests,
+                    &key("circuit_breaker.half_open_requests"),
+                    d.half_open_requests,
+                    1,
+                    MAX_THRESHOLD,
+                ),
                 d.half_open_requests,
-                1,
-                MAX_THRESHOLD,
-            )?,
+            ),
             failure_statuses: match &b.failure_statuses {
                 None => d.failure_statuses,
-                Some(list) => self.statuses(list, &key("circuit_breaker.failure_statuses"))?,
+                Some(list) => self.keep(
+                    self.statuses(list, &key("circuit_breaker.failure_statuses")),
+                    d.failure_statuses,
+                ),
             },
             max_ejected_percent: match &b.max_ejected_percent {
                 None => d.max_ejected_percent,
                 Some(v) => match u8::try_from(*v.get_ref()) {
                     Ok(n) if n <= 100 => n,
                     _ => {
-                        return Err(self.src.err(
+                        self.report(self.src.err(
                             v.span(),
                             key("circuit_breaker.max_ejected_percent"),
                             format!("{} is not a percentage from 0 to 100", v.get_ref()),
-                        ))
+                        ));
+                        d.max_ejected_percent
                     }
                 },
             },
-        })
+        }
     }
 
     /// An empty list is allowed: then no answer counts, only connect errors, timeouts and resets.
@@ -531,33 +599,31 @@ impl Validator<'_> {
         Ok(set)
     }
 
-    fn timeouts(
-        &self,
-        t: &RawTimeouts,
-        key: &dyn Fn(&str) -> String,
-    ) -> Result<Timeouts, ConfigError> {
+    fn timeouts(&self, t: &RawTimeouts, key: &dyn Fn(&str) -> String) -> Timeouts {
         let d = Timeouts::default();
-        Ok(Timeouts {
-            connect: self.duration(&t.connect, &key("timeouts.connect"), d.connect, false)?,
-            response: self.duration(&t.response, &key("timeouts.response"), d.response, false)?,
-            idle: self.duration(&t.idle, &key("timeouts.idle"), d.idle, false)?,
-        })
+        let duration = |v: &Option<Spanned<String>>, k: &str, default: Duration| {
+            self.keep(self.duration(v, &key(k), default, false), default)
+        };
+        Timeouts {
+            connect: duration(&t.connect, "timeouts.connect", d.connect),
+            response: duration(&t.response, "timeouts.response", d.response),
+            idle: duration(&t.idle, "timeouts.idle", d.idle),
+        }
     }
 
-    fn route(
-        &self,
-        r: &RawRoute,
-        i: usize,
-        pools: &[PoolConfig],
-    ) -> Result<RouteConfig, ConfigError> {
-        let host = match &r.host {
+    /// `None` when the route cannot be built; its errors are reported.
+    fn route(&self, r: &Spanned<RawRoute>, i: usize, pools: &[PoolConfig]) -> Option<RouteConfig> {
+        let raw = r.get_ref();
+        let host = match &raw.host {
             None => None,
-            Some(h) => Some(
+            Some(h) => self.keep(
                 parse_host_pattern(h.get_ref())
-                    .map_err(|m| self.src.err(h.span(), format!("routes[{i}].host"), m))?,
+                    .map(Some)
+                    .map_err(|m| self.src.err(h.span(), format!("routes[{i}].host"), m)),
+                None,
             ),
         };
-        let path_prefix = match &r.path_prefix {
+        let path_prefix = match &raw.path_prefix {
             None => "/".to_owned(),
             Some(p) => {
                 let s = p.get_ref();
@@ -565,7 +631,7 @@ impl Validator<'_> {
                     || s.contains(['?', '#'])
                     || s.chars().any(|c| c.is_ascii_control() || c == ' ')
                 {
-                    return Err(self.src.err(
+                    self.report(self.src.err(
                         p.span(),
                         format!("routes[{i}].path_prefix"),
                         format!("{s:?} must be a path starting with '/'"),
@@ -574,20 +640,132 @@ impl Validator<'_> {
                 s.clone()
             }
         };
-        let pool = r.pool.get_ref();
-        let Some(pool_index) = pools.iter().position(|p| &p.name == pool) else {
-            return Err(self.src.err(
-                r.pool.span(),
-                format!("routes[{i}].pool"),
-                format!("no pool named {pool:?} (define [pools.{pool}])"),
-            ));
+        let Some(pool) = &raw.pool else {
+            // A route has no name: say which one by what it matches.
+            let mut what = Vec::new();
+            if let Some(h) = &raw.host {
+                what.push(format!("host = {:?}", h.get_ref()));
+            }
+            if let Some(p) = &raw.path_prefix {
+                what.push(format!("path_prefix = {:?}", p.get_ref()));
+            }
+            let name = if what.is_empty() {
+                format!("routes[{i}]")
+            } else {
+                format!("routes[{i}] ({})", what.join(", "))
+            };
+            self.report(self.src.err(r.span(), name, "missing key `pool`"));
+            return None;
         };
-        Ok(RouteConfig {
+        let Some(pool_index) = pools.iter().position(|p| &p.name == pool.get_ref()) else {
+            let name = pool.get_ref();
+            self.report(self.src.err(
+                pool.span(),
+                format!("routes[{i}].pool"),
+                format!("no pool named {name:?} (define [pools.{name}])"),
+            ));
+            return None;
+        };
+        Some(RouteConfig {
             host,
             path_prefix,
-            pool: pool.clone(),
+            pool: pool.get_ref().clone(),
             pool_index,
         })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Warnings: legal, but almost surely not what was meant.
+
+    fn warn(&self, raw: &RawConfig, c: &Config) {
+        let mut w = self.warnings.borrow_mut();
+        for p in &c.pools {
+            let Some(hc) = &p.health_check else { continue };
+            if hc.timeout > hc.interval {
+                let span = raw
+                    .pools
+                    .get(p.name.as_str())
+                    .and_then(|rp| rp.get_ref().health_check.as_ref())
+                    .and_then(|h| h.timeout.as_ref().or(h.interval.as_ref()))
+                    .map(|s| s.span());
+                let key = format!("pools.{}.health_check.timeout", p.name);
+                let msg = format!(
+                    "timeout {} is longer than the interval {}: a slow check delays the next one",
+                    humantime::format_duration(hc.timeout),
+                    humantime::format_duration(hc.interval)
+                );
+                w.push(match span {
+                    Some(s) => self.src.err(s, key, msg),
+                    None => self.src.err_nowhere(key, msg),
+                });
+            }
+        }
+        // Routes are compared only when every one was valid, so indices match the file.
+        if c.routes.len() == raw.routes.len() {
+            for (i, r) in c.routes.iter().enumerate() {
+                let Some(j) = (0..i).find(|&j| route_covers(&c.routes[j], r)) else {
+                    continue;
+                };
+                let earlier = &c.routes[j];
+                w.push(self.src.err(
+                    raw.routes[i].span(),
+                    format!("routes[{i}]"),
+                    format!(
+                        "can never match: routes[{j}] ({}) comes first and catches every request \
+                         it would",
+                        describe_route(earlier)
+                    ),
+                ));
+            }
+        }
+        if !c.routes.is_empty() {
+            for (name, _) in raw.pools.iter() {
+                if !c.routes.iter().any(|r| &r.pool == name.get_ref()) {
+                    w.push(self.src.err(
+                        name.span(),
+                        format!("pools.{}", name.get_ref()),
+                        "no route names this pool, so it gets no traffic",
+                    ));
+                }
+            }
+        }
+        // Both bind with SO_REUSEADDR, which still refuses a specific address on a port that
+        // the wildcard of the same family already listens on. IPv6 sockets are v6-only, so
+        // `[::]` and an IPv4 address do not collide.
+        let mut binds: Vec<(SocketAddr, String, std::ops::Range<usize>)> = raw
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                Some((
+                    c.listeners.get(i)?.bind,
+                    format!("listeners[{i}].bind"),
+                    l.bind.span(),
+                ))
+            })
+            .collect();
+        if c.listeners.len() != raw.listeners.len() {
+            binds.clear();
+        }
+        if let (Some(a), Some(ra)) = (&c.admin, &raw.admin) {
+            binds.push((a.bind, "admin.bind".to_owned(), ra.bind.span()));
+        }
+        for (i, (a, key, span)) in binds.iter().enumerate() {
+            for (b, other, _) in &binds[..i] {
+                let same_family = a.is_ipv4() == b.is_ipv4();
+                let collide = a.port() == b.port()
+                    && a.ip() != b.ip()
+                    && same_family
+                    && (a.ip().is_unspecified() || b.ip().is_unspecified());
+                if collide {
+                    w.push(self.src.err(
+                        span.clone(),
+                        key.clone(),
+                        format!("{a} and {b} ({other}) share a port and one is a wildcard address: the second bind will fail"),
+                    ));
+                }
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -738,6 +916,37 @@ fn resolve(s: &str) -> Result<SocketAddr, String> {
             .ok_or_else(|| format!("address {s:?} resolves to nothing")),
         Err(e) => Err(format!("cannot resolve {s:?}: {e}")),
     }
+}
+
+/// `true` when every request `later` matches is caught by `earlier` first.
+fn route_covers(earlier: &RouteConfig, later: &RouteConfig) -> bool {
+    let host = match (&earlier.host, &later.host) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(HostMatch::Exact(a)), Some(HostMatch::Exact(b))) => a == b,
+        (Some(HostMatch::Suffix(s)), Some(HostMatch::Exact(h))) => {
+            h.len() > s.len() && h.ends_with(s.as_str())
+        }
+        (Some(HostMatch::Suffix(s)), Some(HostMatch::Suffix(t))) => t.ends_with(s.as_str()),
+        (Some(HostMatch::Exact(_)), Some(HostMatch::Suffix(_))) => false,
+    };
+    // Segment-aware like the router's `state::prefix_matches` (not called: `state` uses
+    // `config`): `/v1` covers `/v1/x`, not `/v10`.
+    host && match later.path_prefix.strip_prefix(earlier.path_prefix.as_str()) {
+        None => false,
+        Some(rest) => {
+            earlier.path_prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')
+        }
+    }
+}
+
+fn describe_route(r: &RouteConfig) -> String {
+    let host = match &r.host {
+        None => String::new(),
+        Some(HostMatch::Exact(h)) => format!("host = {h:?}, "),
+        Some(HostMatch::Suffix(s)) => format!("host = \"*{s}\", "),
+    };
+    format!("{host}path_prefix = {:?}", r.path_prefix)
 }
 
 fn parse_host_pattern(h: &str) -> Result<HostMatch, String> {
