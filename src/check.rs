@@ -88,8 +88,11 @@ fn load(path: &Path) -> Option<Checked> {
     let checked = match Config::check_file(path) {
         Ok(c) => c,
         Err(errors) => {
-            for e in &errors.0 {
+            for e in &errors.errors {
                 eprintln!("error: {e}");
+            }
+            for w in &errors.warnings {
+                eprintln!("warning: {w}");
             }
             return None;
         }
@@ -117,7 +120,7 @@ fn load_quiet(path: &Path) -> Option<Config> {
                 "error: cannot compare with {}: it does not validate",
                 path.display()
             );
-            for e in &errors.0 {
+            for e in &errors.errors {
                 eprintln!("error: {e}");
             }
             None

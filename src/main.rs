@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     let config = match balancer::Config::check_file(&cli.config) {
         Ok(c) => c.config,
         Err(errors) => {
-            for e in &errors.0 {
+            for e in &errors.errors {
                 eprintln!("error: {e}");
             }
             return ExitCode::from(1);

@@ -914,3 +914,564 @@ async fn sigusr1_and_sigusr2_do_not_kill() {
         log.text()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// `check` reports every mistake at once, in TOML words, and warns about likely mistakes.
+
+/// One of each kind of mistake, each on a line of its own.
+const MANY_MISTAKES: &str = r#"shutdwn_grace = "5s"
+watch = "yes"
+
+[listeners]
+bind = "127.0.0.1:8080"
+
+[limits]
+max_connections = "lots"
+header_timeout = "10"
+
+[[routes]]
+host = "api.example.com"
+path_prefix = "/v1"
+
+[[routes]]
+path_prefix = "/shop"
+pool = "shop"
+
+[pools.web]
+backends = [
+  "127.0.0.1:9001",
+  { address = "127.0.0.1:9002", wieght = 2 },
+  { address = "127.0.0.1:9003", weight = 5000 },
+]
+
+[pools.web.health_check]
+interval = 2
+"#;
+
+/// stderr with the file's path taken out, so that assertions about words cannot be fooled
+/// (or failed) by the random temp dir name.
+fn without_path(stderr: &str, path: &Path) -> String {
+    stderr.replace(&path.display().to_string(), "FILE")
+}
+
+#[test]
+fn check_reports_every_mistake_in_one_run() {
+    let (r, path, _d) = check(MANY_MISTAKES);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(!r.stdout.contains("ok"), "{}", r.stdout);
+    let err = without_path(&r.stderr, &path);
+    let expected = [
+        "error: FILE:1:1: shutdwn_grace: unknown key `shutdwn_grace` (did you mean `shutdown_grace`?)",
+        "error: FILE:2:9: watch: must be a boolean (true or false), not a string (\"yes\")",
+        "error: FILE:4:1: listeners: `[listeners]` must be written `[[listeners]]` (one table per entry)",
+        "error: FILE:8:19: limits.max_connections: must be an integer, not a string (\"lots\")",
+        "error: FILE:9:18: limits.header_timeout: duration \"10\" has no unit (write e.g. \"10s\" or \"10ms\")",
+        "error: FILE:11:1: routes[0] (host = \"api.example.com\", path_prefix = \"/v1\"): missing key `pool`",
+        "error: FILE:17:8: routes[1].pool: no pool named \"shop\" (define [pools.shop])",
+        "error: FILE:22:33: pools.web.backends[1]: unknown key `wieght` (did you mean `weight`?)",
+        "error: FILE:23:42: pools.web.backends[2].weight: weight must be an integer from 1 to 1000, not 5000",
+        "error: FILE:27:12: pools.web.health_check.interval: must be a string with a unit, such as \"10s\" or \"250ms\", not a number (2)",
+    ];
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines, expected, "\n{err}");
+    for rust in [
+        "i64",
+        "i128",
+        "u32",
+        "invalid type",
+        "expected a",
+        "map",
+        "sequence",
+        "struct",
+    ] {
+        assert!(!err.contains(rust), "{rust:?} leaks Rust into:\n{err}");
+    }
+}
+
+#[test]
+fn check_unknown_keys_suggest_the_closest_or_list_the_valid_ones() {
+    let text = base("\n[pools.web.health_check]\nintreval = \"2s\"\nhealthy = 2\nfrobnicate = 1\n");
+    let (r, path, _d) = check(&text);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    let err = without_path(&r.stderr, &path);
+    assert!(
+        err.contains(
+            "FILE:8:1: pools.web.health_check: unknown key `intreval` (did you mean `interval`?)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("FILE:9:1: pools.web.health_check: unknown key `healthy` (did you mean `healthy_threshold`?)"),
+        "{err}"
+    );
+    // Nothing close: the valid keys of that table are listed instead.
+    assert!(
+        err.contains("FILE:10:1: pools.web.health_check: unknown key `frobnicate`; valid keys here: path, interval, timeout, healthy_threshold, unhealthy_threshold"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_a_route_without_pool_is_named_by_what_it_matches() {
+    let text = format!(
+        "{SMALLEST}\n[[routes]]\npath_prefix = \"/a\"\npool = \"web\"\n\n[[routes]]\npath_prefix = \"/b\"\npool = \"web\"\n\n[[routes]]\nhost = \"api.example.com\"\n"
+    );
+    let (r, path, _d) = check(&text);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    let line = line_of(&text, "api.example.com") - 1;
+    assert_eq!(
+        without_path(&r.stderr, &path).trim(),
+        format!("error: FILE:{line}:1: routes[2] (host = \"api.example.com\"): missing key `pool`")
+    );
+}
+
+/// Runs `check` on `text` and asserts: exit 0, "ok" on stdout, and exactly `warnings` (with
+/// the file's path as FILE) on stderr.
+fn assert_warns(text: &str, warnings: &[String]) {
+    let (r, path, _d) = check(text);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), "ok");
+    let err = without_path(&r.stderr, &path);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines, warnings, "\n{err}");
+}
+
+#[test]
+fn check_warns_when_a_health_check_timeout_exceeds_its_interval() {
+    let text = base("\n[pools.web.health_check]\ninterval = \"1s\"\ntimeout = \"3s\"\n");
+    assert_warns(
+        &text,
+        &["warning: FILE:9:11: pools.web.health_check.timeout: timeout 3s is longer than the interval 1s: a slow check delays the next one".to_owned()],
+    );
+    // Equal is fine.
+    assert_warns(
+        &base("\n[pools.web.health_check]\ninterval = \"2s\"\ntimeout = \"2s\"\n"),
+        &[],
+    );
+}
+
+#[test]
+fn check_warns_about_routes_that_can_never_match() {
+    let text = format!(
+        "{SMALLEST}
+[[routes]]
+host = \"*.example.com\"
+pool = \"web\"
+
+[[routes]]
+host = \"api.example.com\"
+path_prefix = \"/v1\"
+pool = \"web\"
+
+[[routes]]
+path_prefix = \"/v1\"
+pool = \"web\"
+
+[[routes]]
+path_prefix = \"/v10\"
+pool = \"web\"
+
+[[routes]]
+path_prefix = \"/v1/users\"
+pool = \"web\"
+"
+    );
+    let second = line_of(&text, "api.example.com") - 1;
+    let fifth = line_of(&text, "/v1/users") - 1;
+    assert_warns(
+        &text,
+        &[
+            format!("warning: FILE:{second}:1: routes[1]: can never match: routes[0] (host = \"*.example.com\", path_prefix = \"/\") comes first and catches every request it would"),
+            // `/v1` does not cover `/v10` (segments), but does cover `/v1/users`.
+            format!("warning: FILE:{fifth}:1: routes[4]: can never match: routes[2] (path_prefix = \"/v1\") comes first and catches every request it would"),
+        ],
+    );
+}
+
+#[test]
+fn check_warns_about_pools_no_route_names() {
+    let text = format!(
+        "{SMALLEST}\n[[routes]]\npath_prefix = \"/a\"\npool = \"web\"\n\n[pools.old]\nbackends = [\"127.0.0.1:9101\"]\n\n[pools.spare]\nbackends = [\"127.0.0.1:9102\"]\n"
+    );
+    let old = line_of(&text, "[pools.old]");
+    let spare = line_of(&text, "[pools.spare]");
+    assert_warns(
+        &text,
+        &[
+            format!("warning: FILE:{old}:8: pools.old: no route names this pool, so it gets no traffic"),
+            format!("warning: FILE:{spare}:8: pools.spare: no route names this pool, so it gets no traffic"),
+        ],
+    );
+    // Without routes the one pool takes everything: nothing to warn about.
+    assert_warns(SMALLEST, &[]);
+}
+
+#[test]
+fn check_warns_about_listeners_that_collide_at_bind_time() {
+    let text = "[[listeners]]\nbind = \"0.0.0.0:8080\"\n\n[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[[listeners]]\nbind = \"[::]:8080\"\n\n[[listeners]]\nbind = \"[::1]:8080\"\n\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_warns(
+        text,
+        &[
+            "warning: FILE:5:8: listeners[1].bind: 127.0.0.1:8080 and 0.0.0.0:8080 (listeners[0].bind) share a port and one is a wildcard address: the second bind will fail".to_owned(),
+            // IPv6 sockets are v6-only: [::] does not take the IPv4 port, only [::1]'s.
+            "warning: FILE:11:8: listeners[3].bind: [::1]:8080 and [::]:8080 (listeners[2].bind) share a port and one is a wildcard address: the second bind will fail".to_owned(),
+        ],
+    );
+}
+
+#[test]
+fn check_warnings_are_shown_with_errors_too() {
+    let text = base(
+        "strategy = \"random\"\n\n[pools.web.health_check]\ninterval = \"1s\"\ntimeout = \"3s\"\n",
+    );
+    let (r, path, _d) = check(&text);
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    let err = without_path(&r.stderr, &path);
+    assert!(
+        err.contains("error: FILE:6:12: pools.web.strategy: unknown strategy"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: FILE:10:11: pools.web.health_check.timeout"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `check --diff`: what a reload would change.
+
+const DIFF_OLD: &str = r#"watch = false
+
+[[listeners]]
+bind = "127.0.0.1:8080"
+
+[[listeners]]
+bind = "127.0.0.1:8081"
+
+[[routes]]
+path_prefix = "/api"
+pool = "web"
+
+[pools.web]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+
+[pools.old]
+backends = ["127.0.0.1:9201"]
+"#;
+
+const DIFF_NEW: &str = r#"watch = false
+
+[[listeners]]
+bind = "127.0.0.1:8080"
+
+[[listeners]]
+bind = "127.0.0.1:8443"
+
+[limits]
+max_body_bytes = "1MiB"
+
+[[routes]]
+path_prefix = "/v2"
+pool = "web"
+
+[[routes]]
+path_prefix = "/img"
+pool = "img"
+
+[pools.web]
+strategy = "least_connections"
+backends = [
+  { address = "127.0.0.1:9001", weight = 3 },
+  "127.0.0.1:9002",
+  "127.0.0.1:9004",
+]
+
+[pools.web.health_check]
+path = "/up"
+
+[pools.img]
+backends = [{ address = "127.0.0.1:9301", weight = 2 }]
+"#;
+
+/// `balancer check --diff --config NEW --against-file OLD`.
+fn diff_files(old: &str, new: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, n) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
+    std::fs::write(&o, old).unwrap();
+    std::fs::write(&n, new).unwrap();
+    run(
+        &[
+            "check",
+            "--diff",
+            "--config",
+            n.to_str().unwrap(),
+            "--against-file",
+            o.to_str().unwrap(),
+        ],
+        None,
+    )
+}
+
+#[test]
+fn check_diff_against_a_file_lists_every_change() {
+    let r = diff_files(DIFF_OLD, DIFF_NEW);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "- listener 127.0.0.1:8081",
+            "+ listener 127.0.0.1:8443",
+            "- pool old",
+            "- backend old 127.0.0.1:9201",
+            "~ pool web strategy round_robin -> least_connections",
+            "- backend web 127.0.0.1:9003",
+            "~ backend web 127.0.0.1:9001 weight 1 -> 3",
+            "+ backend web 127.0.0.1:9004",
+            "+ pool img (round_robin)",
+            "+ backend img 127.0.0.1:9301 weight 2",
+            "+ pool web health_check",
+            "- route /api -> web",
+            "+ route /v2 -> web",
+            "+ route /img -> img",
+            "~ limits.max_body_bytes 0 -> 1048576",
+            "= 2 backends keep their state",
+        ],
+        "\n{}",
+        r.stdout
+    );
+    // The other way round undoes it.
+    let r = diff_files(DIFF_NEW, DIFF_OLD);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(
+        r.stdout.contains("+ listener 127.0.0.1:8081\n"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("~ backend web 127.0.0.1:9001 weight 3 -> 1\n"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("- pool web health_check\n"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn check_diff_of_equal_files_says_no_changes() {
+    let r = diff_files(DIFF_OLD, DIFF_OLD);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, "no changes\n");
+}
+
+#[test]
+fn check_diff_settings_and_route_order() {
+    let old = format!("{SMALLEST}\n[[routes]]\npath_prefix = \"/a\"\npool = \"web\"\n[[routes]]\npath_prefix = \"/b\"\npool = \"web\"\n");
+    let new = old
+        .replace("\"/a\"", "\"/x\"")
+        .replace("\"/b\"", "\"/a\"")
+        .replace("\"/x\"", "\"/b\"")
+        + "\n[pools.web.timeouts]\nconnect = \"500ms\"\n\n[log]\nlevel = \"debug\"\n";
+    let new = format!("shutdown_grace = \"5s\"\n{new}");
+    let r = diff_files(&old, &new);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "~ pool web timeouts.connect 2s -> 500ms",
+            "~ routes reordered (first match wins)",
+            "~ shutdown_grace 30s -> 5s",
+            "~ log.level info -> debug",
+            "= 2 backends keep their state",
+        ],
+        "\n{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn check_diff_refuses_an_invalid_config_with_its_errors() {
+    let r = diff_files(DIFF_OLD, &format!("{DIFF_NEW}\nbogus = 1\n"));
+    assert_eq!(r.code, Some(1), "stdout: {}", r.stdout);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(r.stderr.contains("unknown key `bogus`"), "{}", r.stderr);
+    let r = diff_files("nonsense = 1\n", DIFF_NEW);
+    assert_eq!(r.code, Some(1), "stdout: {}", r.stdout);
+    assert!(r.stderr.contains("old.toml"), "{}", r.stderr);
+}
+
+#[test]
+fn check_diff_without_admin_or_file_says_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.toml");
+    std::fs::write(&p, SMALLEST).unwrap();
+    let r = run(&["check", "--diff", "--config", p.to_str().unwrap()], None);
+    assert_eq!(r.code, Some(1), "stdout: {}", r.stdout);
+    assert!(r.stderr.contains("--against"), "{}", r.stderr);
+    // --against needs --diff.
+    let r = run(
+        &[
+            "check",
+            "--against",
+            "http://127.0.0.1:1",
+            "--config",
+            p.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(r.code, Some(2), "stdout: {}", r.stdout);
+}
+
+/// Against a running balancer: its /status is the "before" (pools and backends only, said so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_diff_against_the_running_balancer() {
+    let a = common::start_backend("a").await;
+    let b = common::start_backend("b").await;
+    let running = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[[listeners]]\nbind = \"{{listen}}\"\n\
+         [pools.web]\nbackends = [\"{}\", \"{}\"]\n",
+        a.addr, b.addr
+    );
+    let bin = common::start_binary(&running, std::process::Stdio::null());
+    let admin_url = format!("http://{}", bin.admin);
+    let dir = tempfile::tempdir().unwrap();
+    let next = dir.path().join("next.toml");
+    std::fs::write(
+        &next,
+        format!(
+            "[admin]\nbind = \"{}\"\n[[listeners]]\nbind = \"{}\"\n\
+             [pools.web]\nbackends = [{{ address = \"{}\", weight = 4 }}, \"127.0.0.1:9\"]\n",
+            bin.admin, bin.addr, a.addr
+        ),
+    )
+    .unwrap();
+    let next_s = next.to_str().unwrap().to_owned();
+    for args in [
+        vec![
+            "check",
+            "--diff",
+            "--config",
+            &next_s,
+            "--against",
+            &admin_url,
+        ],
+        // Without --against: the config's own [admin] bind.
+        vec!["check", "--diff", "--config", &next_s],
+    ] {
+        let r = tokio::task::spawn_blocking({
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            move || {
+                let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+                run(&args, None)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines.len(), 5, "{}", r.stdout);
+        assert!(
+            lines[0].starts_with(&format!(
+                "# against http://{} (config version 1): pools and backends only",
+                bin.admin
+            )),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(
+            &lines[1..],
+            [
+                format!("- backend web {}", b.addr),
+                format!("~ backend web {} weight 1 -> 4", a.addr),
+                "+ backend web 127.0.0.1:9".to_owned(),
+                "= 1 backend keeps its state".to_owned(),
+            ],
+            "{}",
+            r.stdout
+        );
+    }
+    // Nobody listening: exit 1 and say where it tried.
+    let r = run(
+        &[
+            "check",
+            "--diff",
+            "--config",
+            &next_s,
+            "--against",
+            "http://127.0.0.1:1",
+        ],
+        None,
+    );
+    assert_eq!(r.code, Some(1), "stdout: {}", r.stdout);
+    assert!(r.stderr.contains("127.0.0.1:1"), "{}", r.stderr);
+}
+
+/// The reload log line says what changed, as `check --diff` would, in one line; a rejected
+/// reload reports every error, one per line, in `/status` and in the 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_log_line_summarises_the_change_and_rejections_list_every_error() {
+    let a = common::start_backend("a").await;
+    let b = common::start_backend("b").await;
+    let (bin, log) = start_logged(&logged_config(a.addr, "info"));
+    log.wait_for("listening", 2);
+    let c = common::client();
+    let reload = format!("http://{}/reload", bin.admin);
+    let two = logged_config(a.addr, "info").replace(
+        &format!("backends = [\"{}\"]", a.addr),
+        &format!(
+            "backends = [{{ address = \"{}\", weight = 2 }}, \"{}\"]",
+            a.addr, b.addr
+        ),
+    );
+    common::write_binary_config(&bin, &two);
+    assert_eq!(common::post(&c, &reload, "").await.status, 200);
+    log.wait_for("config reloaded", 1);
+    let line = log
+        .text()
+        .lines()
+        .find(|l| l.contains("config reloaded"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(line.contains("changes=+1 backend, ~1 weight"), "{line}");
+
+    // Unchanged file: the line says so.
+    assert_eq!(common::post(&c, &reload, "").await.status, 200);
+    log.wait_for("config reloaded", 2);
+    assert!(log.text().contains("changes=none"), "{}", log.text());
+
+    // Two mistakes: both reported, one per line, the first as a single error shows it.
+    let broken = two.replace(
+        "[pools.web]",
+        "bogus = 1\n[pools.web]\nstrategy = \"random\"",
+    );
+    common::write_binary_config(&bin, &broken);
+    let got = common::post(&c, &reload, "").await;
+    assert_eq!(got.status, 400);
+    let path = bin.config_path.display().to_string();
+    let body: serde_json::Value = serde_json::from_str(&got.body).unwrap_or_default();
+    let text = body["error"].as_str().unwrap_or_default();
+    let errors: Vec<&str> = text.lines().collect();
+    assert_eq!(errors.len(), 2, "{}", got.body);
+    assert!(
+        errors[0].starts_with(&format!("{path}:")) && errors[0].contains("bogus"),
+        "{}",
+        got.body
+    );
+    assert!(
+        errors[1].starts_with(&format!("{path}:")) && errors[1].contains("pools.web.strategy"),
+        "{}",
+        got.body
+    );
+    let status = common::status_at(bin.admin).await;
+    let last = status["config"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(last.lines().count(), 2, "{status}");
+    assert!(last.contains("bogus") && last.contains("random"), "{last}");
+}

@@ -674,7 +674,7 @@ fn errors_count_lines_with_crlf_and_unicode() {
     assert_eq!(e.line, Some((6, 12)), "{e}");
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 2 }, { address = \"é:1\", weight = 0 }]\n";
     // "é:1" does not resolve either (an error at column 69); the weight's is the one wanted.
-    let all = Config::check(text, "f.toml", None).unwrap_err().0;
+    let all = Config::check(text, "f.toml", None).unwrap_err().errors;
     let Some(e) = all
         .iter()
         .find(|e| e.key.as_deref() == Some("pools.web.backends[1].weight"))

@@ -376,19 +376,20 @@ impl Config {
     /// [`Config::check`] on the file at `path`.
     pub fn check_file(path: &Path) -> Result<Checked, ConfigErrors> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            errors: vec![ConfigError {
                 file: file.clone(),
                 line: None,
                 key: None,
                 msg: format!("cannot read: {e}"),
-            }])
+            }],
+            warnings: Vec::new(),
         })?;
         Config::check(&text, &file, path.parent())
     }
 
     /// Parses and validates `text`, going on after each error so that every mistake in the
-    /// file is reported at once, in file order; on success, also the warnings.
+    /// file is reported at once, in file order; the warnings come either way.
     pub fn check(text: &str, file: &str, base_dir: Option<&Path>) -> Result<Checked, ConfigErrors> {
         let src = span::Source { text, file };
         let collected = src.collect();
@@ -420,7 +421,7 @@ impl Config {
         errors.sort_by_key(|e| e.line.map_or((usize::MAX, 0), |p| p));
         match config {
             Some(config) if errors.is_empty() => Ok(Checked { config, warnings }),
-            _ => Err(ConfigErrors(errors)),
+            _ => Err(ConfigErrors { errors, warnings }),
         }
     }
 }

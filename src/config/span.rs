@@ -33,26 +33,34 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Every error found in one config, in file order; never empty. Displayed one per line, so
-/// the first line is exactly what the first [`ConfigError`] alone displays.
+/// Every error found in one config, in file order (never empty), and the warnings found
+/// alongside. Displayed as the errors, one per line, so the first line is exactly what the
+/// first [`ConfigError`] alone displays.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+pub struct ConfigErrors {
+    pub errors: Vec<ConfigError>,
+    /// Shown with the errors (`balancer check`), never instead of them.
+    pub warnings: Vec<ConfigError>,
+}
 
 impl ConfigErrors {
     /// The first error, for callers that report one.
     pub fn into_first(self) -> ConfigError {
-        self.0.into_iter().next().unwrap_or_else(|| ConfigError {
-            file: String::new(),
-            line: None,
-            key: None,
-            msg: "invalid configuration".to_owned(),
-        })
+        self.errors
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| ConfigError {
+                file: String::new(),
+                line: None,
+                key: None,
+                msg: "invalid configuration".to_owned(),
+            })
     }
 }
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
+        for (i, e) in self.errors.iter().enumerate() {
             if i > 0 {
                 f.write_str("\n")?;
             }

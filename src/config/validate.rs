@@ -753,7 +753,9 @@ impl Validator<'_> {
         for (i, (a, key, span)) in binds.iter().enumerate() {
             for (b, other, _) in &binds[..i] {
                 let same_family = a.is_ipv4() == b.is_ipv4();
+                // Port 0 asks the kernel for a free port each time: never a collision.
                 let collide = a.port() == b.port()
+                    && a.port() != 0
                     && a.ip() != b.ip()
                     && same_family
                     && (a.ip().is_unspecified() || b.ip().is_unspecified());
