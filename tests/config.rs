@@ -1089,3 +1089,89 @@ fn every_integer_key_has_bounds() {
     let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:1\", weight = 9223372036854775807 }]\n";
     rejected_cleanly(text, "pools.web.backends[0].weight");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `Config::check`: every error at once, and warnings.
+
+#[test]
+fn check_reports_every_shape_mistake_with_the_index_the_operator_sees() {
+    let text = r#"[[limits]]
+max_body_bytes = 1
+
+[[listeners]]
+bind = 8080
+
+[[listeners]]
+bind = "127.0.0.1:8081"
+tls = { cert = "a.pem", kee = "a.key" }
+
+[pools.web]
+backends = "127.0.0.1:9001"
+tls = "yes"
+
+[pools.api]
+backends = [1, { weight = 2 }]
+[pools.api.circuit_breaker]
+failure_statuses = 502
+"#;
+    let all = Config::check(text, "f.toml", None).unwrap_err();
+    let shown: Vec<String> = all.errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "f.toml:1:1: limits: `[[limits]]` must be written `[limits]` (it is one table)",
+            "f.toml:5:8: listeners[0].bind: must be a string (in quotes), not a number (8080)",
+            "f.toml:9:7: listeners[1].tls: `cert` and `key` go together",
+            "f.toml:9:25: listeners[1].tls: unknown key `kee` (did you mean `key`?)",
+            "f.toml:12:12: pools.web.backends: must be a list, such as [ ... ], not a string (\"127.0.0.1:9001\")",
+            "f.toml:13:7: pools.web.tls: must be true, false or a table { ca, server_name }, not a string (\"yes\")",
+            "f.toml:16:13: pools.api.backends[0]: must be an address string or a table { address, weight }, not a number (1)",
+            "f.toml:16:16: pools.api.backends[1]: missing key `address`",
+            "f.toml:18:20: pools.api.circuit_breaker.failure_statuses: must be a list, such as [ ... ], not a number (502)",
+        ]
+    );
+    // One error per line, the first exactly as `Config::parse` reports it alone.
+    assert_eq!(all.to_string(), shown.join("\n"));
+    assert_eq!(err(text).to_string(), shown[0]);
+}
+
+#[test]
+fn check_keeps_validating_after_a_semantic_error() {
+    let text = format!(
+        "shutdown_grace = \"5\"\n{SMALLEST}\n[pools.api]\nstrategy = \"random\"\nbackends = [\"127.0.0.1:\", {{ address = \"127.0.0.1:9\", weight = 0 }}]\n[pools.api.retries]\nattempts = 99\n[[routes]]\npath_prefix = \"v1\"\npool = \"nope\"\n"
+    );
+    let keys: Vec<String> = Config::check(&text, "f.toml", None)
+        .unwrap_err()
+        .errors
+        .iter()
+        .map(|e| e.key.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "shutdown_grace",
+            "pools.api.strategy",
+            "pools.api.backends[0]",
+            "pools.api.backends[1].weight",
+            "pools.api.retries.attempts",
+            "routes[0].path_prefix",
+            "routes[0].pool",
+        ]
+    );
+}
+
+#[test]
+fn check_returns_warnings_with_a_valid_config() {
+    let text =
+        format!("{SMALLEST}\n[pools.web.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n");
+    let checked = Config::check(&text, "f.toml", None).unwrap_or_else(|e| panic!("{e}"));
+    let shown: Vec<String> = checked.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        shown,
+        ["f.toml:9:11: pools.web.health_check.timeout: timeout 2s is longer than the interval 1s: a slow check delays the next one"]
+    );
+    assert_eq!(checked.config, ok(&text));
+    // The contract's full example is clean.
+    let c = Config::check(EVERYTHING, "f.toml", None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}

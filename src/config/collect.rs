@@ -277,6 +277,8 @@ impl Source<'_> {
         }
         let span = root.span();
         let mut root = root.into_inner();
+        // Paths given a blank placeholder: a second error there removes the entry instead.
+        let mut patched = std::collections::HashSet::new();
         while out.errors.len() < MAX_ERRORS {
             let de = toml::de::Deserializer::from(Spanned::new(span.clone(), root.clone()));
             let e = match RawConfig::deserialize(de) {
@@ -294,8 +296,8 @@ impl Source<'_> {
                 out.errors.push(self.toml_error(&e));
                 return out;
             };
-            let (err, repaired) = self.explain(&e, &hit, &mut root);
-            // A required key whose bad value was taken out is now missing: that was said.
+            let (err, fix) = self.explain(&e, &hit, &root);
+            // A required key whose bad value was blanked is reported once, not as missing too.
             let missing_after_removal = e
                 .message()
                 .strip_prefix("missing field `")
@@ -304,23 +306,49 @@ impl Source<'_> {
             if !missing_after_removal {
                 out.errors.push(err);
             }
-            if !repaired {
-                if !remove(&mut root, &hit.path) {
-                    return out;
+            let path = hit.path;
+            let done = match fix {
+                Fix::Wrap => wrap_in_array(&mut root, &path),
+                Fix::Unwrap(depth) => {
+                    let at = &path[..depth];
+                    unwrap_array(&mut root, at) || {
+                        out.removed.push(dotted(at));
+                        remove(&mut root, at)
+                    }
                 }
-                // An unknown key was never read, so taking it out changes nothing else; a bad
-                // value leaves its key missing, which validation must not report again.
-                if !hit.on_key {
-                    out.removed.push(dotted(&hit.path));
+                Fix::Remove => {
+                    // An unknown key was never read, so taking it out changes nothing else; a
+                    // bad value leaves its key missing, which validation must not report again.
+                    if !hit.on_key {
+                        out.removed.push(dotted(&path));
+                    }
+                    remove(&mut root, &path)
                 }
+                // A blank string keeps a required key present and list indices unchanged, so
+                // later errors name the element the operator sees; validation skips it.
+                Fix::Blank if patched.insert(dotted(&path)) => {
+                    out.removed.push(dotted(&path));
+                    set_blank(&mut root, &path, None)
+                }
+                Fix::AddBlank(field) if patched.insert(format!("{}.{field}", dotted(&path))) => {
+                    out.removed.push(format!("{}.{field}", dotted(&path)));
+                    set_blank(&mut root, &path, Some(&field))
+                }
+                Fix::Blank | Fix::AddBlank(_) => {
+                    out.removed.push(dotted(&path));
+                    remove(&mut root, &path)
+                }
+            };
+            if !done {
+                return out;
             }
         }
         out
     }
 
-    /// The operator's message for serde's error `e` at `hit`; `true` when the tree was repaired
-    /// in place rather than needing the entry removed.
-    fn explain(&self, e: &toml::de::Error, hit: &Hit, root: &mut DeTable) -> (ConfigError, bool) {
+    /// The operator's message for serde's error `e` at `hit`, and how to take the mistake out
+    /// of the tree before the next try.
+    fn explain(&self, e: &toml::de::Error, hit: &Hit, root: &DeTable) -> (ConfigError, Fix) {
         let msg = e.message().trim();
         let span = e.span().unwrap_or(0..0);
         let key = dotted(&hit.path);
@@ -345,12 +373,44 @@ impl Source<'_> {
             } else {
                 table
             };
-            return (self.err(span, key, m), false);
+            return (self.err(span, key, m), Fix::Remove);
+        }
+        // `[[limits]]` for `[limits]`: serde reads a list into a struct field by field, with
+        // errors that make no sense to the operator; say what was meant instead.
+        for depth in 1..=hit.path.len() {
+            let at = &hit.path[..depth];
+            let Some(Seg::Key(name)) = at.last() else {
+                continue;
+            };
+            if TABLE_ARRAYS.contains(&name.as_str()) {
+                continue;
+            }
+            let Some(v) = value_at(root, at) else {
+                continue;
+            };
+            let DeValue::Array(a) = v.get_ref() else {
+                continue;
+            };
+            let written_as_header = self
+                .text
+                .get(v.span().start..)
+                .is_some_and(|t| t.starts_with("[["));
+            if !a.is_empty()
+                && written_as_header
+                && a.iter().all(|x| matches!(x.get_ref(), DeValue::Table(_)))
+            {
+                let k = dotted(at);
+                let m = format!("`[[{k}]]` must be written `[{k}]` (it is one table)");
+                return (self.err(v.span(), k, m), Fix::Unwrap(depth));
+            }
         }
         let value = value_at(root, &hit.path);
         if let Some(field) = msg.strip_prefix("missing field `") {
             let field = field.split('`').next().unwrap_or(field);
-            return (self.err(span, key, format!("missing key `{field}`")), false);
+            return (
+                self.err(span, key, format!("missing key `{field}`")),
+                Fix::AddBlank(field.to_owned()),
+            );
         }
         if let (Some(rest), Some(v)) = (msg.strip_prefix("invalid type: "), value) {
             let expected = rest.split_once(", expected ").map_or("", |(_, x)| x);
@@ -359,22 +419,98 @@ impl Source<'_> {
                 && matches!(v.get_ref(), DeValue::Table(_))
             {
                 let m = format!("`[{key}]` must be written `[[{key}]]` (one table per entry)");
-                let err = self.err(span, key.clone(), m);
-                return (err, wrap_in_array(root, &hit.path));
+                return (self.err(span, key.clone(), m), Fix::Wrap);
             }
             let got = describe(v.get_ref());
             let m = match wanted(expected, leaf) {
                 Some(w) => format!("{w}, not {got}"),
                 None => format!("{got} is not allowed here"),
             };
-            return (self.err(span, key, m), false);
+            let fix = if expected.contains("string") {
+                Fix::Blank
+            } else {
+                Fix::Remove
+            };
+            return (self.err(span, key, m), fix);
         }
         if let (Some(_), Some(v)) = (msg.strip_prefix("invalid value: "), value) {
             let m = format!("{} is out of range", describe(v.get_ref()));
-            return (self.err(span, key, m), false);
+            return (self.err(span, key, m), Fix::Remove);
         }
         // A message of our own visitors or a future serde wording: keep it, placed and keyed.
-        (self.err(span, key, msg.to_owned()), false)
+        (self.err(span, key, msg.to_owned()), Fix::Remove)
+    }
+}
+
+/// How a mistake is taken out of the tree so that deserialising can go on.
+enum Fix {
+    /// Drop the entry (an unknown key, or an optional value of the wrong type).
+    Remove,
+    /// `[listeners]` -> `[[listeners]]`.
+    Wrap,
+    /// `[[limits]]` -> `[limits]`, for the prefix of the path this long.
+    Unwrap(usize),
+    /// Replace a value that should have been a string with `""`.
+    Blank,
+    /// Add a missing required key to the table, as `""`.
+    AddBlank(String),
+}
+
+/// `[[limits]]` written once -> that one table; `false` when there were several.
+fn unwrap_array(root: &mut DeTable, path: &[Seg]) -> bool {
+    let (Some(Parent::Table(t)), Some(Seg::Key(k))) = (parent_of(root, path), path.last()) else {
+        return false;
+    };
+    let Some(v) = t.get_mut(k.as_str()) else {
+        return false;
+    };
+    let DeValue::Array(a) = v.get_mut() else {
+        return false;
+    };
+    if a.len() != 1 {
+        return false;
+    }
+    let Some(first) = std::mem::replace(a, DeArray::new()).into_iter().next() else {
+        return false;
+    };
+    *v = first;
+    true
+}
+
+/// Puts `""` at `path`, or, with `field`, under that key of the table at `path`.
+fn set_blank(root: &mut DeTable, path: &[Seg], field: Option<&str>) -> bool {
+    let blank = |span: Range<usize>| Spanned::new(span, DeValue::String(String::new().into()));
+    if let Some(field) = field {
+        let mut full: Vec<Seg> = path
+            .iter()
+            .map(|s| match s {
+                Seg::Key(k) => Seg::Key(k.clone()),
+                Seg::Index(i) => Seg::Index(*i),
+            })
+            .collect();
+        full.push(Seg::Key(field.to_owned()));
+        let Some(target) = parent_of(root, &full) else {
+            return false;
+        };
+        let Parent::Table(t) = target else {
+            return false;
+        };
+        // The table's own span is not at hand here; the error already pointed at it.
+        t.insert(Spanned::new(0..0, field.to_owned().into()), blank(0..0));
+        return true;
+    }
+    let slot = match (parent_of(root, path), path.last()) {
+        (Some(Parent::Table(t)), Some(Seg::Key(k))) => t.get_mut(k.as_str()),
+        (Some(Parent::Array(a)), Some(Seg::Index(i))) => a.get_mut(*i),
+        _ => None,
+    };
+    match slot {
+        Some(v) => {
+            let span = v.span();
+            *v = blank(span);
+            true
+        }
+        None => false,
     }
 }
 
@@ -388,6 +524,20 @@ mod tests {
             file: "t.toml",
         }
         .collect()
+    }
+
+    #[test]
+    fn a_table_written_as_a_list_of_tables_is_still_checked_inside() {
+        let c = collect("[[limits]]\nmax_body_bytes = true\n");
+        let shown: Vec<String> = c.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "t.toml:1:1: limits: `[[limits]]` must be written `[limits]` (it is one table)",
+                "t.toml:2:18: limits.max_body_bytes: must be a number of bytes or a string such as \"64KiB\", not true",
+            ]
+        );
+        assert!(c.raw.is_some() && c.removed == ["limits.max_body_bytes"]);
     }
 
     #[test]
