@@ -593,7 +593,10 @@ fn rejects_wrong_type_naming_the_key() {
         text,
         "weight",
         Some(42),
-        &["pools.web.backends[0].weight", "must be an integer"],
+        &[
+            "pools.web.backends[0].weight",
+            "must be an integer from 1 to 1000, not a string (\"2\")",
+        ],
     );
     assert!(
         !err.contains("i64") && !err.contains("invalid type"),
@@ -964,7 +967,7 @@ fn check_reports_every_mistake_in_one_run() {
         "error: FILE:1:1: shutdwn_grace: unknown key `shutdwn_grace` (did you mean `shutdown_grace`?)",
         "error: FILE:2:9: watch: must be a boolean (true or false), not a string (\"yes\")",
         "error: FILE:4:1: listeners: `[listeners]` must be written `[[listeners]]` (one table per entry)",
-        "error: FILE:8:19: limits.max_connections: must be an integer, not a string (\"lots\")",
+        "error: FILE:8:19: limits.max_connections: must be an integer from 1 to 10000000, not a string (\"lots\")",
         "error: FILE:9:18: limits.header_timeout: duration \"10\" has no unit (write e.g. \"10s\" or \"10ms\")",
         "error: FILE:11:1: routes[0] (host = \"api.example.com\", path_prefix = \"/v1\"): missing key `pool`",
         "error: FILE:17:8: routes[1].pool: no pool named \"shop\" (define [pools.shop])",

@@ -36,6 +36,23 @@ const DURATION_KEYS: &[&str] = &[
     "stale_if_error",
 ];
 
+/// The range of an integer key, for the message when it is not an integer at all; validation
+/// checks the same bounds (the constants in `mod.rs`) once it is one.
+fn integer_range(leaf: &str) -> Option<(u64, u64)> {
+    use super::*;
+    Some(match leaf {
+        "weight" => (1, u64::from(MAX_WEIGHT)),
+        "max_connections" => (1, MAX_CONNECTIONS),
+        "healthy_threshold" | "unhealthy_threshold" | "half_open_requests" => {
+            (1, u64::from(MAX_THRESHOLD))
+        }
+        "consecutive_failures" => (0, u64::from(MAX_THRESHOLD)),
+        "attempts" => (1, u64::from(MAX_ATTEMPTS)),
+        "max_ejected_percent" => (0, 100),
+        _ => return None,
+    })
+}
+
 /// Keys that are arrays of tables: `[listeners]` for `[[listeners]]` is a classic slip.
 const TABLE_ARRAYS: &[&str] = &["listeners", "routes", "certificates"];
 
@@ -216,7 +233,10 @@ fn wanted(expected: &str, leaf: &str) -> Option<String> {
         ]
         .contains(&e) =>
         {
-            "must be an integer".to_owned()
+            match integer_range(leaf) {
+                Some((lo, hi)) => format!("must be an integer from {lo} to {hi}"),
+                None => "must be an integer".to_owned(),
+            }
         }
         _ if e.starts_with("f32") || e.starts_with("f64") => "must be a number".to_owned(),
         // Our own visitors already say it in TOML words ("an address string or a table ...").
