@@ -73,7 +73,7 @@ fn config_filter(level: &str) -> EnvFilter {
 pub fn reopen_files() {
     match crate::accesslog::reopen() {
         Some(p) => tracing::info!(path = %p.display(), "SIGUSR1: reopening the access log file"),
-        None => tracing::info!("SIGUSR1: no log file to reopen (access log on stdout)"),
+        None => tracing::info!("SIGUSR1: no log files to reopen (access log on stdout)"),
     }
 }
 
