@@ -58,6 +58,8 @@ pub struct Counters {
 
 #[derive(Debug)]
 pub struct Backend {
+    /// The pool it belongs to: with `address`, its identity (and in every log line about it).
+    pub pool: Arc<str>,
     /// As written in the config; the identity under which the backend survives reloads.
     pub address: Arc<str>,
     pub addr: SocketAddr,
@@ -74,8 +76,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(address: &str, addr: SocketAddr) -> Backend {
+    pub fn new(pool: &str, address: &str, addr: SocketAddr) -> Backend {
         Backend {
+            pool: Arc::from(pool),
             address: Arc::from(address),
             addr,
             healthy: AtomicBool::new(true),
@@ -159,10 +162,10 @@ impl Backend {
             let reason = reason.map(Failure::as_str).unwrap_or("-");
             match t.to {
                 BreakerState::Open => {
-                    tracing::warn!(backend = %self.address, from = t.from.as_str(), reason, "circuit breaker opened")
+                    tracing::warn!(pool = %self.pool, backend = %self.address, from = t.from.as_str(), reason, "circuit breaker opened")
                 }
                 _ => {
-                    tracing::info!(backend = %self.address, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker changed")
+                    tracing::info!(pool = %self.pool, backend = %self.address, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker changed")
                 }
             }
         }

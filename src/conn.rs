@@ -26,6 +26,9 @@ pub type DrainGuard = mpsc::Sender<()>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// TLS version and SNI as the access log's `tls` value (`tls_json`), made once per
+    /// connection after the handshake; `None` on plain TCP.
+    pub tls_log: Option<Box<str>>,
     /// Held by WebSocket tunnels, which outlive the HTTP connection they started on, so that
     /// graceful shutdown waits for them too.
     pub drain: Option<DrainGuard>,
@@ -130,15 +133,17 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 impl ConnInfo {
+    /// `tls_log`: `Some` (from `tls_json`) for a TLS connection.
     pub fn new(
         peer: SocketAddr,
-        tls: bool,
+        tls_log: Option<Box<str>>,
         body_timeout: Duration,
         drain: Option<DrainGuard>,
     ) -> Arc<ConnInfo> {
         Arc::new(ConnInfo {
             peer,
-            tls,
+            tls: tls_log.is_some(),
+            tls_log,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
             drain,
@@ -159,6 +164,27 @@ impl ConnInfo {
     pub fn is_idle(&self) -> bool {
         in_flight(self.activity.load(Relaxed)) == 0
     }
+}
+
+/// The access log's `tls` value for a handshake: `{"version":"TLSv1.3","sni":"a.example"}`
+/// (`sni` null when the client sent none).
+pub fn tls_json(version: Option<rustls::ProtocolVersion>, sni: Option<&str>) -> Box<str> {
+    let version = match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    };
+    let mut s = String::with_capacity(48);
+    s.push_str("{\"version\":\"");
+    s.push_str(version);
+    s.push_str("\",\"sni\":");
+    match sni {
+        // rustls only hands out valid DNS names; escaped all the same, it is the client's.
+        Some(n) => crate::accesslog::json_str(n, &mut s),
+        None => s.push_str("null"),
+    }
+    s.push('}');
+    s.into_boxed_str()
 }
 
 impl ConnInfo {

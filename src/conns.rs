@@ -298,7 +298,7 @@ mod tests {
     fn info() -> Arc<ConnInfo> {
         ConnInfo::new(
             "127.0.0.1:1".parse().unwrap(),
-            false,
+            None,
             Duration::from_secs(1),
             None,
         )

@@ -317,6 +317,8 @@ impl Controller {
                 self.shared.last_error.store(Arc::new(None));
                 let snap = self.shared.snapshot.load();
                 crate::logging::set_level(&snap.config.log.level);
+                // A failure to open it is logged by the writer, which keeps the old output.
+                let _ = crate::accesslog::set_file(snap.config.log.access_file.as_deref(), false);
                 // The same comparison as `balancer check --diff`, in one line.
                 let changes = crate::diff::configs(&before.config, &snap.config).summary();
                 tracing::info!(

@@ -305,7 +305,7 @@ mod tests {
     fn sniff(chunks: &[&[u8]]) -> u64 {
         let info = ConnInfo::new(
             "127.0.0.1:1".parse().unwrap(),
-            false,
+            None,
             std::time::Duration::from_secs(1),
             None,
         );

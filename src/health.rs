@@ -134,16 +134,16 @@ async fn probe_loop(
         match streak.observe(failure.is_none(), healthy, &cfg) {
             Some(true) => {
                 backend.healthy.store(true, Relaxed);
-                tracing::info!(backend = %backend.address, passes = streak.passes, "backend is healthy again");
+                tracing::info!(pool = %backend.pool, backend = %backend.address, passes = streak.passes, "backend is healthy again");
             }
             Some(false) => {
                 backend.healthy.store(false, Relaxed);
                 let error = failure.as_deref().unwrap_or("-");
-                tracing::warn!(backend = %backend.address, failures = streak.failures, error, "backend is unhealthy");
+                tracing::warn!(pool = %backend.pool, backend = %backend.address, failures = streak.failures, error, "backend is unhealthy");
             }
             None => {
                 if let Some(e) = &failure {
-                    tracing::debug!(backend = %backend.address, error = %e, "health probe failed");
+                    tracing::debug!(pool = %backend.pool, backend = %backend.address, error = %e, "health probe failed");
                 }
             }
         }

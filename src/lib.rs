@@ -50,6 +50,7 @@ pub mod reason;
 pub mod reload;
 pub(crate) mod request;
 pub mod request_body;
+pub(crate) mod request_id;
 pub(crate) mod response_body;
 pub(crate) mod stall;
 pub mod state;
@@ -73,6 +74,13 @@ pub async fn run(
     on_ready: impl FnOnce(ReloadHandle),
 ) -> Result<(), RunError> {
     accesslog::init();
+    let file = opts.config.log.access_file.as_deref();
+    accesslog::set_file(file, true).map_err(|e| {
+        RunError::Setup(format!(
+            "log.access_file: cannot open {}: {e}",
+            file.map_or_else(String::new, |p| p.display().to_string())
+        ))
+    })?;
     let mut ctl = control::Controller::start(opts).await?;
     on_ready(ctl.handle());
     ctl.serve(shutdown).await;

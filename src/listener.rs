@@ -224,7 +224,7 @@ async fn serve(
         None => {
             let info = ConnInfo::new(
                 peer,
-                false,
+                None,
                 limits.header_timeout,
                 Some(signals.drain_guard.clone()),
             );
@@ -244,7 +244,11 @@ async fn serve(
                 Ok(Ok(tls)) => {
                     // ALPN is binding: h2 means HTTP/2 only; http/1.1, or no ALPN, HTTP/1.1
                     // only. hyper-util picks by the first bytes, so they are checked first.
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let session = tls.get_ref().1;
+                    let h2 = session.alpn_protocol() == Some(b"h2");
+                    // Once per connection, for the access log's `tls` field.
+                    let tls_log =
+                        crate::conn::tls_json(session.protocol_version(), session.server_name());
                     let tls = match preface::read_opening(tls, limits.header_timeout).await {
                         Opening::H2(io) if h2 => io,
                         Opening::Other(io) if !h2 => io,
@@ -258,7 +262,7 @@ async fn serve(
                     };
                     let info = ConnInfo::new(
                         peer,
-                        true,
+                        Some(tls_log),
                         limits.header_timeout,
                         Some(signals.drain_guard.clone()),
                     );

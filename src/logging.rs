@@ -68,6 +68,15 @@ fn config_filter(level: &str) -> EnvFilter {
     })
 }
 
+/// SIGUSR1: reopens the access log file at its configured path (logrotate renamed the old
+/// one). The diagnostic log is stderr, which a supervisor owns; stdout is never reopened.
+pub fn reopen_files() {
+    match crate::accesslog::reopen() {
+        Some(p) => tracing::info!(path = %p.display(), "SIGUSR1: reopening the access log file"),
+        None => tracing::info!("SIGUSR1: no log files to reopen (access log on stdout)"),
+    }
+}
+
 /// Applies `[log] level` after a reload. A no-op when `RUST_LOG` is set, when the level did
 /// not change, or without `init`.
 pub fn set_level(level: &str) {

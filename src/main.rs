@@ -193,9 +193,7 @@ fn usr_signals() {
         loop {
             tokio::select! {
                 Some(()) = usr1.recv() => {
-                    // The contract's "reopen log files": today the access log is stdout and
-                    // these logs stderr, which a rotating supervisor handles itself.
-                    tracing::info!("SIGUSR1: no log files to reopen (access log on stdout, logs on stderr)");
+                    balancer::logging::reopen_files();
                 }
                 Some(()) = usr2.recv() => {
                     tracing::warn!("SIGUSR2: binary upgrade is not implemented yet; signal ignored");

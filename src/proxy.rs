@@ -4,17 +4,21 @@
 //! check the request, route it, prepare what goes upstream, then a loop of single attempts
 //! (pick -> send -> classify -> record), then relay. It loads the snapshot once and takes no
 //! lock.
+//!
+//! Every request gets its ID (`[log] request_id_header`) before anything else, so that the
+//! backend, the client (on the balancer's own answers too), the access log and the debug lines
+//! all carry the same one.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Version};
 use hyper::body::{Body, Incoming};
 
-use crate::accesslog::{self, Ending, LogEntry};
+use crate::accesslog::{self, Ending, LogEntry, Texts};
 use crate::answer::{self, ProxyError};
 use crate::backend::{InFlight, Outcome};
 use crate::classify::{classify, Context, Next, RetryBudget};
@@ -24,6 +28,7 @@ use crate::headers::strip_hop_by_hop;
 use crate::reason::{ClientEvent, Failure, Note, Reason};
 use crate::request::{self, build};
 use crate::request_body::{BodyFault, UpBody};
+use crate::request_id;
 use crate::response_body::ResponseBody;
 use crate::state::{Shared, Snapshot};
 use crate::tunnel;
@@ -45,6 +50,9 @@ impl Drop for PendingLog {
     }
 }
 
+/// The request ID header and this request's value.
+type RequestId<'a> = (&'a HeaderName, HeaderValue);
+
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
@@ -52,35 +60,70 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
-    let mut log = PendingLog(snap.access_log.then(|| {
-        let target = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        Box::new(LogEntry::new(
-            conn.peer,
-            req.method(),
-            target,
-            req.version(),
-            start,
-        ))
-    }));
-    match forward(&snap, &conn, req, &mut log.0).await {
-        Ok(resp) => Ok(resp),
+    let rid: Option<RequestId> = snap
+        .config
+        .log
+        .request_id_header
+        .as_ref()
+        .map(|name| (name, request_id::pick(req.headers(), name)));
+    let mut log = PendingLog(
+        snap.access_log
+            .then(|| log_entry(&conn, &req, rid.as_ref().map(|r| &r.1), start)),
+    );
+    let mut resp = match forward(&snap, &conn, req, &mut log.0, rid.as_ref()).await {
+        Ok(resp) => resp,
         Err(e) => {
             let a = e.answer();
+            let id = request_id::as_str(rid.as_ref().map(|r| &r.1));
             match &e {
                 ProxyError::Upstream { source, .. } => {
-                    tracing::warn!(peer = %conn.peer, error = %e, cause = %source, "answering {}", a.status.as_u16())
+                    tracing::warn!(peer = %conn.peer, request_id = id, error = %e, cause = %source, "answering {}", a.status.as_u16())
                 }
                 _ => {
-                    tracing::debug!(peer = %conn.peer, error = %e, "answering {}", a.status.as_u16())
+                    tracing::debug!(peer = %conn.peer, request_id = id, error = %e, "answering {}", a.status.as_u16())
                 }
             }
-            Ok(answer::respond(&a, log.0.take()))
+            answer::respond(&a, log.0.take())
         }
+    };
+    // The backend's own value, if it sent one, gives way: the client must be able to quote
+    // the ID the log has.
+    if let Some((name, id)) = rid {
+        resp.headers_mut().insert(name, id);
     }
+    Ok(resp)
+}
+
+/// The access-log entry for a request that just arrived: everything copied out of the request
+/// now, since the request itself moves on.
+fn log_entry(
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    rid: Option<&HeaderValue>,
+    start: Instant,
+) -> Box<LogEntry> {
+    let h = req.headers();
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // As received: an absolute-form target's or h2's authority, else Host.
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => h.get(header::HOST).map(HeaderValue::as_bytes),
+    };
+    let mut e = Box::new(LogEntry::new(
+        conn.peer,
+        req.method(),
+        req.version(),
+        start,
+        Texts {
+            target: target.as_bytes(),
+            host,
+            user_agent: h.get(header::USER_AGENT).map(HeaderValue::as_bytes),
+            request_id: rid.map(HeaderValue::as_bytes),
+            tls: conn.tls_log.as_deref(),
+        },
+    ));
+    e.trace_id = request_id::trace_id(h);
+    e
 }
 
 const IDEMPOTENT: [Method; 6] = [
@@ -97,7 +140,10 @@ async fn forward(
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
     log: &mut Option<Box<LogEntry>>,
+    rid: Option<&RequestId<'_>>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    // Evaluated only when a debug line is enabled.
+    let id = || request_id::as_str(rid.map(|r| &r.1));
     if req.version() != Version::HTTP_2 {
         let index = conn.requests.fetch_add(1, Relaxed);
         if conn.ambiguous_at.load(Relaxed) == index {
@@ -115,6 +161,7 @@ async fn forward(
     let pool = snap
         .route(authority.as_ref().and_then(|a| a.to_str().ok()), &path)
         .ok_or(ProxyError::NoRoute)?;
+    tracing::debug!(request_id = id(), host = ?authority, path = %path, pool = %pool.name, "route matched");
     if let Some(l) = log.as_deref_mut() {
         l.pool = Some(pool.name.clone());
     }
@@ -139,6 +186,11 @@ async fn forward(
         request::drop_underscored(&mut parts.headers);
     }
     request::rewrite_request_headers(&mut parts.headers, authority, conn);
+    // After the rewrite, which may have dropped the client's copy (named in Connection, or
+    // with a '_'): the backend always gets the ID the log has.
+    if let Some((name, value)) = rid {
+        parts.headers.insert(*name, value.clone());
+    }
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::UPGRADE, proto.clone());
         parts
@@ -150,6 +202,15 @@ async fn forward(
     // backend: bodiless and idempotent. Even with `attempts = 1` it serves the one free replay
     // after a stale pooled connection.
     let replay = (bodiless && IDEMPOTENT.contains(&method)).then(|| parts.headers.clone());
+    // Only counted when it will be logged: a shared counter is an allocation.
+    let received = match log.as_deref_mut() {
+        Some(l) if !bodiless => {
+            let n = Arc::new(AtomicU64::new(0));
+            l.received = Some(Arc::clone(&n));
+            Some(n)
+        }
+        _ => None,
+    };
     let mut next = build(
         &method,
         &upstream_uri,
@@ -161,6 +222,7 @@ async fn forward(
                 body,
                 if limit == 0 { u64::MAX } else { limit },
                 conn.body_timeout,
+                received,
             )
         },
     );
@@ -183,10 +245,19 @@ async fn forward(
             .start(&pool.breaker, now, pick.breaker_overridden)
         else {
             // The breaker opened between the pick and now: look elsewhere, for free.
+            tracing::debug!(request_id = id(), pool = %pool.name, backend = %member.backend.address, "retry: breaker opened since the pick; picking again");
             budget.skip(pick.index);
             continue;
         };
         budget.spend();
+        tracing::debug!(
+            request_id = id(),
+            pool = %pool.name,
+            backend = %member.backend.address,
+            attempt = budget.spent(),
+            breaker_overridden = pick.breaker_overridden,
+            "backend picked"
+        );
         if pick.breaker_overridden {
             note = Some(Reason::Note(Note::EjectionCapped));
         }
@@ -196,6 +267,7 @@ async fn forward(
         }
         let sent_at = Instant::now();
         let result = upstream::send(&member.backend, &pool.dial, next).await;
+        let took = sent_at.elapsed();
         let verdict = classify(
             &result,
             &Context {
@@ -206,12 +278,13 @@ async fn forward(
             },
         );
         let status = result.as_ref().ok().map(|s| s.response.status().as_u16());
-        guard.record(verdict.outcome, status, sent_at.elapsed(), &pool.breaker);
+        guard.record(verdict.outcome, status, took, &pool.breaker);
         stale_replayed |= verdict.note == Some(Reason::Note(Note::StaleConnectionRetried));
         note = verdict.note.or(note);
         match (verdict.next, result) {
             (Next::Respond, Ok(sent)) => {
                 if let Some(l) = log.as_deref_mut() {
+                    l.upstream_us = Some(took.as_micros() as u64);
                     l.status = sent.response.status().as_u16();
                     l.reason = match verdict.outcome {
                         Outcome::Failure(f) => Some(Reason::Failed(f)),
@@ -231,7 +304,15 @@ async fn forward(
             }
             (next_step, Err(e)) if budget.allows(pick.index, next_step) => {
                 let (back, err) = split(e);
-                tracing::debug!(backend = %member.backend.address, error = %err, "attempt failed; trying again");
+                tracing::debug!(
+                    request_id = id(),
+                    pool = %pool.name,
+                    backend = %member.backend.address,
+                    attempt = budget.spent(),
+                    error = %err,
+                    note = verdict.note.map_or("-", Reason::as_str),
+                    "retry: attempt failed; trying again"
+                );
                 let replayed = || {
                     let headers = replay.as_ref()?.clone();
                     Some(build(&method, &upstream_uri, headers, UpBody::Empty))

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -82,16 +84,25 @@ pub struct Streaming {
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     last: Instant,
+    /// Data bytes read from the client so far, for the access log's `bytes_received` (shared
+    /// because the body travels into the upstream client while the log entry stays behind).
+    received: Option<Arc<AtomicU64>>,
 }
 
 impl UpBody {
-    pub fn stream(inner: Incoming, remaining: u64, idle: Duration) -> UpBody {
+    pub fn stream(
+        inner: Incoming,
+        remaining: u64,
+        idle: Duration,
+        received: Option<Arc<AtomicU64>>,
+    ) -> UpBody {
         UpBody::Stream(Box::new(Streaming {
             inner,
             remaining,
             idle,
             timer: None,
             last: Instant::now(),
+            received,
         }))
     }
 }
@@ -131,6 +142,10 @@ impl Body for UpBody {
                 s.last = Instant::now();
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
+                    // Read, whether or not it is forwarded.
+                    if let Some(r) = &s.received {
+                        r.fetch_add(n, Relaxed);
+                    }
                     if n > s.remaining {
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }

@@ -113,7 +113,7 @@ impl Snapshot {
                             }
                             Arc::clone(b)
                         }
-                        _ => Arc::new(Backend::new(&bc.address, bc.addr)),
+                        _ => Arc::new(Backend::new(&pc.name, &bc.address, bc.addr)),
                     };
                     Member {
                         backend,

@@ -526,7 +526,7 @@ fn long_sequence_pool(n: usize, max_ejected_percent: u8) -> balancer::balance::P
                 .parse()
                 .unwrap();
             Member {
-                backend: Arc::new(Backend::new(&addr.to_string(), addr)),
+                backend: Arc::new(Backend::new("web", &addr.to_string(), addr)),
                 weight: 1000 - i as u32,
             }
         })

@@ -1157,6 +1157,13 @@ backends = ["{}"]
         "attempts",
         "outcome",
         "reason",
+        "request_id",
+        "trace_id",
+        "host",
+        "user_agent",
+        "upstream_ms",
+        "bytes_received",
+        "tls",
     ];
     let parsed: Vec<serde_json::Value> = lines
         .iter()
@@ -1198,6 +1205,18 @@ backends = ["{}"]
     assert_eq!(l1["attempts"], 1);
     assert_eq!(l1["outcome"], "ok");
     assert!(l1["reason"].is_null());
+    assert_eq!(l1["host"], bin.addr.to_string());
+    assert_eq!(
+        l1["request_id"],
+        g1.headers["x-request-id"].to_str().unwrap()
+    );
+    assert!(
+        l1["upstream_ms"].as_f64().is_some_and(|d| d >= 0.0),
+        "{}",
+        l1
+    );
+    assert_eq!(l1["bytes_received"], 0);
+    assert!(l1["tls"].is_null());
 
     assert_eq!(l2["path"], "/nowhere");
     assert_eq!(l2["status"], 404);
@@ -1207,11 +1226,13 @@ backends = ["{}"]
     assert_eq!(l2["attempts"], 0);
     assert_eq!(l2["outcome"], "local");
     assert_eq!(l2["reason"], "no_route");
+    assert!(l2["upstream_ms"].is_null(), "{l2}");
 
     assert_eq!(l3["method"], "POST");
     assert_eq!(l3["path"], "/echo");
     assert_eq!(l3["status"], 200);
     assert_eq!(l3["bytes"], 11);
+    assert_eq!(l3["bytes_received"], 11);
     assert_eq!(l3["outcome"], "ok");
 
     assert_eq!(l4["path"], "/app/h2");

@@ -23,6 +23,8 @@ pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_WATCH: bool = true;
 pub(crate) const DEFAULT_ACCESS_LOG: bool = true;
 pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
+/// The de-facto standard name (Heroku, nginx's `$request_id` setups, many frameworks).
+pub(crate) const DEFAULT_REQUEST_ID_HEADER: &str = "x-request-id";
 pub(crate) const DEFAULT_MAX_HEADER_BYTES: u64 = 65536;
 pub(crate) const DEFAULT_MAX_BODY_BYTES: u64 = 0;
 pub(crate) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +107,11 @@ pub struct AdminConfig {
 pub struct LogConfig {
     pub access: bool,
     pub level: String,
+    /// Where access lines go: `None` is stdout. Relative paths are already resolved against
+    /// the config file's directory.
+    pub access_file: Option<PathBuf>,
+    /// The request ID header (lower case); `None`: request IDs are off.
+    pub request_id_header: Option<http::HeaderName>,
 }
 
 impl Default for LogConfig {
@@ -112,6 +119,8 @@ impl Default for LogConfig {
         LogConfig {
             access: DEFAULT_ACCESS_LOG,
             level: DEFAULT_LOG_LEVEL.to_owned(),
+            access_file: None,
+            request_id_header: Some(http::HeaderName::from_static(DEFAULT_REQUEST_ID_HEADER)),
         }
     }
 }

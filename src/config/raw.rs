@@ -38,6 +38,8 @@ pub(super) struct RawAdmin {
 pub(super) struct RawLog {
     pub access: Option<bool>,
     pub level: Option<Spanned<String>>,
+    pub access_file: Option<Spanned<String>>,
+    pub request_id_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -116,10 +116,73 @@ impl Validator<'_> {
                 }
             }
         };
+        let access_file = match &l.access_file {
+            // "" is the contract's way of saying stdout.
+            Some(p) if !p.get_ref().trim().is_empty() => {
+                self.keep(self.path(p, "log.access_file").map(Some), None)
+            }
+            Some(_) => None,
+            None => d.access_file.clone(),
+        };
+        let request_id_header = match &l.request_id_header {
+            None => d.request_id_header.clone(),
+            Some(s) => self.keep(self.request_id_header(s), d.request_id_header.clone()),
+        };
         LogConfig {
             access: l.access.unwrap_or(d.access),
             level,
+            access_file,
+            request_id_header,
         }
+    }
+
+    /// `""` turns request IDs off. A header the balancer owns or that frames the message
+    /// cannot carry them: the ID would be stripped, or would overwrite it.
+    fn request_id_header(
+        &self,
+        s: &Spanned<String>,
+    ) -> Result<Option<http::HeaderName>, ConfigError> {
+        let key = "log.request_id_header";
+        let raw = s.get_ref().trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let name = http::HeaderName::from_bytes(raw.as_bytes()).map_err(|_| {
+            self.src
+                .err(s.span(), key, format!("{raw:?} is not a valid header name"))
+        })?;
+        const RESERVED: [&str; 16] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "http2-settings",
+            "host",
+            "content-length",
+            "content-type",
+            "expect",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "traceparent",
+        ];
+        if RESERVED.contains(&name.as_str()) {
+            return Err(self.src.err(
+                s.span(),
+                key,
+                format!("{raw:?} cannot carry request IDs: the balancer removes or sets it"),
+            ));
+        }
+        // The default name costs nothing to clone per request (a static); others share one
+        // allocation.
+        Ok(Some(if name == DEFAULT_REQUEST_ID_HEADER {
+            http::HeaderName::from_static(DEFAULT_REQUEST_ID_HEADER)
+        } else {
+            name
+        }))
     }
 
     fn listeners(&self, raw: &[RawListener], admin: Option<&AdminConfig>) -> Vec<ListenerConfig> {
