@@ -24,9 +24,11 @@ use crate::clock::now_ms;
 use crate::config::{Limits, MIN_HEADER_BUFFER};
 use crate::conn::{Active, ConnInfo, DrainGuard, Tracked};
 use crate::conns::{Conns, Slot};
+use crate::flood::{self, ConnWatch, Penalties};
 use crate::framing::Sniffer;
 use crate::preface::{self, Opening};
 use crate::proxy;
+use crate::response_body::ResponseBody;
 use crate::stall::{StallTimeout, StreamExec};
 use crate::state::Shared;
 
@@ -60,6 +62,8 @@ pub async fn run(
         signals.stop.clone(),
     ));
     let mut backoff = Duration::from_millis(5);
+    // Peer addresses that abused HTTP/2 recently: their new connections are closed at once.
+    let penalties = Penalties::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -83,6 +87,10 @@ pub async fn run(
                 continue;
             }
         };
+        if penalties.refused(peer.ip()) {
+            drop(stream);
+            continue;
+        }
         // The place is taken after accepting, so a reload that lowers max_connections meanwhile
         // is obeyed. Full: this client waits in `admit` (an idle connection is asked to make
         // room), and the ones after it wait in the kernel's backlog.
@@ -96,8 +104,9 @@ pub async fn run(
         let shared = Arc::clone(&shared);
         let signals = signals.clone();
         let conns = Arc::clone(&conns);
+        let penalties = Arc::clone(&penalties);
         tokio::spawn(async move {
-            serve(stream, peer, bind, shared, signals, conns).await;
+            serve(stream, peer, bind, shared, signals, conns, penalties).await;
             drop(slot);
         });
     }
@@ -211,6 +220,7 @@ async fn serve(
     shared: Arc<Shared>,
     signals: Signals,
     conns: Arc<Conns>,
+    penalties: Arc<Penalties>,
 ) {
     shared.open_connections.fetch_add(1, Relaxed);
     let _open = OpenConn(Arc::clone(&shared));
@@ -235,7 +245,16 @@ async fn serve(
                 send_timeout(&limits),
                 Arc::clone(&info),
             );
-            drive(TokioIo::new(io), info, &limits, shared, signals, &conns).await
+            drive(
+                TokioIo::new(io),
+                info,
+                &limits,
+                shared,
+                signals,
+                &conns,
+                penalties,
+            )
+            .await
         }
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -271,7 +290,16 @@ async fn serve(
                         send_timeout(&limits),
                         Arc::clone(&info),
                     );
-                    drive(TokioIo::new(io), info, &limits, shared, signals, &conns).await
+                    drive(
+                        TokioIo::new(io),
+                        info,
+                        &limits,
+                        shared,
+                        signals,
+                        &conns,
+                        penalties,
+                    )
+                    .await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -297,6 +325,7 @@ async fn drive<I>(
     shared: Arc<Shared>,
     mut signals: Signals,
     conns: &Arc<Conns>,
+    penalties: Arc<Penalties>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -304,14 +333,31 @@ async fn drive<I>(
     let peer = info.peer;
     let _registered = conns.register(Arc::clone(&info), now_ms());
     let watched = Arc::clone(&info);
-    let svc = service_fn(move |req| {
+    let watch = ConnWatch::new(peer.ip(), Arc::clone(&penalties));
+    let streams = Arc::clone(&watch);
+    let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         // In flight from here until the response body is dropped (sent, or the client left).
         let active = Active::start(&info);
-        let handled = proxy::handle(Arc::clone(&shared), Arc::clone(&info), req);
-        async move {
-            let resp = handled.await?;
+        let h2 = req.version() == http::Version::HTTP_2;
+        let (shared, info, watch) = (Arc::clone(&shared), Arc::clone(&info), Arc::clone(&streams));
+        streams.stream(h2, async move {
+            if watch.is_tripped() {
+                // The connection is being closed for abuse: no backend work for it any more.
+                let body = ResponseBody::local("503 Service Unavailable\n", None);
+                let mut r = http::Response::new(Tracked::new(body, active));
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                return Ok(r);
+            }
+            if h2 && flood::reset_before_start(req.body_mut()) {
+                // hyper drops this future as soon as it looks at the reset; the drop counts
+                // a premature reset.
+                return std::future::pending().await;
+            }
+            // Boxed, so the handler's state (~11 KB) is allocated only when the stream first
+            // runs: stream tasks queued behind a flood cost ~1 KB each until then.
+            let resp = Box::pin(proxy::handle(shared, info, req)).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, active)))
-        }
+        })
     });
     let conn = b.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
@@ -322,8 +368,17 @@ async fn drive<I>(
     let idle_close = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if flood::is_calm_down(&*e) {
+                    penalties.penalize(peer.ip());
+                }
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            return;
+        }
+        // Too many streams cancelled as soon as opened: GOAWAY, a moment to flush it, close.
+        _ = watch.tripped() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(flood::TRIPPED_GRACE, conn.as_mut()).await;
             return;
         }
         _ = stopped(&mut signals.drain) => false,

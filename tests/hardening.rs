@@ -1459,8 +1459,11 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
     }
 
     // Warm up, then measure.
+    // The balancer cuts a flooding connection off and then refuses its address for a while
+    // (src/flood.rs), so a flood ends with its 2000 connection attempts, often short of its
+    // target: it only has to have happened.
     let (w, _) = flood(addr, 1000).await;
-    assert_eq!(w, 1000);
+    assert!(w >= 100, "the warm-up flood sent only {w} resets");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = bin.rss_kib();
     let start = Instant::now();
@@ -1468,17 +1471,25 @@ async fn h2_rapid_reset_flood_does_not_grow_memory_and_service_continues() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = bin.rss_kib();
     println!("rapid reset: {sent} streams reset over {conns} connections in {:?}; RSS {base} KiB -> {after} KiB; backend saw {} requests", start.elapsed(), backend.requests());
-    assert_eq!(sent, 10_000, "the flood was cut short");
+    assert!(sent >= 1_000, "the flood sent only {sent} resets");
     assert!(
         after < base + 64 * 1024,
         "RSS grew from {base} KiB to {after} KiB"
     );
     assert_eq!(bin.child.try_wait().unwrap(), None, "the balancer died");
 
-    // Normal service, h2c and HTTP/1.1.
-    let g = get(&h2_client(), &format!("http://{addr}/after")).await;
+    // Normal service, h2c and HTTP/1.1, from another loopback address: the flooder's own
+    // (127.0.0.1) is refused at accept for a while now (src/flood.rs).
+    let mut from = hyper_util::client::legacy::connect::HttpConnector::new();
+    from.set_local_address(Some([127, 0, 0, 2].into()));
+    let h2c: HttpClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(from.clone());
+    let h1: HttpClient =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(from);
+    let g = get(&h2c, &format!("http://{addr}/after")).await;
     assert_eq!(g.status, 200);
-    let g = get(&client(), &format!("http://{addr}/after")).await;
+    let g = get(&h1, &format!("http://{addr}/after")).await;
     assert_eq!(g.status, 200);
     assert!(
         wait_until(Duration::from_secs(15), || async {
