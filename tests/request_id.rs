@@ -574,8 +574,10 @@ async fn access_file_is_written_reopened_on_sigusr1_and_moved_by_reload() {
     write_binary_config(&bin, &logged(web.addr, "access_file = \"\""));
     bin.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let path = format!("/app/stdout{}", deadline.elapsed().as_nanos());
+    // A new path per try: a request answered before the reload took effect lands in
+    // other.log, and must not make every later try look the same.
+    for n in 0u32.. {
+        let path = format!("/app/stdout{n}");
         get(&c, &format!("http://{}{path}", bin.addr)).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         if file_lines(&other)
