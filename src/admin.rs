@@ -1,6 +1,7 @@
 //! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`.
 //!
-//! Separate from the traffic listeners so that it can be bound to loopback only. It reads the
+//! Separate from the traffic listeners so that it can be bound to loopback only; with
+//! `[admin] token_file` it asks for a bearer token (`auth.rs`). It reads the
 //! current snapshot and the live atomics of each backend at request time; nothing here is
 //! cached, so `/status` and `/metrics` never disagree with what the request path sees.
 
@@ -68,6 +69,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     const JSON: &str = "application/json";
+    if let Some(denied) = unauthorized(&shared, &req) {
+        return Ok(denied);
+    }
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/status") => reply(StatusCode::OK, JSON, status_json(&shared).to_string()),
         (&Method::GET, "/metrics") => {
@@ -110,6 +114,34 @@ async fn handle(
             "404 Not Found\n".into(),
         ),
     })
+}
+
+/// With `[admin] token_file`, every request but `GET /` (the dashboard page, which asks for
+/// the token itself) must carry `Authorization: Bearer <token>`; the token is the one of the
+/// snapshot in force, so a reload rotates it. The 401 answer when a request lacks it.
+fn unauthorized(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    if req.method() == Method::GET && req.uri().path() == "/" {
+        return None;
+    }
+    let snap = shared.snapshot.load();
+    let token = snap.config.admin.as_ref()?.token.as_ref()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if token.admits(given) {
+        return None;
+    }
+    let mut r = reply(
+        StatusCode::UNAUTHORIZED,
+        "application/json",
+        json!({ "error": "this admin API needs \"Authorization: Bearer <token>\" with the token of [admin] token_file" }).to_string(),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"balancer admin\""),
+    );
+    Some(r)
 }
 
 /// The contract's `/status` document, plus a few fields operators asked for.

@@ -24,6 +24,7 @@
 pub(crate) mod accesslog;
 pub(crate) mod admin;
 pub(crate) mod answer;
+pub mod auth;
 pub mod backend;
 pub mod balance;
 pub mod breaker;

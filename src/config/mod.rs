@@ -19,6 +19,8 @@ use std::time::Duration;
 
 pub use span::{ConfigError, ConfigErrors};
 
+use crate::auth::AdminToken;
+
 pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_WATCH: bool = true;
 pub(crate) const DEFAULT_ACCESS_LOG: bool = true;
@@ -101,6 +103,9 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// `token_file`'s content, read at load: every admin request but the dashboard page must
+    /// carry it. `None` only with a loopback `bind` (validation sees to that).
+    pub token: Option<AdminToken>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,6 +31,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub bind: Spanned<String>,
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -16,6 +16,7 @@ use toml::Spanned;
 use super::raw::*;
 use super::span::{ConfigError, Source};
 use super::*;
+use crate::auth::AdminToken;
 
 pub(super) struct Validator<'a> {
     pub src: Source<'a>,
@@ -90,9 +91,28 @@ impl Validator<'_> {
     }
 
     fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
-        Ok(AdminConfig {
-            bind: self.address(&a.bind, "admin.bind")?,
-        })
+        let bind = self.address(&a.bind, "admin.bind")?;
+        let token = match &a.token_file {
+            Some(f) => Some(
+                AdminToken::read(&self.path(f, "admin.token_file")?)
+                    .map_err(|m| self.src.err(f.span(), "admin.token_file", m))?,
+            ),
+            // The admin API can drain every backend and reload the config: without a token
+            // only local users may reach it.
+            None if !bind.ip().is_loopback() => {
+                return Err(self.src.err(
+                    a.bind.span(),
+                    "admin.bind",
+                    format!(
+                        "{bind} is not a loopback address and [admin] has no token_file: anyone \
+                         who can reach it could drain backends and reload the config; bind to \
+                         127.0.0.1 or [::1], or set token_file"
+                    ),
+                ))
+            }
+            None => None,
+        };
+        Ok(AdminConfig { bind, token })
     }
 
     fn log(&self, l: &RawLog) -> LogConfig {
