@@ -2,7 +2,8 @@
 //! upstream connections.
 //!
 //! One `Arc<Backend>` per (pool, address). The request path reads and bumps its atomics, the
-//! health task writes `healthy`, the admin API reads everything; nobody takes a lock. A reload
+//! health task writes `healthy`, the admin API reads everything and writes the operator's
+//! `intent`; nobody takes a lock. A reload
 //! hands the same `Arc` to the next snapshot when the pool and address survive, so all of this
 //! carries over; a removed backend is freed when its last request's guard drops.
 
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::admin_state::Intent;
 use crate::breaker::{Admission, Breaker, BreakerState, Transition};
 use crate::clock::{now_ms, unix_ms};
 use crate::config::BreakerPolicy;
@@ -73,6 +75,9 @@ pub struct Backend {
     last_error: AtomicU8,
     last_error_at: AtomicU64,
     pub idle: IdleConns,
+    /// What the operator asked for through the admin API (drain, disable, weight). Here rather
+    /// than in the snapshot because it is runtime state that must survive reloads.
+    pub intent: Intent,
 }
 
 impl Backend {
@@ -88,6 +93,7 @@ impl Backend {
             last_error: AtomicU8::new(0),
             last_error_at: AtomicU64::new(0),
             idle: IdleConns::default(),
+            intent: Intent::default(),
         }
     }
 

@@ -1,13 +1,17 @@
 //! A pool and how it picks a backend: smooth weighted round-robin or least connections.
 //!
-//! `Pool` is part of the immutable snapshot; its only moving part is the round-robin cursor,
-//! an atomic that a reload may reset without harm. `pick` runs on every request and takes no
-//! lock: it reads each member's health flag and breaker word and, for least connections, its
-//! in-flight count.
+//! `Pool` is part of the immutable snapshot; its moving parts are the round-robin cursor, an
+//! atomic that a reload may reset without harm, and a cache of the sequence for weights an
+//! operator overrode (see `admin_state.rs`). `pick` runs on every request and takes no lock:
+//! it reads each member's health flag, operator intent and breaker word and, for least
+//! connections, its in-flight count.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use arc_swap::{ArcSwap, Guard};
+
+use crate::admin_state::weights_epoch;
 use crate::backend::Backend;
 use crate::config::{BreakerPolicy, HealthCheckConfig, PoolConfig, StrategyKind};
 use crate::reason::Refusal;
@@ -15,8 +19,15 @@ use crate::upstream::Dial;
 
 pub struct Member {
     pub backend: Arc<Backend>,
+    /// As the file says; an operator's override lives on the backend (`Backend::intent`).
     pub weight: u32,
+    /// Picked only when no non-backup member is usable.
+    pub backup: bool,
 }
+
+/// The two tiers a pick chooses from, in order: primaries, then backups.
+const PRIMARY: usize = 0;
+const BACKUP: usize = 1;
 
 pub struct Pool {
     pub name: Arc<str>,
@@ -25,8 +36,18 @@ pub struct Pool {
     /// nginx's smooth weighted round-robin, unrolled once at load: member indices in the order
     /// the algorithm would visit them (5,1,1 gives a a b a c a a). A shared cursor walks it, so
     /// picking is one `fetch_add` instead of a locked update of every member's current weight.
-    sequence: Vec<u32>,
+    /// One sequence per tier (primaries, backups), each from the file's weights.
+    sequences: [Vec<u32>; 2],
+    has_backups: bool,
     cursor: AtomicUsize,
+    /// Weight overrides, without touching the snapshot: the `weights_epoch` this pool last
+    /// looked at, shifted left by one, low bit set when some member's effective weight differs
+    /// from the file's. While it matches the current epoch with the bit clear, picks use
+    /// `sequences` and `Member::weight` as if overrides did not exist (one extra load).
+    weights_seen: AtomicU64,
+    /// The effective weights and their sequences for the epoch in it, rebuilt by the first pick
+    /// that sees a newer epoch.
+    overridden: ArcSwap<Weights>,
     /// Whether the ejection cap was in force at the last pick, so that entering and leaving
     /// it is logged once each rather than per request.
     capped: AtomicBool,
@@ -34,6 +55,17 @@ pub struct Pool {
     pub attempts: u32,
     pub health_check: Option<HealthCheckConfig>,
     pub dial: Dial,
+}
+
+/// Effective weights as of `epoch`; `custom` is `None` when they are the file's.
+struct Weights {
+    epoch: u64,
+    custom: Option<Custom>,
+}
+
+struct Custom {
+    weights: Vec<u32>,
+    sequences: [Vec<u32>; 2],
 }
 
 /// The member to try, and whether its breaker is to be ignored because breakers already
@@ -44,15 +76,62 @@ pub struct Pick {
     pub breaker_overridden: bool,
 }
 
+/// One pick's view of the pool: which weights apply, which tier it picks from, and what to skip.
+struct Scan<'a> {
+    pool: &'a Pool,
+    custom: Option<&'a Custom>,
+    tier: usize,
+    now: u64,
+    tried: &'a [usize],
+    ignore_breakers: bool,
+}
+
+impl Scan<'_> {
+    fn weight(&self, i: usize) -> u32 {
+        match self.custom {
+            Some(c) => c.weights[i],
+            None => self.pool.members[i].weight,
+        }
+    }
+
+    /// Cheapest tests first: the plain fields, then the atomics the operator and the health
+    /// task write, then the breaker word.
+    fn usable(&self, i: usize) -> bool {
+        let m = &self.pool.members[i];
+        let b = &m.backend;
+        usize::from(m.backup) == self.tier
+            && self.weight(i) > 0
+            && !self.tried.contains(&i)
+            && b.intent.takes_new()
+            && b.is_healthy()
+            && (self.ignore_breakers || b.breaker.admits(&self.pool.breaker, self.now))
+    }
+
+    fn sequence(&self) -> &[u32] {
+        match self.custom {
+            Some(c) => &c.sequences[self.tier],
+            None => &self.pool.sequences[self.tier],
+        }
+    }
+}
+
 impl Pool {
     pub fn new(cfg: &PoolConfig, members: Vec<Member>, dial: Dial) -> Pool {
         let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
         Pool {
             name: Arc::from(cfg.name.as_str()),
             strategy: cfg.strategy,
-            sequence: smooth_sequence(&weights),
+            sequences: tier_sequences(&members, &weights),
+            has_backups: members.iter().any(|m| m.backup),
             members,
             cursor: AtomicUsize::new(0),
+            // Epoch 0 is never current, so the first pick looks for overrides that surviving
+            // backends carry over from before a reload.
+            weights_seen: AtomicU64::new(0),
+            overridden: ArcSwap::from_pointee(Weights {
+                epoch: 0,
+                custom: None,
+            }),
             capped: AtomicBool::new(false),
             breaker: cfg.breaker,
             attempts: cfg.attempts,
@@ -61,11 +140,47 @@ impl Pool {
         }
     }
 
-    fn usable(&self, i: usize, now: u64, tried: &[usize], ignore_breakers: bool) -> bool {
-        let b = &self.members[i].backend;
-        !tried.contains(&i)
-            && b.is_healthy()
-            && (ignore_breakers || b.breaker.admits(&self.breaker, now))
+    /// The weight picks use for member `i` now: the operator's override, else the file's.
+    pub fn effective_weight(&self, i: usize) -> u32 {
+        self.members
+            .get(i)
+            .map_or(0, |m| m.backend.intent.effective_weight(m.weight))
+    }
+
+    /// The current effective weights, rebuilt if an override changed since they were built.
+    /// Off the common path: only after some override changed somewhere, or while one is set.
+    fn weights(&self) -> Guard<Arc<Weights>> {
+        // Acquire (in `weights_epoch`): the overrides written before the bump are visible below.
+        let epoch = weights_epoch();
+        let cur = self.overridden.load();
+        if cur.epoch >= epoch {
+            return cur;
+        }
+        let weights: Vec<u32> = (0..self.members.len())
+            .map(|i| self.effective_weight(i))
+            .collect();
+        let differs = weights
+            .iter()
+            .zip(&self.members)
+            .any(|(w, m)| *w != m.weight);
+        let custom = differs.then(|| Custom {
+            sequences: tier_sequences(&self.members, &weights),
+            weights,
+        });
+        let on = u64::from(custom.is_some());
+        let next = Arc::new(Weights { epoch, custom });
+        // Only forward: a pick that read an older epoch and finished later must not put its
+        // weights back over newer ones. `overridden` moves first, so `weights_seen` never
+        // claims an epoch whose weights are not stored yet.
+        self.overridden.rcu(|cur| {
+            if cur.epoch > epoch {
+                Arc::clone(cur)
+            } else {
+                Arc::clone(&next)
+            }
+        });
+        self.weights_seen.fetch_max(epoch << 1 | on, Relaxed);
+        self.overridden.load()
     }
 
     /// Whether open breakers take out more than `max_ejected_percent` of the members: then no
@@ -93,30 +208,56 @@ impl Pool {
         over
     }
 
-    /// Picks a member, skipping unhealthy backends, open breakers (unless too many are open)
-    /// and those in `tried` (earlier attempts of this request): a retry never goes back to a
-    /// backend that already failed this request (as nginx), so `attempts = 2` with one backend
-    /// does not double the wait for a timed-out answer.
+    /// Picks a member, skipping unhealthy backends, open breakers (unless too many are open),
+    /// backends the operator drained or disabled or weighted 0, and those in `tried` (earlier
+    /// attempts of this request): a retry never goes back to a backend that already failed
+    /// this request (as nginx), so `attempts = 2` with one backend does not double the wait
+    /// for a timed-out answer. Backup members are picked only when no primary is usable.
     pub fn pick(&self, now: u64, tried: &[usize]) -> Result<Pick, Refusal> {
-        let ignore = self.over_ejection_cap(now);
+        let seen = self.weights_seen.load(Relaxed);
+        if seen == weights_epoch() << 1 {
+            return self.pick_with(None, now, tried);
+        }
+        let w = self.weights();
+        self.pick_with(w.custom.as_ref(), now, tried)
+    }
+
+    fn pick_with(
+        &self,
+        custom: Option<&Custom>,
+        now: u64,
+        tried: &[usize],
+    ) -> Result<Pick, Refusal> {
+        let n = self.members.len();
+        let mut scan = Scan {
+            pool: self,
+            custom,
+            tier: PRIMARY,
+            now,
+            tried,
+            ignore_breakers: self.over_ejection_cap(now),
+        };
         // Checking first bounds an outage's cost: with every member unusable the round-robin
         // walk below would otherwise step through the whole weighted sequence per request.
-        if !(0..self.members.len()).any(|i| self.usable(i, now, tried, ignore)) {
-            return Err(self.why_none());
+        if !(0..n).any(|i| scan.usable(i)) {
+            scan.tier = BACKUP;
+            if !self.has_backups || !(0..n).any(|i| scan.usable(i)) {
+                return Err(self.why_none(&scan));
+            }
         }
-        self.pick_among(now, tried, ignore)
+        self.pick_among(&scan)
             .map(|index| Pick {
                 index,
-                breaker_overridden: ignore
+                breaker_overridden: scan.ignore_breakers
                     && !self.members[index]
                         .backend
                         .breaker
                         .admits(&self.breaker, now),
             })
-            .ok_or_else(|| self.why_none())
+            .ok_or_else(|| self.why_none(&scan))
     }
 
-    fn pick_among(&self, now: u64, tried: &[usize], ignore: bool) -> Option<usize> {
+    fn pick_among(&self, scan: &Scan) -> Option<usize> {
         let n = self.members.len();
         match self.strategy {
             StrategyKind::RoundRobin => {
@@ -125,18 +266,19 @@ impl Pool {
                 // the others by weight, not all handed to its successor in the sequence. The
                 // walk is bounded (heavy members recur within a few steps in a smooth
                 // sequence); past it, the first usable member in list order from the cursor.
-                let len = self.sequence.len();
+                let seq = scan.sequence();
+                let len = seq.len();
                 let steps = len.min(4 * n + 4);
                 let walked = (0..steps).find_map(|_| {
                     let k = self.cursor.fetch_add(1, Relaxed);
-                    let i = self.sequence[k % len] as usize;
-                    self.usable(i, now, tried, ignore).then_some(i)
+                    let i = seq[k % len] as usize;
+                    scan.usable(i).then_some(i)
                 });
                 walked.or_else(|| {
                     let start = self.cursor.load(Relaxed);
                     (0..n)
                         .map(|k| start.wrapping_add(k) % n)
-                        .find(|&i| self.usable(i, now, tried, ignore))
+                        .find(|&i| scan.usable(i))
                 })
             }
             StrategyKind::LeastConnections => {
@@ -146,20 +288,20 @@ impl Pool {
                 let mut best: Option<(usize, usize, u32)> = None;
                 for k in 0..n {
                     let i = (start.wrapping_add(k)) % n;
-                    if !self.usable(i, now, tried, ignore) {
+                    if !scan.usable(i) {
                         continue;
                     }
-                    let m = &self.members[i];
-                    let load = m.backend.in_flight.load(Relaxed);
+                    let load = self.members[i].backend.in_flight.load(Relaxed);
+                    let weight = scan.weight(i);
                     let better = match best {
                         None => true,
                         // load/weight < best_load/best_weight, without division.
                         Some((_, bl, bw)) => {
-                            (load as u128) * (bw as u128) < (bl as u128) * (m.weight as u128)
+                            (load as u128) * (bw as u128) < (bl as u128) * (weight as u128)
                         }
                     };
                     if better {
-                        best = Some((i, load, m.weight));
+                        best = Some((i, load, weight));
                     }
                 }
                 best.map(|(i, _, _)| i)
@@ -167,15 +309,34 @@ impl Pool {
         }
     }
 
-    fn why_none(&self) -> Refusal {
+    /// Why nothing could be picked. Members the operator took out of rotation (drain,
+    /// disabled, weight 0) say nothing about health, so they are set aside first.
+    fn why_none(&self, scan: &Scan) -> Refusal {
+        let in_rotation =
+            |i: &usize| scan.weight(*i) > 0 && self.members[*i].backend.intent.takes_new();
+        let mut rotating = (0..self.members.len()).filter(in_rotation).peekable();
         if self.members.is_empty() {
             Refusal::NoBackendsConfigured
-        } else if self.members.iter().all(|m| !m.backend.is_healthy()) {
+        } else if rotating.peek().is_none() {
+            Refusal::AllDrained
+        } else if rotating.all(|i| !self.members[i].backend.is_healthy()) {
             Refusal::AllUnhealthy
         } else {
             Refusal::AllBreakersOpen
         }
     }
+}
+
+/// One smooth sequence per tier: each tier's members with their weights, the others at 0.
+fn tier_sequences(members: &[Member], weights: &[u32]) -> [Vec<u32>; 2] {
+    let tier = |backup: bool| -> Vec<u32> {
+        members
+            .iter()
+            .zip(weights)
+            .map(|(m, &w)| if m.backup == backup { w } else { 0 })
+            .collect()
+    };
+    [smooth_sequence(&tier(false)), smooth_sequence(&tier(true))]
 }
 
 /// Unrolls nginx's smooth weighted round-robin for one full cycle (sum of weights / gcd).
@@ -220,5 +381,8 @@ mod tests {
         assert_eq!(seq, "aabacaa");
         assert_eq!(smooth_sequence(&[2, 2]), vec![0, 1]);
         assert_eq!(smooth_sequence(&[1, 1, 1]), vec![0, 1, 2]);
+        // Weight 0 (in the file, by override, or the other tier) never appears.
+        assert_eq!(smooth_sequence(&[0, 3, 0, 1]), vec![1, 1, 3, 1]);
+        assert_eq!(smooth_sequence(&[0, 0]), Vec::<u32>::new());
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A task probes `path` every `interval` over a connection of its own (never a client's), keeps
 //! its consecutive pass/fail counts to itself, and writes only `backend.healthy`, logging once
-//! per flip. The control task calls `HealthTasks::sync` after each swap: it spawns tasks for new
+//! per flip. It skips its probes while the operator has the backend `disabled`. The control task calls `HealthTasks::sync` after each swap: it spawns tasks for new
 //! keys, aborts those whose backend or settings went away, and marks backends of pools without
 //! checks healthy.
 
@@ -120,6 +120,13 @@ async fn probe_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if backend.intent.skips_health_checks() {
+            // Disabled by the operator: not probed, `healthy` keeps its last value, and the
+            // counts start over when probing resumes so that old results do not count.
+            conn = None;
+            streak = Streak::default();
+            continue;
+        }
         let result =
             tokio::time::timeout(cfg.timeout, probe(&backend, &cfg, tls.as_ref(), &mut conn)).await;
         let failure = match result {

@@ -23,6 +23,7 @@
 
 pub(crate) mod accesslog;
 pub(crate) mod admin;
+pub mod admin_state;
 pub(crate) mod answer;
 pub mod auth;
 pub mod backend;

@@ -14,6 +14,9 @@ pub enum Refusal {
     NoBackendsConfigured,
     AllUnhealthy,
     AllBreakersOpen,
+    /// Every backend the pool would use is out of rotation by operator intent: drained,
+    /// disabled or weighted 0 (in the file or through the admin API).
+    AllDrained,
     BadRequest,
     MethodNotAllowed,
     HeadersTooLarge,
@@ -69,11 +72,12 @@ pub enum Reason {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::NoRoute,
         Refusal::NoBackendsConfigured,
         Refusal::AllUnhealthy,
         Refusal::AllBreakersOpen,
+        Refusal::AllDrained,
         Refusal::BadRequest,
         Refusal::MethodNotAllowed,
         Refusal::HeadersTooLarge,
@@ -87,6 +91,7 @@ impl Refusal {
             Refusal::NoBackendsConfigured => "no_backends_configured",
             Refusal::AllUnhealthy => "all_unhealthy",
             Refusal::AllBreakersOpen => "all_breakers_open",
+            Refusal::AllDrained => "all_drained",
             Refusal::BadRequest => "bad_request",
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::HeadersTooLarge => "headers_too_large",

@@ -118,6 +118,7 @@ impl Snapshot {
                     Member {
                         backend,
                         weight: bc.weight,
+                        backup: bc.backup,
                     }
                 })
                 .collect();

@@ -467,12 +467,13 @@ fn rejects_size_with_bad_unit() {
 }
 
 #[test]
-fn rejects_weight_zero() {
-    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 0 },\n]\n";
-    // `  { address = "127.0.0.1:9002", weight = ` is 41 characters: the 0 is in column 42.
+fn rejects_weight_above_1000() {
+    // Weight 0 is valid (configured, no new traffic); above 1000 is a typo.
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 1001 },\n]\n";
+    // `  { address = "127.0.0.1:9002", weight = ` is 41 characters: the 1001 is in column 42.
     assert_rejected(
         text,
-        "weight = 0",
+        "weight = 1001",
         Some(42),
         &["pools.web.backends[1].weight"],
     );

@@ -528,6 +528,7 @@ fn long_sequence_pool(n: usize, max_ejected_percent: u8) -> balancer::balance::P
             Member {
                 backend: Arc::new(Backend::new("web", &addr.to_string(), addr)),
                 weight: 1000 - i as u32,
+                backup: false,
             }
         })
         .collect();

@@ -227,7 +227,11 @@ pub struct BackendConfig {
     pub address: String,
     /// Resolved once at load (like nginx), so the request path never waits on DNS.
     pub addr: SocketAddr,
+    /// 0 to `MAX_WEIGHT`; 0 keeps the backend configured (and health-checked) but sends it no
+    /// new traffic.
     pub weight: u32,
+    /// Used only when no other backend of the pool is usable (nginx's and HAProxy's `backup`).
+    pub backup: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -497,7 +501,8 @@ mod tests {
     fn errors_carry_line_and_col() {
         let e = parse(&format!("{MIN}weight = 0\n")).unwrap_err();
         assert_eq!(e.line.map(|l| l.0), Some(5), "{e}");
-        let s = format!("{MIN}[pools.x]\nbackends = [{{ address = \"1.2.3.4:1\", weight = 0 }}]\n");
+        let s =
+            format!("{MIN}[pools.x]\nbackends = [{{ address = \"1.2.3.4:1\", weight = 1001 }}]\n");
         let e = parse(&s).unwrap_err();
         assert_eq!(e.line, Some((6, 47)), "{e}");
         assert!(e.to_string().contains("pools.x.backends[0].weight"), "{e}");

@@ -133,7 +133,7 @@ pub(super) struct RawRetries {
     pub attempts: Option<Spanned<i64>>,
 }
 
-/// A backend is either `"host:port"` or `{ address = "host:port", weight = 3 }`.
+/// A backend is either `"host:port"` or `{ address = "host:port", weight = 3, backup = true }`.
 pub(super) enum RawBackend {
     Plain(String),
     Table(RawBackendTable),
@@ -144,6 +144,7 @@ pub(super) enum RawBackend {
 pub(super) struct RawBackendTable {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
+    pub backup: Option<bool>,
 }
 
 /// Pool TLS is either a bool or `{ ca = "...", server_name = "..." }`.
@@ -174,7 +175,7 @@ impl<'de> Deserialize<'de> for RawBackend {
         impl<'de> Visitor<'de> for V {
             type Value = RawBackend;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an address string or a table { address, weight }")
+                f.write_str("an address string or a table { address, weight, backup }")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<RawBackend, E> {
                 Ok(RawBackend::Plain(s.to_owned()))

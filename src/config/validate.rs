@@ -471,19 +471,19 @@ impl Validator<'_> {
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.get_ref().len());
         for (i, b) in list.get_ref().iter().enumerate() {
             let bkey = format!("{key}[{i}]");
-            let (address, weight) = match b.get_ref() {
-                RawBackend::Plain(s) => (Spanned::new(b.span(), s.clone()), DEFAULT_WEIGHT),
+            let (address, weight, backup) = match b.get_ref() {
+                RawBackend::Plain(s) => (Spanned::new(b.span(), s.clone()), DEFAULT_WEIGHT, false),
                 RawBackend::Table(t) => {
                     let w = match &t.weight {
                         None => DEFAULT_WEIGHT,
                         Some(w) => match u32::try_from(*w.get_ref()) {
-                            Ok(v) if (1..=MAX_WEIGHT).contains(&v) => v,
+                            Ok(v) if v <= MAX_WEIGHT => v,
                             _ => {
                                 self.report(self.src.err(
                                     w.span(),
                                     format!("{bkey}.weight"),
                                     format!(
-                                        "weight must be an integer from 1 to {MAX_WEIGHT}, not {}",
+                                        "weight must be an integer from 0 to {MAX_WEIGHT}, not {}",
                                         w.get_ref()
                                     ),
                                 ));
@@ -491,7 +491,7 @@ impl Validator<'_> {
                             }
                         },
                     };
-                    (t.address.clone(), w)
+                    (t.address.clone(), w, t.backup.unwrap_or(false))
                 }
             };
             let addr = match self.address(&address, &bkey) {
@@ -514,6 +514,7 @@ impl Validator<'_> {
                 address,
                 addr,
                 weight,
+                backup,
             });
         }
         backends
