@@ -1,4 +1,5 @@
-//! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`.
+//! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`,
+//! `POST /pools/{pool}/backends/{address}`.
 //!
 //! Separate from the traffic listeners so that it can be bound to loopback only; with
 //! `[admin] token_file` it asks for a bearer token (`auth.rs`). It reads the
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -20,6 +21,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin_state::{self, AdminMode, Change};
+use crate::config::MAX_WEIGHT;
 use crate::metrics::Format;
 use crate::reload::{ReloadHandle, Trigger};
 use crate::state::Shared;
@@ -103,6 +106,7 @@ async fn handle(
                 json!({ "error": e }).to_string(),
             ),
         },
+        (&Method::POST, p) if p.starts_with("/pools/") => control(&shared, req).await,
         (_, "/status" | "/metrics" | "/reload") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
@@ -144,6 +148,52 @@ fn unauthorized(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Ful
     Some(r)
 }
 
+/// `POST /pools/{pool}/backends/{address}`: applies the operator's intent (see
+/// `admin_state.rs`) to the backend of the snapshot in force and answers with its `/status`
+/// entry.
+async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const JSON: &str = "application/json";
+    let error = |status, msg: String| reply(status, JSON, json!({ "error": msg }).to_string());
+    let Some((pool, address)) = admin_state::parse_path(req.uri().path()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "expected /pools/{pool}/backends/{address}".into(),
+        );
+    };
+    // A control body is a few bytes; anything large is a mistake, not something to buffer.
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}")),
+    };
+    let change = match Change::parse(&body, MAX_WEIGHT) {
+        Ok(c) => c,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let snap = shared.snapshot.load();
+    if !snap.pools.iter().any(|p| *p.name == *pool) {
+        return error(StatusCode::NOT_FOUND, format!("no pool named {pool:?}"));
+    }
+    let Some(backend) = snap.backend(&pool, &address) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("pool {pool:?} has no backend {address:?} (use the address as written in the config)"),
+        );
+    };
+    backend.intent.apply(&change);
+    if !backend.intent.takes_new() {
+        // Nothing will be sent there: let the backend see its idle connections go now.
+        backend.idle.clear();
+    }
+    tracing::info!(pool = %pool, backend = %address, state = backend.intent.mode().as_str(), weight = ?backend.intent.weight(), "operator changed a backend");
+    let status = status_json(shared);
+    let view = status["pools"][pool.as_str()]["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == address.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    reply(StatusCode::OK, JSON, view.to_string())
+}
+
 /// The contract's `/status` document, plus a few fields operators asked for.
 pub fn status_json(shared: &Shared) -> serde_json::Value {
     let snap = shared.snapshot.load();
@@ -160,12 +210,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 let last = b.last_error().map(|(r, at)| {
                     json!({ "reason": r.as_str(), "at": humantime::format_rfc3339_millis(at).to_string() })
                 });
+                let in_flight = b.in_flight.load(Relaxed);
+                let mode = b.intent.mode();
                 json!({
                     "address": &*b.address,
-                    "weight": m.weight,
+                    "weight": b.intent.effective_weight(m.weight),
+                    "configured_weight": m.weight,
+                    "backup": m.backup,
+                    "admin_state": mode.as_str(),
+                    // What a deploy script polls for: out of rotation and nothing in flight.
+                    "drained": mode != AdminMode::Enabled && in_flight == 0,
                     "healthy": b.is_healthy(),
                     "breaker": b.breaker.effective_state(&p.breaker, now).as_str(),
-                    "in_flight": b.in_flight.load(Relaxed),
+                    "in_flight": in_flight,
                     "requests": c.requests.load(Relaxed),
                     "failures": c.failures.load(Relaxed),
                     "connections_opened": c.connections_opened.load(Relaxed),

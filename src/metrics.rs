@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::admin_state::AdminMode;
 use crate::backend::LATENCY_BUCKETS;
 use crate::reason::{Failure, Reason};
 use crate::state::Shared;
@@ -175,6 +176,16 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         "Circuit breaker: 0 closed, 1 open, 2 half-open.",
         Kind::Gauge,
     );
+    let mut admin_state = Family::new(
+        "balancer_backend_admin_state",
+        "Operator intent set through the admin API: 1 for the backend's current state (enabled, drain or disabled), 0 for the others.",
+        Kind::Gauge,
+    );
+    let mut weight = Family::new(
+        "balancer_backend_weight",
+        "Weight picks use: the operator's override, else the config's (0 takes no new traffic).",
+        Kind::Gauge,
+    );
     for p in &snap.pools {
         for m in &p.members {
             let b = &m.backend;
@@ -218,6 +229,18 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
             healthy
                 .samples
                 .push((id(), Value::Gauge(i64::from(b.is_healthy()))));
+            let mode = b.intent.mode();
+            for st in AdminMode::ALL {
+                let mut l = id();
+                l.push(("state", st.as_str().to_owned()));
+                admin_state
+                    .samples
+                    .push((l, Value::Gauge(i64::from(st == mode))));
+            }
+            weight.samples.push((
+                id(),
+                Value::Gauge(i64::from(b.intent.effective_weight(m.weight))),
+            ));
             // The same reading as `/status`: an open breaker whose time is up is half-open.
             let state = b.breaker.effective_state(&p.breaker, now);
             breaker.samples.push((id(), Value::Gauge(state.as_gauge())));
@@ -268,6 +291,8 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         in_flight,
         healthy,
         breaker,
+        admin_state,
+        weight,
         local,
         single(
             "balancer_config_reloads",
