@@ -731,3 +731,31 @@ impl AccessLog {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Helpers for the runtime-control tests (admin token, backend control)
+
+/// A request to `url` with `Authorization: Bearer <token>` when `token` is given.
+pub async fn request_with_token(
+    c: &HttpClient,
+    method: http::Method,
+    url: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Got {
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    send(c, req.body(full(body.to_owned())).unwrap()).await
+}
+
+/// `POST /pools/{pool}/backends/{address}` with the JSON `body`, no token.
+pub async fn control_backend(b: &Balancer, pool: &str, address: SocketAddr, body: &str) -> Got {
+    post(
+        &client(),
+        &b.admin_url(&format!("/pools/{pool}/backends/{address}")),
+        body.to_owned(),
+    )
+    .await
+}
