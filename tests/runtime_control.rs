@@ -232,6 +232,15 @@ async fn weight_override_changes_the_split_and_weight_zero_takes_nothing() {
     );
     send_n(&bal, 400).await;
     assert_eq!((a.requests(), b.requests()), (300, 100), "3:1 over 400");
+    // A reload builds new pools from the file's weights; the override still applies.
+    let g = post(&client(), &bal.admin_url("/reload"), "").await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    send_n(&bal, 400).await;
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (600, 200),
+        "3:1 after a reload"
+    );
     assert_eq!(
         metric(
             &bal,
@@ -249,7 +258,7 @@ async fn weight_override_changes_the_split_and_weight_zero_takes_nothing() {
     send_n(&bal, 40).await;
     assert_eq!(
         (a.requests(), b.requests()),
-        (340, 100),
+        (640, 200),
         "weight 0 got traffic"
     );
 
@@ -260,7 +269,7 @@ async fn weight_override_changes_the_split_and_weight_zero_takes_nothing() {
         assert_eq!(json(&g)["weight"], 1);
     }
     send_n(&bal, 100).await;
-    assert_eq!((a.requests(), b.requests()), (390, 150));
+    assert_eq!((a.requests(), b.requests()), (690, 250));
     bal.shutdown().await;
 }
 
