@@ -546,7 +546,7 @@ fn semantic_errors_name_the_dotted_key() {
             "pools.web.backends[1]",
         ),
         (
-            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 0 }]\n",
+            "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = -1 }]\n",
             "weight",
             "pools.web.backends[0].weight",
         ),
@@ -638,11 +638,24 @@ fn parser_errors_name_table_and_key() {
 }
 
 #[test]
-fn weight_zero_points_at_the_value() {
-    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 0 },\n]\n";
+fn weight_out_of_range_points_at_the_value() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", weight = 1001 },\n]\n";
     let e = err(text);
     assert_eq!(e.line, Some((6, 42)), "{e}");
     assert_eq!(e.key.as_deref(), Some("pools.web.backends[1].weight"));
+}
+
+#[test]
+fn weight_zero_and_backup_are_accepted() {
+    let c = ok("[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\", { address = \"127.0.0.1:9002\", weight = 0 }, { address = \"127.0.0.1:9003\", backup = true }]\n");
+    let b: Vec<(u32, bool)> = c.pools[0]
+        .backends
+        .iter()
+        .map(|b| (b.weight, b.backup))
+        .collect();
+    assert_eq!(b, [(1, false), (0, false), (1, true)]);
+    let e = err("[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9003\", backup = \"yes\" }]\n");
+    assert!(e.to_string().contains("backup"), "{e}");
 }
 
 #[test]
@@ -672,7 +685,7 @@ fn errors_count_lines_with_crlf_and_unicode() {
     let text = "# café ünïcödé\r\n[[listeners]]\r\nbind = \"127.0.0.1:8080\"\r\n[pools.web]\r\nbackends = [\"127.0.0.1:9001\"]\r\nstrategy = \"random\" # é\r\n";
     let e = err(text);
     assert_eq!(e.line, Some((6, 12)), "{e}");
-    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 2 }, { address = \"é:1\", weight = 0 }]\n";
+    let text = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 2 }, { address = \"é:1\", weight = 1001 }]\n";
     // "é:1" does not resolve either (an error at column 69); the weight's is the one wanted.
     let all = Config::check(text, "f.toml", None).unwrap_err().errors;
     let Some(e) = all
@@ -1138,7 +1151,7 @@ failure_statuses = 502
 #[test]
 fn check_keeps_validating_after_a_semantic_error() {
     let text = format!(
-        "shutdown_grace = \"5\"\n{SMALLEST}\n[pools.api]\nstrategy = \"random\"\nbackends = [\"127.0.0.1:\", {{ address = \"127.0.0.1:9\", weight = 0 }}]\n[pools.api.retries]\nattempts = 99\n[[routes]]\npath_prefix = \"v1\"\npool = \"nope\"\n"
+        "shutdown_grace = \"5\"\n{SMALLEST}\n[pools.api]\nstrategy = \"random\"\nbackends = [\"127.0.0.1:\", {{ address = \"127.0.0.1:9\", weight = 1001 }}]\n[pools.api.retries]\nattempts = 99\n[[routes]]\npath_prefix = \"v1\"\npool = \"nope\"\n"
     );
     let keys: Vec<String> = Config::check(&text, "f.toml", None)
         .unwrap_err()
