@@ -25,19 +25,18 @@ pub struct Member {
     pub backup: bool,
 }
 
-/// The two tiers a pick chooses from, in order: primaries, then backups.
-const PRIMARY: usize = 0;
-const BACKUP: usize = 1;
+/// The two tiers a pick chooses from, in order: primaries, then backups; and the mark of a
+/// member that is in neither (weight 0).
+const PRIMARY: u8 = 0;
+const BACKUP: u8 = 1;
+const OUT: u8 = 2;
 
 pub struct Pool {
     pub name: Arc<str>,
     pub strategy: StrategyKind,
     pub members: Vec<Member>,
-    /// nginx's smooth weighted round-robin, unrolled once at load: member indices in the order
-    /// the algorithm would visit them (5,1,1 gives a a b a c a a). A shared cursor walks it, so
-    /// picking is one `fetch_add` instead of a locked update of every member's current weight.
-    /// One sequence per tier (primaries, backups), each from the file's weights.
-    sequences: [Vec<u32>; 2],
+    /// What picks use while no override is in force: from the file's weights.
+    configured: Rotation,
     has_backups: bool,
     cursor: AtomicUsize,
     /// Weight overrides, without touching the snapshot: the `weights_epoch` this pool last
@@ -60,12 +59,51 @@ pub struct Pool {
 /// Effective weights as of `epoch`; `custom` is `None` when they are the file's.
 struct Weights {
     epoch: u64,
-    custom: Option<Custom>,
+    custom: Option<Rotation>,
 }
 
-struct Custom {
+/// Everything a pick needs from one set of weights (the file's, or with overrides), computed
+/// once per set.
+struct Rotation {
     weights: Vec<u32>,
+    /// Per member: `PRIMARY`, `BACKUP`, or `OUT` for weight 0, so that `usable` tests tier and
+    /// weight with one compare.
+    tier: Vec<u8>,
+    /// nginx's smooth weighted round-robin, unrolled once: member indices in the order the
+    /// algorithm would visit them (5,1,1 gives a a b a c a a). A shared cursor walks it, so
+    /// picking is one `fetch_add` instead of a locked update of every member's current
+    /// weight. One sequence per tier.
     sequences: [Vec<u32>; 2],
+}
+
+impl Rotation {
+    fn new(members: &[Member], weights: Vec<u32>) -> Rotation {
+        let tier = members
+            .iter()
+            .zip(&weights)
+            .map(|(m, &w)| match (w, m.backup) {
+                (0, _) => OUT,
+                (_, false) => PRIMARY,
+                (_, true) => BACKUP,
+            })
+            .collect();
+        let of_tier = |t: u8| -> Vec<u32> {
+            weights
+                .iter()
+                .zip(&tier)
+                .map(|(&w, &mt)| if mt == t { w } else { 0 })
+                .collect()
+        };
+        let sequences = [
+            smooth_sequence(&of_tier(PRIMARY)),
+            smooth_sequence(&of_tier(BACKUP)),
+        ];
+        Rotation {
+            weights,
+            tier,
+            sequences,
+        }
+    }
 }
 
 /// The member to try, and whether its breaker is to be ignored because breakers already
@@ -79,8 +117,9 @@ pub struct Pick {
 /// One pick's view of the pool: which weights apply, which tier it picks from, and what to skip.
 struct Scan<'a> {
     pool: &'a Pool,
-    custom: Option<&'a Custom>,
-    tier: usize,
+    /// The file's (`Pool::configured`) or the overrides'.
+    rot: &'a Rotation,
+    tier: u8,
     now: u64,
     tried: &'a [usize],
     ignore_breakers: bool,
@@ -88,19 +127,15 @@ struct Scan<'a> {
 
 impl Scan<'_> {
     fn weight(&self, i: usize) -> u32 {
-        match self.custom {
-            Some(c) => c.weights[i],
-            None => self.pool.members[i].weight,
-        }
+        self.rot.weights.get(i).copied().unwrap_or(0)
     }
 
-    /// Cheapest tests first: the plain fields, then the atomics the operator and the health
+    /// Cheapest tests first: tier and weight, then the atomics the operator and the health
     /// task write, then the breaker word.
+    #[inline]
     fn usable(&self, i: usize) -> bool {
-        let m = &self.pool.members[i];
-        let b = &m.backend;
-        usize::from(m.backup) == self.tier
-            && self.weight(i) > 0
+        let b = &self.pool.members[i].backend;
+        self.rot.tier.get(i) == Some(&self.tier)
             && !self.tried.contains(&i)
             && b.intent.takes_new()
             && b.is_healthy()
@@ -108,10 +143,7 @@ impl Scan<'_> {
     }
 
     fn sequence(&self) -> &[u32] {
-        match self.custom {
-            Some(c) => &c.sequences[self.tier],
-            None => &self.pool.sequences[self.tier],
-        }
+        &self.rot.sequences[usize::from(self.tier == BACKUP)]
     }
 }
 
@@ -121,7 +153,7 @@ impl Pool {
         Pool {
             name: Arc::from(cfg.name.as_str()),
             strategy: cfg.strategy,
-            sequences: tier_sequences(&members, &weights),
+            configured: Rotation::new(&members, weights),
             has_backups: members.iter().any(|m| m.backup),
             members,
             cursor: AtomicUsize::new(0),
@@ -163,10 +195,7 @@ impl Pool {
             .iter()
             .zip(&self.members)
             .any(|(w, m)| *w != m.weight);
-        let custom = differs.then(|| Custom {
-            sequences: tier_sequences(&self.members, &weights),
-            weights,
-        });
+        let custom = differs.then(|| Rotation::new(&self.members, weights));
         let on = u64::from(custom.is_some());
         let next = Arc::new(Weights { epoch, custom });
         // Only forward: a pick that read an older epoch and finished later must not put its
@@ -214,24 +243,26 @@ impl Pool {
     /// this request (as nginx), so `attempts = 2` with one backend does not double the wait
     /// for a timed-out answer. Backup members are picked only when no primary is usable.
     pub fn pick(&self, now: u64, tried: &[usize]) -> Result<Pick, Refusal> {
-        let seen = self.weights_seen.load(Relaxed);
-        if seen == weights_epoch() << 1 {
-            return self.pick_with(None, now, tried);
+        if self.weights_seen.load(Relaxed) == weights_epoch() << 1 {
+            return self.pick_with(&self.configured, now, tried);
         }
-        let w = self.weights();
-        self.pick_with(w.custom.as_ref(), now, tried)
+        self.pick_overridden(now, tried)
     }
 
-    fn pick_with(
-        &self,
-        custom: Option<&Custom>,
-        now: u64,
-        tried: &[usize],
-    ) -> Result<Pick, Refusal> {
+    /// Kept out of `pick` so that the common path stays small enough to inline and carries
+    /// no guard to drop.
+    #[inline(never)]
+    fn pick_overridden(&self, now: u64, tried: &[usize]) -> Result<Pick, Refusal> {
+        let w = self.weights();
+        self.pick_with(w.custom.as_ref().unwrap_or(&self.configured), now, tried)
+    }
+
+    #[inline]
+    fn pick_with(&self, rot: &Rotation, now: u64, tried: &[usize]) -> Result<Pick, Refusal> {
         let n = self.members.len();
         let mut scan = Scan {
             pool: self,
-            custom,
+            rot,
             tier: PRIMARY,
             now,
             tried,
@@ -325,18 +356,6 @@ impl Pool {
             Refusal::AllBreakersOpen
         }
     }
-}
-
-/// One smooth sequence per tier: each tier's members with their weights, the others at 0.
-fn tier_sequences(members: &[Member], weights: &[u32]) -> [Vec<u32>; 2] {
-    let tier = |backup: bool| -> Vec<u32> {
-        members
-            .iter()
-            .zip(weights)
-            .map(|(m, &w)| if m.backup == backup { w } else { 0 })
-            .collect()
-    };
-    [smooth_sequence(&tier(false)), smooth_sequence(&tier(true))]
 }
 
 /// Unrolls nginx's smooth weighted round-robin for one full cycle (sum of weights / gcd).
