@@ -41,7 +41,7 @@ const DURATION_KEYS: &[&str] = &[
 fn integer_range(leaf: &str) -> Option<(u64, u64)> {
     use super::*;
     Some(match leaf {
-        "weight" => (1, u64::from(MAX_WEIGHT)),
+        "weight" => (0, u64::from(MAX_WEIGHT)),
         "max_connections" => (1, MAX_CONNECTIONS),
         "healthy_threshold" | "unhealthy_threshold" | "half_open_requests" => {
             (1, u64::from(MAX_THRESHOLD))
