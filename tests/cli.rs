@@ -596,7 +596,7 @@ fn rejects_wrong_type_naming_the_key() {
         Some(42),
         &[
             "pools.web.backends[0].weight",
-            "must be an integer from 1 to 1000, not a string (\"2\")",
+            "must be an integer from 0 to 1000, not a string (\"2\")",
         ],
     );
     assert!(
@@ -973,7 +973,7 @@ fn check_reports_every_mistake_in_one_run() {
         "error: FILE:11:1: routes[0] (host = \"api.example.com\", path_prefix = \"/v1\"): missing key `pool`",
         "error: FILE:17:8: routes[1].pool: no pool named \"shop\" (define [pools.shop])",
         "error: FILE:22:33: pools.web.backends[1]: unknown key `wieght` (did you mean `weight`?)",
-        "error: FILE:23:42: pools.web.backends[2].weight: weight must be an integer from 1 to 1000, not 5000",
+        "error: FILE:23:42: pools.web.backends[2].weight: weight must be an integer from 0 to 1000, not 5000",
         "error: FILE:27:12: pools.web.health_check.interval: must be a string with a unit, such as \"10s\" or \"250ms\", not a number (2)",
     ];
     let lines: Vec<&str> = err.lines().collect();
