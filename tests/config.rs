@@ -1138,7 +1138,7 @@ failure_statuses = 502
             "f.toml:9:25: listeners[1].tls: unknown key `kee` (did you mean `key`?)",
             "f.toml:12:12: pools.web.backends: must be a list, such as [ ... ], not a string (\"127.0.0.1:9001\")",
             "f.toml:13:7: pools.web.tls: must be true, false or a table { ca, server_name }, not a string (\"yes\")",
-            "f.toml:16:13: pools.api.backends[0]: must be an address string or a table { address, weight }, not a number (1)",
+            "f.toml:16:13: pools.api.backends[0]: must be an address string or a table { address, weight, backup }, not a number (1)",
             "f.toml:16:16: pools.api.backends[1]: missing key `address`",
             "f.toml:18:20: pools.api.circuit_breaker.failure_statuses: must be a list, such as [ ... ], not a number (502)",
         ]
