@@ -483,16 +483,16 @@ async fn invalid_config_keeps_the_old_one_serving() {
             ),
             "intervall",
         ),
-        // Weight 0.
+        // A weight out of range (0 is valid: configured, no traffic).
         (
             config(&[a.addr], "round_robin", "").replace(
                 &format!("backends = [\"{}\"]", a.addr),
                 &format!(
-                    "backends = [\"{}\", {{ address = \"{}\", weight = 0 }}]",
+                    "backends = [\"{}\", {{ address = \"{}\", weight = 1001 }}]",
                     a.addr, b.addr
                 ),
             ),
-            "weight = 0",
+            "weight = 1001",
         ),
         // A duration without a unit.
         (
