@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::backend::LATENCY_BUCKETS;
 use crate::metrics::Format;
 use crate::reload::{ReloadHandle, Trigger};
 use crate::state::Shared;
@@ -125,6 +126,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             .map(|m| {
                 let b = &m.backend;
                 let c = &b.counters;
+                let (breaker, since) = b.breaker.effective_since(&p.breaker, now);
+                let latency: Vec<u64> = c.latency_buckets.iter().map(|n| n.load(Relaxed)).collect();
                 let last = b.last_error().map(|(r, at)| {
                     json!({ "reason": r.as_str(), "at": humantime::format_rfc3339_millis(at).to_string() })
                 });
@@ -132,13 +135,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     "address": &*b.address,
                     "weight": m.weight,
                     "healthy": b.is_healthy(),
-                    "breaker": b.breaker.effective_state(&p.breaker, now).as_str(),
+                    "breaker": breaker.as_str(),
+                    // Seconds in that state (a number, not a time of day: the breaker keeps
+                    // a monotonic clock, which no wall clock can be derived from exactly).
+                    "breaker_since": seconds(now.saturating_sub(since)),
                     "in_flight": b.in_flight.load(Relaxed),
                     "requests": c.requests.load(Relaxed),
                     "failures": c.failures.load(Relaxed),
                     "connections_opened": c.connections_opened.load(Relaxed),
                     "idle_connections": b.idle.len(),
                     "last_error": last,
+                    // Non-cumulative counts per bucket of `latency_bounds_s`, the last one
+                    // +Inf: the dashboard takes p50/p99 over an interval from two readings.
+                    "latency_buckets": latency,
                 })
             })
             .collect();
@@ -147,7 +156,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             json!({ "strategy": p.strategy.as_str(), "backends": backends }),
         );
     }
+    let listeners: Vec<_> = snap
+        .config
+        .listeners
+        .iter()
+        .map(|l| json!({ "bind": l.bind.to_string(), "tls": l.tls.is_some() }))
+        .collect();
     json!({
+        "process": {
+            "started_at": humantime::format_rfc3339_seconds(shared.started_at).to_string(),
+            "uptime_s": seconds(now.saturating_sub(shared.started_ms)),
+        },
+        "listeners": listeners,
+        "latency_bounds_s": LATENCY_BUCKETS,
         "config": {
             "version": snap.generation,
             "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
@@ -155,4 +176,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         },
         "pools": pools,
     })
+}
+
+/// Milliseconds as seconds with millisecond precision, for JSON.
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
 }
