@@ -1,4 +1,5 @@
-//! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`.
+//! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`, and the
+//! dashboard (`GET /`, `GET /events`: see events.rs).
 //!
 //! Separate from the traffic listeners so that it can be bound to loopback only. It reads the
 //! current snapshot and the live atomics of each backend at request time; nothing here is
@@ -10,7 +11,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -44,8 +46,11 @@ pub async fn run(
         };
         let shared = Arc::clone(&shared);
         let reload = reload.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(Arc::clone(&shared), reload.clone(), req));
+            let svc = service_fn(move |req| {
+                route(Arc::clone(&shared), reload.clone(), stop.clone(), req)
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
@@ -61,6 +66,27 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
+}
+
+/// The dashboard's two routes, ahead of the API: `/events` streams, so its body is not a
+/// `Full` like every other answer's.
+async fn route(
+    shared: Arc<Shared>,
+    reload: ReloadHandle,
+    stop: watch::Receiver<bool>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => Ok(crate::events::dashboard().map(BodyExt::boxed)),
+        (&Method::GET, "/events") => Ok(crate::events::stream(shared, status_json, stop)),
+        (_, "/" | "/events") => Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "405 Method Not Allowed\n".into(),
+        )
+        .map(BodyExt::boxed)),
+        _ => Ok(handle(shared, reload, req).await?.map(BodyExt::boxed)),
+    }
 }
 
 async fn handle(
