@@ -131,12 +131,15 @@ async fn feed(
 /// What an operator would call a change: the status without the counters that move with
 /// every request (the periodic event carries those).
 fn signature(status: &Value) -> String {
-    const WATCHED: [&str; 6] = [
+    const WATCHED: [&str; 9] = [
         "address",
         "healthy",
         "breaker",
         "admin_state",
+        "drained",
         "weight",
+        "configured_weight",
+        "backup",
         "last_error",
     ];
     let mut pools = Vec::new();
