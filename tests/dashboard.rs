@@ -511,6 +511,23 @@ async fn screenshot_under_load() {
             "document.querySelectorAll('tr[data-address]').length === 6",
         )
         .await;
+    // Operator actions, where this build has them: one backend draining, one re-weighted.
+    for (addr, body) in [
+        (api1.addr, r#"{"state": "drain"}"#),
+        (a.addr, r#"{"weight": 2}"#),
+    ] {
+        let url = bal.admin_url(&format!(
+            "/pools/{}/backends/{addr}",
+            if addr == a.addr { "web" } else { "api" }
+        ));
+        let g = post(&client(), &url, body).await;
+        assert!(
+            g.status == 200 || g.status == 404,
+            "{}: {}",
+            g.status,
+            g.body
+        );
+    }
     // Steady load (bounded: it stops when told, or after 60 s) so that the charts have some
     // history and the screenshots show rates; `flaky` fails now and then, `gone` stops
     // halfway.
