@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chromiumoxide::browser::{Browser, BrowserConfig};
-use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
+use chromiumoxide::cdp::browser_protocol::emulation::{
+    MediaFeature, SetDeviceMetricsOverrideParams,
+};
 use chromiumoxide::cdp::browser_protocol::log::{EventEntryAdded, LogEntryLevel};
 use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
 use chromiumoxide::cdp::js_protocol::runtime::{
@@ -481,8 +483,8 @@ async fn page_asks_for_the_admin_token_and_keeps_it() {
 }
 
 /// The screenshot in the README: two pools under load, one backend slow, one failing part of
-/// its requests, one stopped. Writes `target/dashboard.png` (laptop) and
-/// `target/dashboard-phone.png`.
+/// its requests, one stopped. Writes `target/dashboard.png` (laptop), `target/dashboard-dark.png`
+/// (the dark scheme) and `target/dashboard-phone.png` (the whole page at phone width).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn screenshot_under_load() {
     let a = start_backend("a").await;
@@ -582,6 +584,34 @@ async fn screenshot_under_load() {
         .await
         .expect("screenshot");
     println!("wrote {}", png.display());
+
+    // The same in the browser's dark scheme, which the page follows.
+    chrome
+        .page
+        .emulate_media_features(vec![MediaFeature {
+            name: "prefers-color-scheme".into(),
+            value: "dark".into(),
+        }])
+        .await
+        .expect("dark scheme");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let dark = dir.join("dashboard-dark.png");
+    chrome
+        .page
+        .save_screenshot(
+            ScreenshotParams::builder()
+                .format(CaptureScreenshotFormat::Png)
+                .build(),
+            &dark,
+        )
+        .await
+        .expect("dark screenshot");
+    println!("wrote {}", dark.display());
+    chrome
+        .page
+        .emulate_media_features(Vec::new())
+        .await
+        .expect("light scheme");
 
     // A phone: 390 px wide, as a phone lays it out.
     chrome
