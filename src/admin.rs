@@ -1,5 +1,6 @@
 //! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`,
-//! `POST /pools/{pool}/backends/{address}`.
+//! `POST /pools/{pool}/backends/{address}`, and the dashboard (`GET /`, `GET /events`: see
+//! events.rs).
 //!
 //! Separate from the traffic listeners so that it can be bound to loopback only; with
 //! `[admin] token_file` it asks for a bearer token (`auth.rs`). It reads the
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -22,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin_state::{self, AdminMode, Change};
+use crate::backend::LATENCY_BUCKETS;
 use crate::config::MAX_WEIGHT;
 use crate::metrics::Format;
 use crate::reload::{ReloadHandle, Trigger};
@@ -47,8 +50,11 @@ pub async fn run(
         };
         let shared = Arc::clone(&shared);
         let reload = reload.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(Arc::clone(&shared), reload.clone(), req));
+            let svc = service_fn(move |req| {
+                route(Arc::clone(&shared), reload.clone(), stop.clone(), req)
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
@@ -64,6 +70,31 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
+}
+
+/// The dashboard's two routes, ahead of the API: `/events` streams, so its body is not a
+/// `Full` like every other answer's.
+async fn route(
+    shared: Arc<Shared>,
+    reload: ReloadHandle,
+    stop: watch::Receiver<bool>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => Ok(crate::events::dashboard().map(BodyExt::boxed)),
+        // The stream is the status: it needs the token as /status does.
+        (&Method::GET, "/events") => Ok(match unauthorized(&shared, &req) {
+            Some(denied) => denied.map(BodyExt::boxed),
+            None => crate::events::stream(shared, status_json, stop),
+        }),
+        (_, "/" | "/events") => Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "405 Method Not Allowed\n".into(),
+        )
+        .map(BodyExt::boxed)),
+        _ => Ok(handle(shared, reload, req).await?.map(BodyExt::boxed)),
+    }
 }
 
 async fn handle(
@@ -207,6 +238,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             .map(|m| {
                 let b = &m.backend;
                 let c = &b.counters;
+                let (breaker, since) = b.breaker.effective_since(&p.breaker, now);
+                let latency: Vec<u64> = c.latency_buckets.iter().map(|n| n.load(Relaxed)).collect();
                 let last = b.last_error().map(|(r, at)| {
                     json!({ "reason": r.as_str(), "at": humantime::format_rfc3339_millis(at).to_string() })
                 });
@@ -221,13 +254,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     // What a deploy script polls for: out of rotation and nothing in flight.
                     "drained": mode != AdminMode::Enabled && in_flight == 0,
                     "healthy": b.is_healthy(),
-                    "breaker": b.breaker.effective_state(&p.breaker, now).as_str(),
+                    "breaker": breaker.as_str(),
+                    // Seconds in that state (a number, not a time of day: the breaker keeps
+                    // a monotonic clock, which no wall clock can be derived from exactly).
+                    "breaker_since": seconds(now.saturating_sub(since)),
                     "in_flight": in_flight,
                     "requests": c.requests.load(Relaxed),
                     "failures": c.failures.load(Relaxed),
                     "connections_opened": c.connections_opened.load(Relaxed),
                     "idle_connections": b.idle.len(),
                     "last_error": last,
+                    // Non-cumulative counts per bucket of `latency_bounds_s`, the last one
+                    // +Inf: the dashboard takes p50/p99 over an interval from two readings.
+                    "latency_buckets": latency,
                 })
             })
             .collect();
@@ -236,7 +275,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             json!({ "strategy": p.strategy.as_str(), "backends": backends }),
         );
     }
+    let listeners: Vec<_> = snap
+        .config
+        .listeners
+        .iter()
+        .map(|l| json!({ "bind": l.bind.to_string(), "tls": l.tls.is_some() }))
+        .collect();
     json!({
+        "process": {
+            "started_at": humantime::format_rfc3339_seconds(shared.started_at).to_string(),
+            "uptime_s": seconds(now.saturating_sub(shared.started_ms)),
+        },
+        "listeners": listeners,
+        "latency_bounds_s": LATENCY_BUCKETS,
         "config": {
             "version": snap.generation,
             "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
@@ -244,4 +295,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         },
         "pools": pools,
     })
+}
+
+/// Milliseconds as seconds with millisecond precision, for JSON.
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
 }

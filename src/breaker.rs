@@ -108,6 +108,20 @@ impl Breaker {
         }
     }
 
+    /// `effective_state` with the monotonic millisecond (`clock::now_ms`) it began, for the
+    /// dashboard's "open for 12 s": an open breaker whose time is up has been half-open since
+    /// that time ran out, not since it opened.
+    pub fn effective_since(&self, policy: &BreakerPolicy, now_ms: u64) -> (BreakerState, u64) {
+        let (state, since) = unpack(self.word.load(Relaxed));
+        match state {
+            BreakerState::Open if elapsed(now_ms, since, policy.open_duration) => (
+                BreakerState::HalfOpen,
+                since.saturating_add(policy.open_duration.as_millis() as u64),
+            ),
+            s => (s, since),
+        }
+    }
+
     /// Read-only: would a request be let through now? Used by the picker to skip backends
     /// without reserving anything. Inlined: the picker calls it per member per pick.
     #[inline]
@@ -337,6 +351,23 @@ mod tests {
         b.release(Admission::Trial);
         assert!(b.acquire(&p, 5001).is_some());
         assert!(b.acquire(&p, 5001).is_none());
+    }
+
+    #[test]
+    fn since_is_when_the_effective_state_began() {
+        let b = Breaker::default();
+        let p = policy();
+        assert_eq!(b.effective_since(&p, 50), (BreakerState::Closed, 0));
+        for _ in 0..3 {
+            b.on_failure(Admission::Normal, &p, 200);
+        }
+        assert_eq!(b.effective_since(&p, 700), (BreakerState::Open, 200));
+        // Open for its full second: half-open from then on, before any request moves it.
+        assert_eq!(b.effective_since(&p, 1500), (BreakerState::HalfOpen, 1200));
+        let (adm, _) = b.acquire(&p, 1600).unwrap();
+        assert_eq!(b.effective_since(&p, 1650), (BreakerState::HalfOpen, 1600));
+        b.on_success(adm, 1700);
+        assert_eq!(b.effective_since(&p, 1800), (BreakerState::Closed, 1700));
     }
 
     #[test]

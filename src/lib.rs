@@ -37,6 +37,7 @@ pub(crate) mod conn;
 pub(crate) mod conns;
 pub(crate) mod control;
 pub mod diff;
+pub(crate) mod events;
 pub(crate) mod flood;
 pub(crate) mod framing;
 pub(crate) mod h2path;

@@ -49,6 +49,11 @@ pub struct Shared {
     pub reload_failures: AtomicU64,
     /// Client connections open on all listeners.
     pub open_connections: AtomicUsize,
+    /// When the process started serving, for `/status` `process.started_at` and `uptime_s`:
+    /// wall clock to show, monotonic (`clock::now_ms`) to count from, since the wall clock
+    /// may be stepped.
+    pub started_at: SystemTime,
+    pub started_ms: u64,
 }
 
 impl Shared {
@@ -59,6 +64,8 @@ impl Shared {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             open_connections: AtomicUsize::new(0),
+            started_at: SystemTime::now(),
+            started_ms: crate::clock::now_ms(),
         }
     }
 }

@@ -76,7 +76,18 @@ async fn status_has_the_contract_shape() {
     assert!(ct.starts_with("application/json"), "content-type {ct:?}");
     let s: Value = serde_json::from_str(&g.body).unwrap();
 
-    assert_eq!(keys(&s), set(&["config", "pools"]), "{s:#}");
+    // The contract's two, and what the dashboard reads beside them.
+    assert_eq!(
+        keys(&s),
+        set(&[
+            "config",
+            "pools",
+            "process",
+            "listeners",
+            "latency_bounds_s"
+        ]),
+        "{s:#}"
+    );
     let cfg = &s["config"];
     assert_eq!(
         keys(cfg),
@@ -397,7 +408,14 @@ async fn reload_answers_version_and_unknown_paths_404() {
         assert_eq!(v, serde_json::json!({ "version": want }));
         assert_eq!(status(&bal).await["config"]["version"], want);
     }
-    for path in ["/", "/nope", "/status/x", "/metricsx"] {
+    // (`GET /` is the dashboard: tests/dashboard.rs.)
+    for path in [
+        "/nope",
+        "/status/x",
+        "/metricsx",
+        "/events/x",
+        "/index.html",
+    ] {
         let g = get(&c, &bal.admin_url(path)).await;
         assert_eq!(g.status, 404, "GET {path}: {}", g.body);
     }
@@ -408,6 +426,59 @@ async fn reload_answers_version_and_unknown_paths_404() {
     let g = get(&c, &bal.admin_url("/reload")).await;
     assert_ne!(g.status, 200);
     assert_eq!(status(&bal).await["config"]["version"], 4);
+    bal.shutdown().await;
+}
+
+/// What the dashboard reads beyond the contract: process start and uptime, listeners with
+/// their TLS flag, seconds each breaker has been in its state, and latency bucket counts.
+#[tokio::test]
+async fn status_has_uptime_listeners_breaker_time_and_latency_buckets() {
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    b.set_mode(Mode::Fail503);
+    let bal = start_balancer(&config(
+        &[a.addr, b.addr],
+        "round_robin",
+        "[pools.web.circuit_breaker]\nconsecutive_failures = 2\nopen_duration = \"30s\"\n",
+    ))
+    .await;
+    let c = client();
+    for _ in 0..6 {
+        get(&c, &bal.url("/")).await;
+    }
+    let s = status(&bal).await;
+    let started = s["process"]["started_at"].as_str().expect("started_at");
+    assert!(is_rfc3339_utc(started), "{started:?}");
+    let up = s["process"]["uptime_s"].as_f64().expect("uptime_s");
+    assert!((0.0..60.0).contains(&up), "uptime {up}");
+    assert_eq!(
+        s["listeners"],
+        serde_json::json!([{ "bind": bal.addr.to_string(), "tls": false }])
+    );
+    let bounds = s["latency_bounds_s"].as_array().expect("bounds");
+    assert_eq!(bounds.len(), 11);
+    assert_eq!(bounds[0], 0.005);
+
+    let ea = entry(&s, a.addr);
+    let eb = entry(&s, b.addr);
+    assert_eq!(eb["breaker"], "open", "{eb}");
+    let since = |e: &Value| e["breaker_since"].as_f64().expect("breaker_since");
+    // a has been closed since the start; b opened a moment ago.
+    assert!(
+        since(&eb) < 5.0 && since(&eb) <= since(&ea) + 0.001,
+        "{ea} {eb}"
+    );
+    // Every answered request in a bucket: 12 of them, the last +Inf.
+    for e in [&ea, &eb] {
+        let buckets = e["latency_buckets"].as_array().expect("latency_buckets");
+        assert_eq!(buckets.len(), 12, "{e}");
+        let n: u64 = buckets.iter().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(n, e["requests"].as_u64().unwrap(), "{e}");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = status(&bal).await;
+    assert!(later["process"]["uptime_s"].as_f64().unwrap() >= up + 1.0);
+    assert!(since(&entry(&later, b.addr)) >= since(&eb) + 1.0);
     bal.shutdown().await;
 }
 
