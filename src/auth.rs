@@ -38,6 +38,12 @@ impl AdminToken {
         Ok(AdminToken(token.to_owned()))
     }
 
+    /// The `Authorization` value that carries this token, for our own client
+    /// (`balancer check --diff` asking the running balancer).
+    pub fn authorization(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+
     /// Whether an `Authorization` header value carries this token (`Bearer`, any case).
     pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
         let Some(value) = authorization else {

@@ -131,7 +131,17 @@ fn load_quiet(path: &Path) -> Option<Config> {
 /// The diff against the balancer whose admin API is at `url`, with the note saying what
 /// `/status` cannot show.
 fn running(url: &str, new: &Config) -> Result<(Option<String>, diff::Diff), String> {
-    let status = fetch_status(url)?;
+    // The running balancer asks for its token; the one to reload is normally the same file,
+    // and `BALANCER_ADMIN_TOKEN` covers a token that is changing with this reload.
+    let authorization = match std::env::var("BALANCER_ADMIN_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Some(format!("Bearer {}", t.trim())),
+        _ => new
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .map(|t| t.authorization()),
+    };
+    let status = fetch_status(url, authorization.as_deref())?;
     let version = status
         .get("config")
         .and_then(|c| c.get("version"))
@@ -146,7 +156,7 @@ fn running(url: &str, new: &Config) -> Result<(Option<String>, diff::Diff), Stri
 }
 
 /// `GET {url}/status` over plain HTTP/1.1 with hyper's client, on a small runtime of its own.
-fn fetch_status(url: &str) -> Result<serde_json::Value, String> {
+fn fetch_status(url: &str, authorization: Option<&str>) -> Result<serde_json::Value, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("--against {url:?}: not a URL: {e}"))?;
@@ -183,8 +193,11 @@ fn fetch_status(url: &str) -> Result<serde_json::Value, String> {
             .await
             .map_err(|e| format!("{authority}: {e}"))?;
         tokio::spawn(conn);
-        let req = http::Request::get(&path)
-            .header(http::header::HOST, authority.as_str())
+        let mut req = http::Request::get(&path).header(http::header::HOST, authority.as_str());
+        if let Some(a) = authorization {
+            req = req.header(http::header::AUTHORIZATION, a);
+        }
+        let req = req
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| format!("{url}: {e}"))?;
         let resp = sender

@@ -1415,6 +1415,62 @@ async fn check_diff_against_the_running_balancer() {
     assert!(r.stderr.contains("127.0.0.1:1"), "{}", r.stderr);
 }
 
+/// A running balancer with `[admin] token_file` is asked with the token of the config being
+/// checked (normally the same file), or with `BALANCER_ADMIN_TOKEN`; a wrong one is a clear
+/// error, not a diff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_diff_sends_the_admin_token() {
+    let a = common::start_backend("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "diff-token-42\n").unwrap();
+    let running = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\ntoken_file = \"{}\"\n\
+         [[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\nbackends = [\"{}\"]\n",
+        token.display(),
+        a.addr
+    );
+    let bin = common::start_binary(&running, std::process::Stdio::null());
+    let next = dir.path().join("next.toml");
+    std::fs::write(
+        &next,
+        format!(
+            "[admin]\nbind = \"{}\"\ntoken_file = \"{}\"\n[[listeners]]\nbind = \"{}\"\n\
+             [pools.web]\nbackends = [{{ address = \"{}\", weight = 2 }}]\n",
+            bin.admin,
+            token.display(),
+            bin.addr,
+            a.addr
+        ),
+    )
+    .unwrap();
+    let next_s = next.to_str().unwrap().to_owned();
+    let diff = move |env_token: Option<&'static str>| {
+        let next_s = next_s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["check", "--diff", "--config", &next_s])
+                .env_remove("RUST_LOG")
+                .env_remove("BALANCER_ADMIN_TOKEN");
+            if let Some(t) = env_token {
+                cmd.env("BALANCER_ADMIN_TOKEN", t);
+            }
+            Run::from(cmd.output().expect("run the balancer binary"))
+        })
+    };
+    let r = diff(None).await.unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(
+        r.stdout
+            .contains(&format!("~ backend web {} weight 1 -> 2", a.addr)),
+        "{}",
+        r.stdout
+    );
+    let r = diff(Some("not-the-token")).await.unwrap();
+    assert_eq!(r.code, Some(1), "stdout: {}", r.stdout);
+    assert!(r.stderr.contains("401"), "{}", r.stderr);
+}
+
 /// The reload log line says what changed, as `check --diff` would, in one line; a rejected
 /// reload reports every error, one per line, in `/status` and in the 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
