@@ -640,3 +640,135 @@ fn non_loopback_admin_without_token_is_a_config_error_at_the_bind() {
     assert_eq!(e.line.map(|l| l.0), Some(3), "{e}");
     assert!(e.to_string().contains("empty"), "{e}");
 }
+
+/// The same operations a deploy script makes, against the real binary: token enforced,
+/// drain with a long request in flight (it finishes; `drained` turns true only then), the
+/// intent surviving a SIGHUP reload, `enabled` clearing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_script_drain_against_the_binary() {
+    const TOKEN: &str = "deploy-token-7";
+    let slow = start_backend("slow").await;
+    let other = start_backend("other").await;
+    slow.set_delay(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let text = format!(
+        "watch = false\nshutdown_grace = \"5s\"\n[admin]\nbind = \"{{admin}}\"\ntoken_file = \"{}\"\n\
+         [log]\naccess = false\n[[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\n\
+         backends = [\"{}\", \"{}\"]\n",
+        token.display(),
+        slow.addr,
+        other.addr
+    );
+    let bin = start_binary(&text, std::process::Stdio::null());
+    let c = client();
+    let admin = |path: &str| format!("http://{}{path}", bin.admin);
+    let authed = |method: Method, url: String, body: &'static str| {
+        http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(full(body))
+            .unwrap()
+    };
+    let control = |addr: SocketAddr| admin(&format!("/pools/web/backends/{addr}"));
+    let backend_status = |s: &Value, addr: SocketAddr| -> Value {
+        s["pools"]["web"]["backends"]
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|b| b["address"] == addr.to_string().as_str())
+                    .cloned()
+            })
+            .unwrap_or(Value::Null)
+    };
+
+    // No token, no control (and no status).
+    assert_eq!(
+        post(&c, &control(slow.addr), r#"{"state":"drain"}"#)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(get(&c, &admin("/status")).await.status, 401);
+
+    // Every new request to `slow` for now: `other` takes no traffic.
+    let g = send(
+        &c,
+        authed(Method::POST, control(other.addr), r#"{"weight":0}"#),
+    )
+    .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    let url = format!("http://{}/long", bin.addr);
+    let long = tokio::spawn(async move { get(&client(), &url).await });
+    assert!(
+        eventually(Duration::from_secs(5), || slow.requests() >= 1).await,
+        "the long request never reached the slow backend"
+    );
+    let g = send(
+        &c,
+        authed(Method::POST, control(other.addr), r#"{"state":"enabled"}"#),
+    )
+    .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    let g = send(
+        &c,
+        authed(Method::POST, control(slow.addr), r#"{"state":"drain"}"#),
+    )
+    .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+
+    let status =
+        || async { json(&send(&client(), authed(Method::GET, admin("/status"), "")).await) };
+    let s = status().await;
+    assert_eq!(backend_status(&s, slow.addr)["admin_state"], "drain");
+    assert_eq!(backend_status(&s, slow.addr)["drained"], false, "{s}");
+    // New requests avoid the draining backend while its request finishes.
+    let before = slow.requests();
+    for _ in 0..6 {
+        assert_eq!(get(&c, &format!("http://{}/", bin.addr)).await.status, 200);
+    }
+    assert_eq!(slow.requests(), before);
+    let done = long.await.unwrap();
+    assert_eq!(
+        done.status, 200,
+        "the in-flight request finished: {}",
+        done.body
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            backend_status(&status().await, slow.addr)["drained"] == true
+        })
+        .await,
+        "drained never turned true"
+    );
+
+    // A reload keeps the intent.
+    bin.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            status().await["config"]["version"] == 2
+        })
+        .await,
+        "the reload was not applied"
+    );
+    assert_eq!(
+        backend_status(&status().await, slow.addr)["admin_state"],
+        "drain"
+    );
+
+    // `enabled` puts it back in rotation.
+    let g = send(
+        &c,
+        authed(Method::POST, control(slow.addr), r#"{"state":"enabled"}"#),
+    )
+    .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    slow.set_delay(Duration::ZERO);
+    let before = slow.requests();
+    for _ in 0..4 {
+        assert_eq!(get(&c, &format!("http://{}/", bin.addr)).await.status, 200);
+    }
+    assert!(slow.requests() > before, "enabled backend got no traffic");
+}
