@@ -87,12 +87,17 @@ async fn route(
             Some(denied) => denied.map(BodyExt::boxed),
             None => crate::events::stream(shared, status_json, stop),
         }),
-        (_, "/" | "/events") => Ok(reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "405 Method Not Allowed\n".into(),
-        )
-        .map(BodyExt::boxed)),
+        // Only `GET /` is open: any other method there asks for the token first, as every
+        // POST does.
+        (_, "/" | "/events") => Ok(match unauthorized(&shared, &req) {
+            Some(denied) => denied.map(BodyExt::boxed),
+            None => reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "405 Method Not Allowed\n".into(),
+            )
+            .map(BodyExt::boxed),
+        }),
         _ => Ok(handle(shared, reload, req).await?.map(BodyExt::boxed)),
     }
 }
