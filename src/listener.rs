@@ -14,9 +14,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -177,24 +181,26 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-fn builder(limits: &Limits) -> auto::Builder<StreamExec> {
-    let mut b = auto::Builder::new(StreamExec {
-        limit: limits.header_timeout,
-    });
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
     let buf = limits.max_header_bytes.max(MIN_HEADER_BUFFER);
-    b.http1()
-        .timer(TokioTimer::new())
-        // hyper's head timer starts when it waits for the next request, so it would cut idle
-        // keep-alive connections at header_timeout: heads are timed from their first byte by
-        // StallTimeout instead, and idle waits are idle_timeout's.
-        .header_read_timeout(None)
+    // hyper's head timer starts when it waits for the next request, so it would cut idle
+    // keep-alive connections at header_timeout: heads are timed from their first byte by
+    // StallTimeout instead, and idle waits are idle_timeout's.
+    b.header_read_timeout(None)
         .max_buf_size(usize::try_from(buf).unwrap_or(usize::MAX))
         // half_close stays off: a client's FIN while its request is in flight means it went
         // away (nginx's 499), so the request is abandoned at once and never counted against
         // the backend. The price: `printf ... | nc -N` gets no answer; use curl.
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    b
+}
+
+fn http2_builder(limits: &Limits) -> http2::Builder<StreamExec> {
+    let mut b = http2::Builder::new(StreamExec {
+        limit: limits.header_timeout,
+    });
+    b.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
         .max_pending_accept_reset_streams(64)
@@ -213,6 +219,20 @@ impl Drop for OpenConn {
     }
 }
 
+/// What serving one client connection needs besides its socket.
+struct Session {
+    info: Arc<ConnInfo>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    signals: Signals,
+    conns: Arc<Conns>,
+    penalties: Arc<Penalties>,
+}
+
+// The future spawned per connection stays small (its state is copied a few times on the way
+// into its task and stays resident while the connection lives): the TLS handshake and the
+// hyper connection, a few KB each, are boxed, and only the protocol the client speaks is
+// ever allocated.
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -228,8 +248,6 @@ async fn serve(
     let limits = snap.limits;
     let tls = bind.and_then(|b| snap.tls_for(b));
     drop(snap);
-    // StallTimeout closes a connection that sends nothing within header_timeout (the protocol
-    // sniff of hyper-util's auto builder has no timeout), and times HTTP/1 request heads.
     match tls {
         None => {
             let info = ConnInfo::new(
@@ -238,104 +256,132 @@ async fn serve(
                 limits.header_timeout,
                 Some(signals.drain_guard.clone()),
             );
-            // Plain TCP closes without a shutdown() first: the close sends the same FIN, one
-            // syscall fewer per connection (TLS keeps it for close_notify).
+            // StallTimeout closes a connection that sends nothing within header_timeout, and
+            // times HTTP/1 request heads. Plain TCP closes without a shutdown() first: the
+            // close sends the same FIN, one syscall fewer per connection (TLS keeps it for
+            // close_notify).
             let io = StallTimeout::new(
                 Sniffer::new(stream, Arc::clone(&info)).close_without_shutdown(),
                 send_timeout(&limits),
                 Arc::clone(&info),
             );
-            drive(
-                TokioIo::new(io),
+            let session = Session {
                 info,
-                &limits,
+                limits,
                 shared,
                 signals,
-                &conns,
+                conns,
                 penalties,
-            )
-            .await
+            };
+            // h2c by prior knowledge, or HTTP/1.
+            match preface::read_opening(io, None).await {
+                Opening::H2(io) => serve_h2(io, session).await,
+                Opening::Other(io) => serve_h1(io, session).await,
+                Opening::Gone => {}
+            }
         }
         Some(cfg) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            // A handshake that stalls is cut off like a slow request head.
-            match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    // ALPN is binding: h2 means HTTP/2 only; http/1.1, or no ALPN, HTTP/1.1
-                    // only. hyper-util picks by the first bytes, so they are checked first.
-                    let session = tls.get_ref().1;
-                    let h2 = session.alpn_protocol() == Some(b"h2");
-                    // Once per connection, for the access log's `tls` field.
-                    let tls_log =
-                        crate::conn::tls_json(session.protocol_version(), session.server_name());
-                    let tls = match preface::read_opening(tls, limits.header_timeout).await {
-                        Opening::H2(io) if h2 => io,
-                        Opening::Other(io) if !h2 => io,
-                        Opening::H2(io) => {
-                            return preface::refuse_as_http1(io, limits.header_timeout).await
-                        }
-                        Opening::Other(io) => {
-                            return preface::refuse_as_h2(io, limits.header_timeout).await
-                        }
-                        Opening::Gone => return,
-                    };
-                    let info = ConnInfo::new(
-                        peer,
-                        Some(tls_log),
-                        limits.header_timeout,
-                        Some(signals.drain_guard.clone()),
-                    );
-                    let io = StallTimeout::new(
-                        Sniffer::new(tls, Arc::clone(&info)),
-                        send_timeout(&limits),
-                        Arc::clone(&info),
-                    );
-                    drive(
-                        TokioIo::new(io),
-                        info,
-                        &limits,
-                        shared,
-                        signals,
-                        &conns,
-                        penalties,
-                    )
-                    .await
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
+            Box::pin(serve_tls(
+                stream, peer, cfg, limits, shared, signals, conns, penalties,
+            ))
+            .await
         }
     }
 }
 
-/// How long a blocked write to a client may wait: the header timeout, like nginx's
-/// send_timeout defaulting to its client_header_timeout.
-fn send_timeout(limits: &Limits) -> Duration {
-    limits.header_timeout
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: Arc<rustls::ServerConfig>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    signals: Signals,
+    conns: Arc<Conns>,
+    penalties: Arc<Penalties>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    // A handshake that stalls is cut off like a slow request head.
+    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    // ALPN is binding: h2 means HTTP/2 only; http/1.1, or no ALPN, HTTP/1.1 only. The first
+    // bytes are checked against it.
+    let session = tls.get_ref().1;
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    // Once per connection, for the access log's `tls` field.
+    let tls_log = crate::conn::tls_json(session.protocol_version(), session.server_name());
+    let info = ConnInfo::new(
+        peer,
+        Some(tls_log),
+        limits.header_timeout,
+        Some(signals.drain_guard.clone()),
+    );
+    let io = StallTimeout::new(
+        Sniffer::new(tls, Arc::clone(&info)),
+        send_timeout(&limits),
+        Arc::clone(&info),
+    );
+    let session = Session {
+        info,
+        limits,
+        shared,
+        signals,
+        conns,
+        penalties,
+    };
+    let limit = limits.header_timeout;
+    match preface::read_opening(io, Some(limit)).await {
+        Opening::H2(io) if h2 => serve_h2(io, session).await,
+        Opening::Other(io) if !h2 => serve_h1(io, session).await,
+        Opening::H2(io) => preface::refuse_as_http1(io, limit).await,
+        Opening::Other(io) => preface::refuse_as_h2(io, limit).await,
+        Opening::Gone => {}
+    }
 }
 
-/// How long a connection closed for being idle may take to finish closing (an h2 client
-/// acknowledging the GOAWAY's PING) before it is dropped, if it is still idle by then.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-async fn drive<I>(
-    io: I,
-    info: Arc<ConnInfo>,
-    limits: &Limits,
-    shared: Arc<Shared>,
-    mut signals: Signals,
-    conns: &Arc<Conns>,
-    penalties: Arc<Penalties>,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+async fn serve_h1<I>(io: I, s: Session)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let b = builder(limits);
-    let peer = info.peer;
-    let _registered = conns.register(Arc::clone(&info), now_ms());
-    let watched = Arc::clone(&info);
-    let watch = ConnWatch::new(peer.ip(), Arc::clone(&penalties));
-    let streams = Arc::clone(&watch);
-    let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+    let watch = ConnWatch::new(s.info.peer.ip(), Arc::clone(&s.penalties));
+    let svc = service(&s, &watch);
+    let conn = http1_builder(&s.limits)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    drive(Box::pin(conn), |c| c.graceful_shutdown(), s, watch).await
+}
+
+async fn serve_h2<I>(io: I, s: Session)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let watch = ConnWatch::new(s.info.peer.ip(), Arc::clone(&s.penalties));
+    let svc = service(&s, &watch);
+    let conn = http2_builder(&s.limits).serve_connection(TokioIo::new(io), svc);
+    drive(Box::pin(conn), |c| c.graceful_shutdown(), s, watch).await
+}
+
+/// The request handler of one connection.
+fn service(
+    s: &Session,
+    watch: &Arc<ConnWatch>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<Tracked<ResponseBody>>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let (info, shared, streams) = (
+        Arc::clone(&s.info),
+        Arc::clone(&s.shared),
+        Arc::clone(watch),
+    );
+    service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         // In flight from here until the response body is dropped (sent, or the client left).
         let active = Active::start(&info);
         let h2 = req.version() == http::Version::HTTP_2;
@@ -358,17 +404,47 @@ async fn drive<I>(
             let resp = Box::pin(proxy::handle(shared, info, req)).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, active)))
         })
-    });
-    let conn = b.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
+    })
+}
+
+/// How long a blocked write to a client may wait: the header timeout, like nginx's
+/// send_timeout defaulting to its client_header_timeout.
+fn send_timeout(limits: &Limits) -> Duration {
+    limits.header_timeout
+}
+
+/// How long a connection closed for being idle may take to finish closing (an h2 client
+/// acknowledging the GOAWAY's PING) before it is dropped, if it is still idle by then.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs a hyper connection to its end, asking it to finish and close on drain, on a reload
+/// that removed its listener, when idle past `idle_timeout` (or to make room), and when its
+/// h2 client floods it with cancelled streams.
+async fn drive<C>(
+    mut conn: Pin<Box<C>>,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    s: Session,
+    watch: Arc<ConnWatch>,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let Session {
+        info,
+        conns,
+        mut signals,
+        penalties,
+        ..
+    } = s;
+    let peer = info.peer;
+    let _registered = conns.register(Arc::clone(&info), now_ms());
     let _guard = signals.drain_guard.clone();
     if *signals.drain.borrow() || *signals.stop.borrow() {
-        conn.as_mut().graceful_shutdown();
+        graceful_shutdown(conn.as_mut());
     }
     let idle_close = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                if flood::is_calm_down(&*e) {
+                if flood::is_calm_down(&e) {
                     penalties.penalize(peer.ip());
                 }
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -377,7 +453,7 @@ async fn drive<I>(
         }
         // Too many streams cancelled as soon as opened: GOAWAY, a moment to flush it, close.
         _ = watch.tripped() => {
-            conn.as_mut().graceful_shutdown();
+            graceful_shutdown(conn.as_mut());
             let _ = tokio::time::timeout(flood::TRIPPED_GRACE, conn.as_mut()).await;
             return;
         }
@@ -385,11 +461,11 @@ async fn drive<I>(
         // A reload removed this listener: its connections finish what they started.
         _ = stopped(&mut signals.stop) => false,
         // Idle past idle_timeout, or making room for a new client.
-        _ = watched.close.notified() => true,
+        _ = info.close.notified() => true,
     };
     // Finish the request in flight (a long stream included), then close; idle keep-alive
     // connections close at once, idle h2 ones after GOAWAY(NO_ERROR).
-    conn.as_mut().graceful_shutdown();
+    graceful_shutdown(conn.as_mut());
     if idle_close {
         loop {
             tokio::select! {
@@ -401,7 +477,7 @@ async fn drive<I>(
                 }
                 // A stream that raced the GOAWAY is finished; a client that never answers
                 // the PING is not waited for.
-                _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => if watched.is_idle() { return },
+                _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => if info.is_idle() { return },
             }
         }
     }

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -24,7 +25,7 @@ const SETTINGS_THEN_GOAWAY: [u8; 9 + 17] = [
     0, 0, 0, 1, // PROTOCOL_ERROR
 ];
 
-/// What a TLS client sent first.
+/// What a client sent first.
 pub enum Opening<I> {
     /// The HTTP/2 client preface.
     H2(Replay<I>),
@@ -34,41 +35,52 @@ pub enum Opening<I> {
     Gone,
 }
 
-/// Reads until the bytes are the h2 preface or cannot become it, within `limit`. The bytes
-/// read come back in front of the stream, so hyper-util's own protocol sniff sees them too
-/// and, given what ALPN allowed, picks the same protocol.
-pub async fn read_opening<I>(mut io: I, limit: Duration) -> Opening<I>
+/// How much the first read takes: a whole small request head, so hyper's HTTP/1 server finds
+/// it in the replayed bytes and does not read the socket again for it.
+const OPENING_READ: usize = 2048;
+
+/// Reads the first bytes and tells the h2 preface from anything else, deciding at the first
+/// byte that differs rather than waiting for 24 that may never come (a short HTTP/1 request,
+/// garbage). The bytes read come back in front of the stream. `limit` bounds the wait; a
+/// plaintext socket passes `None`, its `StallTimeout` already bounds the first byte.
+///
+/// This is the only protocol sniff: hyper-util's auto builder would read the socket once more
+/// for its own (one syscall per connection) and keep both protocols' state in every
+/// connection.
+pub async fn read_opening<I>(mut io: I, limit: Option<Duration>) -> Opening<I>
 where
     I: AsyncRead + Unpin,
 {
-    let mut buf = [0u8; 24];
+    let mut buf = [0u8; OPENING_READ];
     let mut n = 0;
-    let read = tokio::time::timeout(limit, async {
-        while n < buf.len() {
+    let read = async {
+        loop {
             let k = io.read(&mut buf[n..]).await.ok()?;
             if k == 0 {
                 return None;
             }
             n += k;
-            // Decide at the first byte that differs rather than wait for 24 that may never
-            // come (a short HTTP/1 request, garbage).
-            if buf[..n] != PREFACE[..n] {
+            let seen = n.min(PREFACE.len());
+            if buf[..seen] != PREFACE[..seen] {
                 return Some(false);
             }
+            if seen == PREFACE.len() {
+                return Some(true);
+            }
         }
-        Some(true)
-    })
-    .await;
-    let replay = || Replay {
+    };
+    let read = match limit {
+        Some(l) => tokio::time::timeout(l, read).await.ok().flatten(),
+        None => read.await,
+    };
+    let replay = |io| Replay {
         inner: io,
-        buf,
-        len: n,
-        pos: 0,
+        prefix: Bytes::copy_from_slice(&buf[..n]),
     };
     match read {
-        Ok(Some(true)) => Opening::H2(replay()),
-        Ok(Some(false)) => Opening::Other(replay()),
-        Ok(None) | Err(_) => Opening::Gone,
+        Some(true) => Opening::H2(replay(io)),
+        Some(false) => Opening::Other(replay(io)),
+        None => Opening::Gone,
     }
 }
 
@@ -97,9 +109,7 @@ pub async fn refuse_as_http1<I: AsyncWrite + Unpin>(mut io: I, limit: Duration) 
 /// A stream whose first bytes read are those `read_opening` took off it.
 pub struct Replay<I> {
     inner: I,
-    buf: [u8; 24],
-    len: usize,
-    pos: usize,
+    prefix: Bytes,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
@@ -109,11 +119,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if this.pos < this.len {
-            let rest = &this.buf[this.pos..this.len];
-            let k = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..k]);
-            this.pos += k;
+        if !this.prefix.is_empty() {
+            let k = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(k));
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
