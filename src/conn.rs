@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,6 +53,10 @@ pub struct ConnInfo {
     /// `stall::StallTimeout`, only once the client paused mid-head): the connection is not idle,
     /// header_timeout bounds it.
     pub head_pending: AtomicBool,
+    /// What the socket layers below hyper see of an HTTP/1 connection: `IO_WRITE_BLOCKED`
+    /// (`stall::StallTimeout`) and `IO_MID_MESSAGE` (`framing::Sniffer`). Written only when a
+    /// bit changes. `listener` parks an idle connection only when both are clear.
+    pub io_state: AtomicU8,
     /// Asks the connection to close once idle (idle timeout reached, or its listener is at
     /// max_connections and a new client waits): `listener::drive` shuts it down gracefully.
     pub close: Notify,
@@ -65,6 +69,12 @@ pub struct ConnInfo {
     /// The h2 header blocks could not be followed: paths can no longer be checked.
     pub h2_unchecked: AtomicBool,
 }
+
+/// `io_state`: a write to the client is blocked.
+pub const IO_WRITE_BLOCKED: u8 = 1;
+/// `io_state`: part of a request head or body has arrived, or the stream is no longer
+/// followed as HTTP/1 messages (upgrade, h2, garbage).
+pub const IO_MID_MESSAGE: u8 = 2;
 
 /// One in-flight unit of `activity.started`.
 pub const STARTED_ONE: u64 = 1 << 32;
@@ -153,6 +163,7 @@ impl ConnInfo {
             upgraded: AtomicBool::new(false),
             activity: AtomicU64::new(0),
             head_pending: AtomicBool::new(false),
+            io_state: AtomicU8::new(0),
             close: Notify::new(),
             stalled: AtomicBool::new(false),
             h2_fragments: SegQueue::new(),
@@ -163,6 +174,32 @@ impl ConnInfo {
     /// Whether no request or stream is in flight.
     pub fn is_idle(&self) -> bool {
         in_flight(self.activity.load(Relaxed)) == 0
+    }
+
+    /// Whether an HTTP/1 connection is between requests with nothing half done: no request in
+    /// flight, at least one started since `since` (the started count when its hyper connection
+    /// was made, so hyper itself is idle rather than waiting for its first request), no
+    /// partial head or body received, no write blocked, not a tunnel.
+    pub fn parkable(&self, since: u32) -> bool {
+        let a = self.activity.load(Relaxed);
+        in_flight(a) == 0
+            && started(a) != since
+            && self.io_state.load(Relaxed) == 0
+            && !self.upgraded.load(Relaxed)
+    }
+
+    /// Sets or clears one of the `io_state` bits.
+    pub fn set_io(&self, bit: u8, on: bool) {
+        if on {
+            self.io_state.fetch_or(bit, Relaxed);
+        } else {
+            self.io_state.fetch_and(!bit, Relaxed);
+        }
+    }
+
+    /// The started count of `activity`, for `parkable`.
+    pub fn started(&self) -> u32 {
+        started(self.activity.load(Relaxed))
     }
 }
 

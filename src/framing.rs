@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::conn::ConnInfo;
+use crate::conn::{ConnInfo, IO_MID_MESSAGE};
 use crate::h2path::Follower;
 
 /// Heads longer than this are hyper's to refuse (431); the sniffer gives up on them.
@@ -56,6 +56,8 @@ pub struct Sniffer<I> {
     /// close that follows sends the same FIN. TLS keeps it (close_notify), and so does a
     /// WebSocket tunnel, whose half-close the peer must see.
     skip_shutdown: bool,
+    /// Mirrors `IO_MID_MESSAGE` in `ConnInfo::io_state`.
+    mid_message: bool,
 }
 
 impl<I> Sniffer<I> {
@@ -67,7 +69,17 @@ impl<I> Sniffer<I> {
             index: 0,
             info,
             skip_shutdown: false,
+            mid_message: false,
         }
+    }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+
+    /// Between two HTTP/1 messages: nothing of the next head has arrived, no body is left.
+    fn between_messages(&self) -> bool {
+        matches!(self.state, State::Head) && self.head.is_empty()
     }
 
     pub fn close_without_shutdown(mut self) -> Self {
@@ -258,6 +270,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Sniffer<I> {
         if let Poll::Ready(Ok(())) = r {
             if !matches!(this.state, State::Off) {
                 this.feed(buf.filled().get(before..).unwrap_or(&[]));
+            }
+            let mid = !this.between_messages();
+            if mid != this.mid_message {
+                this.mid_message = mid;
+                this.info.set_io(IO_MID_MESSAGE, mid);
             }
         }
         r

@@ -319,6 +319,12 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
             Value::Gauge(shared.open_connections.load(Relaxed) as i64),
         ),
         single(
+            "balancer_parked_connections",
+            "Idle HTTP/1 client connections holding no buffers (parked while over 256 are open).",
+            Kind::Gauge,
+            Value::Gauge(shared.parked_connections.load(Relaxed) as i64),
+        ),
+        single(
             "balancer_access_log_dropped",
             "Access-log lines dropped because stdout could not keep up.",
             Kind::Counter,

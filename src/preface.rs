@@ -106,10 +106,33 @@ pub async fn refuse_as_http1<I: AsyncWrite + Unpin>(mut io: I, limit: Duration) 
     .await;
 }
 
-/// A stream whose first bytes read are those `read_opening` took off it.
+/// A stream whose first bytes read are those `read_opening` took off it (or that an HTTP/1
+/// connection had read ahead when it was parked).
 pub struct Replay<I> {
     inner: I,
     prefix: Bytes,
+}
+
+impl<I> Replay<I> {
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+
+    /// Puts `bytes` back in front of what is still to be replayed.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            [bytes, std::mem::take(&mut self.prefix)].concat().into()
+        };
+    }
+
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::clock::now_ms;
-use crate::conn::{in_flight, started, ConnInfo};
+use crate::conn::{in_flight, started, ConnInfo, IO_WRITE_BLOCKED};
 
 /// A client socket that gives up on a peer that stalls: one that never sends its first byte
 /// (the protocol sniff of hyper-util's auto builder has no timeout), and one that stops
@@ -43,6 +43,9 @@ pub struct StallTimeout<I> {
     /// the start of each blocked write.
     since: Option<tokio::time::Instant>,
     first_byte_seen: bool,
+    /// Mirrors `IO_WRITE_BLOCKED` in `ConnInfo::io_state`, so the shared word is written only
+    /// when it changes.
+    write_blocked: bool,
     heads: Heads,
 }
 
@@ -54,6 +57,7 @@ impl<I> StallTimeout<I> {
             timer: None,
             since: Some(tokio::time::Instant::now()),
             first_byte_seen: false,
+            write_blocked: false,
             heads: Heads {
                 info,
                 proto: Proto::Sniffing(0),
@@ -86,6 +90,35 @@ impl<I> StallTimeout<I> {
 
     fn progressed(&mut self) {
         self.since = None;
+    }
+
+    fn write_blocked(&mut self, blocked: bool) {
+        if self.write_blocked != blocked {
+            self.write_blocked = blocked;
+            self.heads.info.set_io(IO_WRITE_BLOCKED, blocked);
+        }
+    }
+
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => {
+                self.write_blocked(true);
+                self.waiting(cx, "client stopped reading").map(Err)
+            }
+            other => {
+                self.write_blocked(false);
+                self.progressed();
+                other
+            }
+        }
+    }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
     }
 }
 
@@ -219,13 +252,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
-            other => {
-                this.progressed();
-                other
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.written(cx, r)
     }
 
     fn poll_write_vectored(
@@ -234,13 +262,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
-            other => {
-                this.progressed();
-                other
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.written(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -249,13 +272,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallTimeout<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Pending => this.waiting(cx, "client stopped reading").map(Err),
-            other => {
-                this.progressed();
-                other
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.written(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

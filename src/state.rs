@@ -49,6 +49,8 @@ pub struct Shared {
     pub reload_failures: AtomicU64,
     /// Client connections open on all listeners.
     pub open_connections: AtomicUsize,
+    /// Of those, idle HTTP/1 connections parked without a hyper connection (`listener`).
+    pub parked_connections: AtomicUsize,
     /// When the process started serving, for `/status` `process.started_at` and `uptime_s`:
     /// wall clock to show, monotonic (`clock::now_ms`) to count from, since the wall clock
     /// may be stepped.
@@ -64,6 +66,7 @@ impl Shared {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             open_connections: AtomicUsize::new(0),
+            parked_connections: AtomicUsize::new(0),
             started_at: SystemTime::now(),
             started_ms: crate::clock::now_ms(),
         }

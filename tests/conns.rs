@@ -512,3 +512,90 @@ async fn reload_lowering_max_connections_holds_new_clients_until_enough_close() 
     );
     bal.shutdown().await;
 }
+
+// ------------------------------------------------------------------------------------------
+// Parking idle HTTP/1.1 connections
+
+/// With more than 256 client connections open, an idle HTTP/1.1 keep-alive connection is
+/// parked between requests (its hyper connection and buffers freed, only the socket waiting)
+/// and woken by its next bytes: a plain request, a head split across two writes, and two
+/// pipelined requests in one write all get their answers, and the connections park again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_are_parked_and_woken_by_their_next_request() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const CONNS: usize = 300;
+    let be = start_backend("a").await;
+    let b = start_balancer(&config(&[be.addr], "round_robin", "")).await;
+    let shared = b.shared();
+    let parked = || {
+        let shared = std::sync::Arc::clone(&shared);
+        move |n: usize| {
+            let shared = std::sync::Arc::clone(&shared);
+            async move { shared.parked_connections.load(Relaxed) >= n }
+        }
+    };
+    let limit = Duration::from_secs(10);
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        raw_get(&mut s, "/").await;
+        assert_eq!(read_status(&mut s, limit).await, Ok(200));
+        conns.push(s);
+    }
+    // Those that went idle while more than 256 were open.
+    let p = parked();
+    assert!(
+        wait_until(limit, || p(CONNS - 256 - 10)).await,
+        "connections beyond 256 were not parked: {}",
+        shared.parked_connections.load(Relaxed)
+    );
+    for (i, s) in conns.iter_mut().enumerate() {
+        match i % 3 {
+            0 => {
+                raw_get(s, "/").await;
+                assert_eq!(read_status(s, limit).await, Ok(200), "conn {i}");
+            }
+            1 => {
+                s.write_all(b"GET / HT").await.unwrap();
+                if i < 30 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                s.write_all(b"TP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
+                assert_eq!(read_status(s, limit).await, Ok(200), "conn {i}");
+            }
+            _ => {
+                s.write_all(
+                    b"GET /a HTTP/1.1\r\nHost: test\r\n\r\nGET /b HTTP/1.1\r\nHost: test\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                // Both answers may come in one read: count them in the bytes.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let two = tokio::time::timeout(limit, async {
+                    while got.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 2 {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    true
+                })
+                .await;
+                assert_eq!(two, Ok(true), "conn {i}: {}", String::from_utf8_lossy(&got));
+            }
+        }
+    }
+    // Every one has now gone idle with more than 256 open.
+    assert!(
+        wait_until(limit, || p(CONNS - 5)).await,
+        "idle connections were not parked again: {}",
+        shared.parked_connections.load(Relaxed)
+    );
+    assert_eq!(be.requests(), (CONNS + CONNS + CONNS / 3) as u64);
+    drop(conns);
+    assert!(
+        eventually(limit, || shared.parked_connections.load(Relaxed) == 0).await,
+        "closed connections still counted as parked"
+    );
+}
