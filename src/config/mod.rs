@@ -56,6 +56,14 @@ pub(crate) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `[pools.NAME.timeouts] idle`: a pooled upstream connection.
 pub(crate) const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_ATTEMPTS: u32 = 2;
+/// `[cache] max_size`: room for a few thousand typical pages and assets.
+pub(crate) const DEFAULT_CACHE_MAX_SIZE: u64 = 256 << 20;
+/// `[cache] max_object_size`: nginx's default buffers stream anything larger; this keeps one
+/// object from taking more than a thirty-second of the default cache.
+pub(crate) const DEFAULT_CACHE_MAX_OBJECT_SIZE: u64 = 8 << 20;
+pub(crate) const DEFAULT_CACHE_STALE_IF_ERROR: Duration = Duration::ZERO;
+/// The smallest `[cache] max_size`: below this the per-entry bookkeeping dominates.
+pub(crate) const MIN_CACHE_SIZE: u64 = 64 << 10;
 
 // Upper bounds. Every value read from the file is checked against one of these, so that no
 // config can make `Instant + Duration` overflow (a panic), a millisecond count wrap, or a
@@ -98,6 +106,30 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// In file order, so that `/status` lists pools as the operator wrote them.
     pub pools: Vec<PoolConfig>,
+    /// `None`: no `[cache]` table, nothing is cached anywhere.
+    pub cache: Option<CacheConfig>,
+}
+
+/// `[cache]`: one response cache shared by every route with `cache = true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Everything stored, headers and bodies, counted in bytes.
+    pub max_size: u64,
+    /// Larger responses stream through and are never stored; at most `max_size`.
+    pub max_object_size: u64,
+    /// How long past freshness a stored response may answer when the backends fail, for
+    /// responses that do not say (`stale-if-error`) themselves.
+    pub stale_if_error: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: DEFAULT_CACHE_MAX_SIZE,
+            max_object_size: DEFAULT_CACHE_MAX_OBJECT_SIZE,
+            stale_if_error: DEFAULT_CACHE_STALE_IF_ERROR,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +214,8 @@ pub struct RouteConfig {
     /// Position of `pool` in [`Config::pools`]: validation has just found it there, so the
     /// snapshot needs no second lookup that would have to invent a fallback.
     pub pool_index: usize,
+    /// Responses on this route are cached per RFC 9111 (validation ensures `[cache]` exists).
+    pub cache: bool,
 }
 
 /// A route's host pattern, lower-cased at load so the request path compares without allocating.
@@ -495,6 +529,39 @@ mod tests {
         assert_eq!(edges.iter().collect::<Vec<_>>(), [100, 599]);
         assert!(StatusSet::EMPTY.is_empty() && !edges.is_empty());
         assert_eq!(format!("{d:?}"), "{502, 503, 504}");
+    }
+
+    #[test]
+    fn cache_table_and_route_flag() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.cache, None);
+        let s = format!(
+            "{MIN}[[routes]]\npool = \"web\"\ncache = true\n[cache]\nmax_size = \"4MiB\"\n\
+             stale_if_error = \"30s\"\n"
+        );
+        let c = parse(&s).unwrap();
+        assert!(c.routes[0].cache);
+        let cache = c.cache.unwrap();
+        assert_eq!(cache.max_size, 4 << 20);
+        assert_eq!(
+            cache.max_object_size,
+            4 << 20,
+            "capped at max_size by default"
+        );
+        assert_eq!(cache.stale_if_error, Duration::from_secs(30));
+        let e = parse(&format!("{MIN}[[routes]]\npool = \"web\"\ncache = true\n")).unwrap_err();
+        assert_eq!(e.line.map(|l| l.0), Some(7), "{e}");
+        assert!(e.to_string().contains("routes[0].cache"), "{e}");
+        assert!(e.to_string().contains("[cache]"), "{e}");
+        let e = parse(&format!(
+            "{MIN}[cache]\nmax_size = \"1MiB\"\nmax_object_size = \"2MiB\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("cache.max_object_size"), "{e}");
+        let e = parse(&format!("{MIN}[cache]\nstale_if_error = 5\n")).unwrap_err();
+        assert!(e.to_string().contains("stale_if_error"), "{e}");
+        let e = parse(&format!("{MIN}[cache]\nmax_sise = 5\n")).unwrap_err();
+        assert!(e.to_string().contains("max_size"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub(super) struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub pools: BTreeMap<Spanned<String>, Spanned<RawPool>>,
+    pub cache: Option<Spanned<RawCache>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub max_size: Option<Spanned<RawSize>>,
+    pub max_object_size: Option<Spanned<RawSize>>,
+    pub stale_if_error: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +92,7 @@ pub(super) struct RawRoute {
     pub path_prefix: Option<Spanned<String>>,
     /// Optional here only so that validation can name the route that lacks it.
     pub pool: Option<Spanned<String>>,
+    pub cache: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

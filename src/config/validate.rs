@@ -58,11 +58,12 @@ impl Validator<'_> {
             None => Limits::default(),
         };
         let pools = self.pools(&raw);
+        let cache = raw.cache.as_ref().map(|c| self.cache(c));
         let routes: Vec<RouteConfig> = raw
             .routes
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| self.route(r, i, &pools))
+            .filter_map(|(i, r)| self.route(r, i, &pools, cache.is_some()))
             .collect();
         let config = Config {
             shutdown_grace,
@@ -73,6 +74,7 @@ impl Validator<'_> {
             limits,
             routes,
             pools,
+            cache,
         };
         self.warn(&raw, &config);
         config
@@ -696,8 +698,27 @@ impl Validator<'_> {
     }
 
     /// `None` when the route cannot be built; its errors are reported.
-    fn route(&self, r: &Spanned<RawRoute>, i: usize, pools: &[PoolConfig]) -> Option<RouteConfig> {
+    fn route(
+        &self,
+        r: &Spanned<RawRoute>,
+        i: usize,
+        pools: &[PoolConfig],
+        have_cache: bool,
+    ) -> Option<RouteConfig> {
         let raw = r.get_ref();
+        let cache = match &raw.cache {
+            Some(c) if *c.get_ref() && !have_cache => {
+                self.report(self.src.err(
+                    c.span(),
+                    format!("routes[{i}].cache"),
+                    "cache = true needs a [cache] table (max_size, max_object_size, \
+                     stale_if_error): without one nothing is cached",
+                ));
+                false
+            }
+            Some(c) => *c.get_ref(),
+            None => false,
+        };
         let host = match &raw.host {
             None => None,
             Some(h) => self.keep(
@@ -755,7 +776,63 @@ impl Validator<'_> {
             path_prefix,
             pool: pool.get_ref().clone(),
             pool_index,
+            cache,
         })
+    }
+
+    fn cache(&self, c: &Spanned<RawCache>) -> CacheConfig {
+        let d = CacheConfig::default();
+        let raw = c.get_ref();
+        let max_size = match self.size(&raw.max_size, "cache.max_size", d.max_size) {
+            Ok(n) if n >= MIN_CACHE_SIZE => n,
+            Ok(n) => {
+                let span = raw.max_size.as_ref().map_or(c.span(), |s| s.span());
+                self.report(self.src.err(
+                    span,
+                    "cache.max_size",
+                    format!("{n} bytes is below the minimum of {MIN_CACHE_SIZE} (64KiB)"),
+                ));
+                d.max_size
+            }
+            Err(e) => {
+                self.report(e);
+                d.max_size
+            }
+        };
+        let max_object_size = match self.size(
+            &raw.max_object_size,
+            "cache.max_object_size",
+            d.max_object_size.min(max_size),
+        ) {
+            Ok(n) if n > 0 && n <= max_size => n,
+            Ok(n) => {
+                let span = raw.max_object_size.as_ref().map_or(c.span(), |s| s.span());
+                self.report(self.src.err(
+                    span,
+                    "cache.max_object_size",
+                    format!("{n} bytes must be above 0 and at most cache.max_size ({max_size})"),
+                ));
+                d.max_object_size.min(max_size)
+            }
+            Err(e) => {
+                self.report(e);
+                d.max_object_size.min(max_size)
+            }
+        };
+        let stale_if_error = self.keep(
+            self.duration(
+                &raw.stale_if_error,
+                "cache.stale_if_error",
+                d.stale_if_error,
+                true,
+            ),
+            d.stale_if_error,
+        );
+        CacheConfig {
+            max_size,
+            max_object_size,
+            stale_if_error,
+        }
     }
 
     // -----------------------------------------------------------------------------------------
