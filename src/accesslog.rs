@@ -135,6 +135,9 @@ pub struct LogEntry {
     /// (the body may still be streaming when the response ends), then its final value.
     pub received: Option<Arc<AtomicU64>>,
     pub bytes_received: u64,
+    /// On a route with `cache = true`: what the cache did (`hit`, `miss`, `stale`,
+    /// `revalidated`, `bypass`).
+    pub cache: Option<&'static str>,
 }
 
 impl LogEntry {
@@ -184,6 +187,7 @@ impl LogEntry {
             upstream_us: None,
             received: None,
             bytes_received: 0,
+            cache: None,
         }
     }
 
@@ -449,6 +453,11 @@ pub fn format_line(e: &LogEntry, out: &mut String) {
     // Built by the balancer as JSON (conn::tls_json), not by the client.
     match e.text(TLS_AT).and_then(|t| std::str::from_utf8(t).ok()) {
         Some(t) => out.push_str(t),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"cache\":");
+    match e.cache {
+        Some(c) => json_str(c, out),
         None => out.push_str("null"),
     }
     out.push_str("}\n");

@@ -1,5 +1,5 @@
 //! The admin API on `[admin].bind`: `GET /status`, `GET /metrics`, `POST /reload`,
-//! `POST /pools/{pool}/backends/{address}`, and the dashboard (`GET /`, `GET /events`: see
+//! `POST /pools/{pool}/backends/{address}`, `POST /cache/purge`, and the dashboard (`GET /`, `GET /events`: see
 //! events.rs).
 //!
 //! Separate from the traffic listeners so that it can be bound to loopback only; with
@@ -143,7 +143,8 @@ async fn handle(
             ),
         },
         (&Method::POST, p) if p.starts_with("/pools/") => control(&shared, req).await,
-        (_, "/status" | "/metrics" | "/reload") => reply(
+        (&Method::POST, "/cache/purge") => purge(&shared, req).await,
+        (_, "/status" | "/metrics" | "/reload" | "/cache/purge") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "405 Method Not Allowed\n".into(),
@@ -230,6 +231,49 @@ async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
     reply(StatusCode::OK, JSON, view.to_string())
 }
 
+/// `POST /cache/purge` with `{"prefix": "/static/", "host": "optional"}`: drops every stored
+/// response whose target starts with the prefix (on that host only, if given; its port is
+/// ignored) and answers `{"purged": N}`.
+async fn purge(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const JSON: &str = "application/json";
+    let error = |status, msg: String| reply(status, JSON, json!({ "error": msg }).to_string());
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}")),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Purge {
+        prefix: String,
+        host: Option<String>,
+    }
+    let p: Purge = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"prefix\": \"/path/\", \"host\": \"optional\"}}: {e}"),
+            )
+        }
+    };
+    if !p.prefix.starts_with('/') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("prefix {:?} must start with '/'", p.prefix),
+        );
+    }
+    let snap = shared.snapshot.load();
+    let Some(cache) = &snap.cache else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no [cache] table in the config: nothing is cached".into(),
+        );
+    };
+    let n = cache.purge(p.host.as_deref().filter(|h| !h.is_empty()), &p.prefix);
+    tracing::info!(prefix = %p.prefix, host = ?p.host, purged = n, "cache purged");
+    reply(StatusCode::OK, JSON, json!({ "purged": n }).to_string())
+}
+
 /// The contract's `/status` document, plus a few fields operators asked for.
 pub fn status_json(shared: &Shared) -> serde_json::Value {
     let snap = shared.snapshot.load();
@@ -299,6 +343,15 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "last_error": last_error.as_ref().as_ref(),
         },
         "pools": pools,
+        "cache": snap.cache.as_ref().map(|c| json!({
+            "entries": c.entries(),
+            "bytes": c.bytes(),
+            "max_size": c.max_size(),
+            "hits": c.stats.hits.load(Relaxed),
+            "misses": c.stats.misses.load(Relaxed),
+            "stores": c.stats.stores.load(Relaxed),
+            "evictions": c.stats.evictions.load(Relaxed),
+        })),
     })
 }
 

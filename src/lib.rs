@@ -29,6 +29,7 @@ pub mod auth;
 pub mod backend;
 pub mod balance;
 pub mod breaker;
+pub(crate) mod cache;
 pub mod check;
 pub(crate) mod classify;
 pub mod clock;

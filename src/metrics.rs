@@ -281,7 +281,7 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         kind,
         samples: vec![(Vec::new(), v)],
     };
-    vec![
+    let mut all = vec![
         requests,
         failures,
         attempts,
@@ -329,6 +329,92 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
             "Access-log lines dropped because stdout could not keep up.",
             Kind::Counter,
             Value::Counter(crate::accesslog::DROPPED.load(Relaxed)),
+        ),
+    ];
+    if let Some(c) = &snap.cache {
+        all.extend(cache_families(c));
+    }
+    all
+}
+
+/// The response cache's families; only with `[cache]`.
+fn cache_families(c: &crate::cache::Cache) -> Vec<Family> {
+    let s = &c.stats;
+    let one = |name, help, kind, v| Family {
+        name,
+        help,
+        kind,
+        samples: vec![(Vec::new(), v)],
+    };
+    let counter = |n: &std::sync::atomic::AtomicU64| Value::Counter(n.load(Relaxed));
+    let mut stale = Family::new(
+        "balancer_cache_stale",
+        "Stale stored responses served: while one background request refreshes them, or because the backends failed.",
+        Kind::Counter,
+    );
+    stale.samples.push((
+        vec![("reason", "while_revalidate".to_owned())],
+        counter(&s.stale_while_revalidate),
+    ));
+    stale.samples.push((
+        vec![("reason", "if_error".to_owned())],
+        counter(&s.stale_if_error),
+    ));
+    vec![
+        one(
+            "balancer_cache_hits",
+            "Requests answered from a fresh stored response (client 304s and collapsed waiters included).",
+            Kind::Counter,
+            counter(&s.hits),
+        ),
+        one(
+            "balancer_cache_misses",
+            "Cacheable requests that went to a backend (cold, Vary miss, stale, or forced by the client).",
+            Kind::Counter,
+            counter(&s.misses),
+        ),
+        stale,
+        one(
+            "balancer_cache_revalidated",
+            "Stale stored responses a backend's 304 made fresh again.",
+            Kind::Counter,
+            counter(&s.revalidated),
+        ),
+        one(
+            "balancer_cache_stores",
+            "Responses stored.",
+            Kind::Counter,
+            counter(&s.stores),
+        ),
+        one(
+            "balancer_cache_evictions",
+            "Stored responses dropped to make room.",
+            Kind::Counter,
+            counter(&s.evictions),
+        ),
+        one(
+            "balancer_cache_bypass",
+            "Requests on caching routes the cache stepped aside for (other methods, no-store, bodies, upgrades).",
+            Kind::Counter,
+            counter(&s.bypass),
+        ),
+        one(
+            "balancer_cache_bytes",
+            "Bytes the stored responses take, headers and bodies (never above balancer_cache_max_bytes).",
+            Kind::Gauge,
+            Value::Gauge(c.bytes() as i64),
+        ),
+        one(
+            "balancer_cache_max_bytes",
+            "[cache] max_size.",
+            Kind::Gauge,
+            Value::Gauge(c.max_size() as i64),
+        ),
+        one(
+            "balancer_cache_entries",
+            "Stored responses, and one index per URL whose responses vary.",
+            Kind::Gauge,
+            Value::Gauge(c.entries() as i64),
         ),
     ]
 }

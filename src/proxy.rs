@@ -21,6 +21,7 @@ use hyper::body::{Body, Incoming};
 use crate::accesslog::{self, Ending, LogEntry, Texts};
 use crate::answer::{self, ProxyError};
 use crate::backend::{InFlight, Outcome};
+use crate::cache::{self, Fallback, Refresher, Step};
 use crate::classify::{classify, Context, Next, RetryBudget};
 use crate::clock::now_ms;
 use crate::conn::ConnInfo;
@@ -70,8 +71,19 @@ pub async fn handle(
         snap.access_log
             .then(|| log_entry(&conn, &req, rid.as_ref().map(|r| &r.1), start)),
     );
-    let mut resp = match forward(&snap, &conn, req, &mut log.0, rid.as_ref()).await {
+    // A stale stored copy that may answer if every attempt fails (stale-if-error).
+    let mut fallback = None;
+    let forwarded = forward(&snap, &conn, req, &mut log.0, rid.as_ref(), &mut fallback).await;
+    let mut resp = match forwarded {
         Ok(resp) => resp,
+        Err(e) if fallback.as_ref().is_some_and(|f| f.covers(&e)) => {
+            let id = request_id::as_str(rid.as_ref().map(|r| &r.1));
+            tracing::debug!(peer = %conn.peer, request_id = id, error = %e, "answering from a stale stored copy");
+            match fallback {
+                Some(f) => f.respond(log.0.take()),
+                None => answer::respond(&e.answer(), log.0.take()),
+            }
+        }
         Err(e) => {
             let a = e.answer();
             let id = request_id::as_str(rid.as_ref().map(|r| &r.1));
@@ -141,6 +153,7 @@ async fn forward(
     req: Request<Incoming>,
     log: &mut Option<Box<LogEntry>>,
     rid: Option<&RequestId<'_>>,
+    fallback: &mut Option<Fallback>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     // Evaluated only when a debug line is enabled.
     let id = || request_id::as_str(rid.map(|r| &r.1));
@@ -158,8 +171,8 @@ async fn forward(
     request::check_request(snap, &parts)?;
     let authority = request::authority(&parts)?;
     let path = request::normalize_path(parts.uri.path());
-    let pool = snap
-        .route(authority.as_ref().and_then(|a| a.to_str().ok()), &path)
+    let (pool, cache) = snap
+        .route_cached(authority.as_ref().and_then(|a| a.to_str().ok()), &path)
         .ok_or(ProxyError::NoRoute)?;
     tracing::debug!(request_id = id(), host = ?authority, path = %path, pool = %pool.name, "route matched");
     if let Some(l) = log.as_deref_mut() {
@@ -198,6 +211,26 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let method = parts.method;
+    // The cache's lookup step: a hit is answered here; a miss may have waited for another
+    // request's flight, and carries what to revalidate and what to store.
+    let mut miss = None;
+    if let (Some(cache), Some(cfg)) = (cache, &snap.config.cache) {
+        let asking = cache::Asking {
+            method: &method,
+            uri: &upstream_uri,
+            headers: &mut parts.headers,
+            plain: bodiless && upgrade.is_none(),
+            wait: pool.dial.timeouts.response,
+        };
+        let refresher = Refresher { pool, conn };
+        match cache::lookup(cache, cfg, asking, &refresher).await {
+            Step::Serve(hit) => return Ok(hit.respond(log.take())),
+            Step::Fetch(m) => {
+                *fallback = m.fallback();
+                miss = Some(m);
+            }
+        }
+    }
     // A copy to replay only exists for requests that may be sent twice after reaching a
     // backend: bodiless and idempotent. Even with `attempts = 1` it serves the one free replay
     // after a stale pooled connection.
@@ -294,13 +327,13 @@ async fn forward(
                         l.outcome = Ending::Retried;
                     }
                 }
-                return Ok(respond(
-                    sent,
-                    guard,
-                    log.take(),
-                    conn,
-                    client_upgrade.take(),
-                ));
+                let resp = respond(sent, guard, log.take(), conn, client_upgrade.take());
+                // The store step: tee the body into the cache, or answer from the stored copy
+                // after a 304 (or a 5xx within stale-if-error).
+                return Ok(match miss.take() {
+                    Some(m) => m.finish(resp),
+                    None => resp,
+                });
             }
             (next_step, Err(e)) if budget.allows(pick.index, next_step) => {
                 let (back, err) = split(e);

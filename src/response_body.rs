@@ -31,6 +31,9 @@ pub struct ResponseBody {
 enum Kind {
     Local(Option<Bytes>),
     Upstream(Box<Upstream>),
+    /// Another module's body around one of these (the cache's tee): the inner one keeps its
+    /// guard, connection and log entry.
+    Wrapped(Pin<Box<dyn Body<Data = Bytes, Error = hyper::Error> + Send>>),
 }
 
 struct Upstream {
@@ -55,6 +58,34 @@ impl ResponseBody {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
             log,
         }
+    }
+
+    /// A stored body (the cache's): cloning `Bytes` is a reference count, not a copy.
+    pub fn bytes(body: Option<Bytes>, log: Option<Box<LogEntry>>) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Local(body),
+            log,
+        }
+    }
+
+    pub fn wrap(
+        body: impl Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+    ) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Wrapped(Box::pin(body)),
+            log: None,
+        }
+    }
+
+    /// The access-log entry this body writes when it ends.
+    pub fn log_mut(&mut self) -> Option<&mut LogEntry> {
+        self.log.as_deref_mut()
+    }
+
+    /// Takes the entry out, for an answer that replaces this one (the cache serving its copy
+    /// after a backend's 304 or 5xx): dropping the body then writes no line.
+    pub fn take_log(&mut self) -> Option<Box<LogEntry>> {
+        self.log.take()
     }
 
     pub fn empty() -> ResponseBody {
@@ -124,6 +155,7 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(res)
             }
+            Kind::Wrapped(b) => b.as_mut().poll_frame(cx),
         }
     }
 
@@ -131,6 +163,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Local(b) => b.is_none(),
             Kind::Upstream(up) => up.done || up.inner.is_end_stream(),
+            Kind::Wrapped(b) => b.is_end_stream(),
         }
     }
 
@@ -139,6 +172,7 @@ impl Body for ResponseBody {
             Kind::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Local(None) => SizeHint::with_exact(0),
             Kind::Upstream(up) => up.inner.size_hint(),
+            Kind::Wrapped(b) => b.size_hint(),
         }
     }
 }

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::Backend;
 use crate::balance::{Member, Pool};
+use crate::cache::Cache;
 use crate::config::{Config, HostMatch, Limits};
 use crate::tls::{self, UpstreamTlsConnector};
 use crate::upstream::Dial;
@@ -25,6 +26,7 @@ pub struct Route {
     host: Option<HostMatch>,
     prefix: String,
     pool: usize,
+    cache: bool,
 }
 
 pub struct Snapshot {
@@ -36,6 +38,9 @@ pub struct Snapshot {
     pub pools: Vec<Arc<Pool>>,
     pub limits: Limits,
     pub access_log: bool,
+    /// The response cache, carried across reloads like the backends (`None` without
+    /// `[cache]`).
+    pub cache: Option<Arc<Cache>>,
     /// TLS settings per listener address, certificates read when this snapshot was built.
     tls: Vec<(SocketAddr, Arc<rustls::ServerConfig>)>,
 }
@@ -152,6 +157,7 @@ impl Snapshot {
                 host: r.host.clone(),
                 prefix: r.path_prefix.clone(),
                 pool: r.pool_index,
+                cache: r.cache,
             })
             .collect();
         Ok(Snapshot {
@@ -159,6 +165,7 @@ impl Snapshot {
             loaded_at: SystemTime::now(),
             limits: cfg.limits,
             access_log: cfg.log.access,
+            cache: Cache::carry(cfg.cache.as_ref(), prev.and_then(|p| p.cache.as_ref())),
             routes,
             pools,
             tls,
@@ -169,17 +176,28 @@ impl Snapshot {
     /// The first route matching `host` (port and case ignored) and `path`; with no routes and
     /// a single pool, that pool.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
+        self.route_cached(host, path).map(|(p, _)| p)
+    }
+
+    /// [`Snapshot::route`], and the cache when the route has `cache = true`.
+    pub fn route_cached(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<(&Arc<Pool>, Option<&Arc<Cache>>)> {
         if self.routes.is_empty() {
             return match self.pools.as_slice() {
-                [only] => Some(only),
+                [only] => Some((only, None)),
                 _ => None,
             };
         }
         let host = host.map(strip_port);
-        self.routes
+        let r = self
+            .routes
             .iter()
-            .find(|r| host_matches(r.host.as_ref(), host) && prefix_matches(&r.prefix, path))
-            .and_then(|r| self.pools.get(r.pool))
+            .find(|r| host_matches(r.host.as_ref(), host) && prefix_matches(&r.prefix, path))?;
+        let cache = if r.cache { self.cache.as_ref() } else { None };
+        Some((self.pools.get(r.pool)?, cache))
     }
 
     pub fn backend(&self, pool: &str, address: &str) -> Option<&Arc<Backend>> {
