@@ -293,7 +293,8 @@ async fn responses_that_must_not_be_stored_never_are() {
     redirect.headers.push(("location", "/x".into()));
     let mut none = spec("max-age=60");
     none.headers.clear();
-    let cases: Vec<(&str, Spec, &[(&str, &str)], &str)> = vec![
+    type Case<'a> = (&'a str, Spec, &'a [(&'a str, &'a str)], &'a str);
+    let cases: Vec<Case> = vec![
         ("/no-store", spec("no-store, max-age=60"), &[], "no-store"),
         ("/private", spec("private, max-age=60"), &[], "private"),
         ("/cookie", cookie, &[], "set-cookie"),
