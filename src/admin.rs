@@ -330,7 +330,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         .iter()
         .map(|l| json!({ "bind": l.bind.to_string(), "tls": l.tls.is_some() }))
         .collect();
-    json!({
+    let mut status = json!({
         "process": {
             "started_at": humantime::format_rfc3339_seconds(shared.started_at).to_string(),
             "uptime_s": seconds(now.saturating_sub(shared.started_ms)),
@@ -343,7 +343,10 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "last_error": last_error.as_ref().as_ref(),
         },
         "pools": pools,
-        "cache": snap.cache.as_ref().map(|c| json!({
+    });
+    // Only with [cache]: the key's absence says there is none.
+    if let Some(c) = &snap.cache {
+        status["cache"] = json!({
             "entries": c.entries(),
             "bytes": c.bytes(),
             "max_size": c.max_size(),
@@ -351,8 +354,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "misses": c.stats.misses.load(Relaxed),
             "stores": c.stats.stores.load(Relaxed),
             "evictions": c.stats.evictions.load(Relaxed),
-        })),
-    })
+        });
+    }
+    status
 }
 
 /// Milliseconds as seconds with millisecond precision, for JSON.
