@@ -838,3 +838,31 @@ fn promtool_check(text: &str) -> (bool, String) {
     );
     (out.status.success(), said)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_says_what_the_cache_did() {
+    let o = Origin::start().await;
+    o.set("/l", spec("max-age=60"));
+    o.set("/s", spec("max-age=0, stale-if-error=60"));
+    let cfg = config(o.addr, SMALL).replace("access = false", "access = true");
+    let mut bin = start_binary(&cfg, std::process::Stdio::piped());
+    let log = AccessLog::of(&mut bin);
+    let c = client();
+    let url = |p: &str| format!("http://{}{p}", bin.addr);
+    get(&c, &url("/l")).await;
+    assert_eq!(log.line_for("/l")["cache"], "miss");
+    get(&c, &url("/l")).await;
+    assert_eq!(log.line_for("/l")["cache"], "hit");
+    post(&c, &url("/l"), "x").await;
+    assert_eq!(log.line_for("/l")["cache"], "bypass");
+    get(&c, &url("/s")).await;
+    assert_eq!(log.line_for("/s")["cache"], "miss");
+    o.state.failing.store(true, SeqCst);
+    let g = get(&c, &url("/s")).await;
+    assert_eq!(g.status, 200);
+    let line = log.line_for("/s");
+    assert_eq!(
+        (line["cache"].as_str(), line["status"].as_u64()),
+        (Some("stale"), Some(200))
+    );
+}

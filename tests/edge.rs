@@ -1164,6 +1164,7 @@ backends = ["{}"]
         "upstream_ms",
         "bytes_received",
         "tls",
+        "cache",
     ];
     let parsed: Vec<serde_json::Value> = lines
         .iter()
