@@ -15,6 +15,8 @@
 #   upload  64 KiB POST bodies, wrk -c64
 #   c1000   small GET over 1000 keep-alive connections, wrk -c1000
 #   h2      HTTP/2 with prior knowledge (h2c), h2load -c4 -m100
+#   cached  small GET answered from the proxy's cache (max-age=600), keep-alive, wrk -c64
+#           (balancer: [cache]; nginx: proxy_cache; HAProxy: its cache)
 # and the memory of 10,000 idle keep-alive connections. Results: benches/results/latest.json
 # and benches/results/latest.md (medians over repetitions, ratios to nginx and HAProxy).
 #
@@ -53,7 +55,7 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 PORT_BASE=${BENCH_PORT_BASE:-18000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"small close large upload c1000 h2"}
+SCENARIOS=${SCENARIOS:-"small close large upload c1000 h2 cached"}
 PROXIES=${PROXIES:-"balancer balancer-log nginx haproxy"}
 
 BACKEND1=$((PORT_BASE + 101))
@@ -255,6 +257,8 @@ start_proxy() {
 check_proxy() { # the three request kinds and h2c work through it
     local name=$1 port=${PORT[$1]} h2port=${H2PORT[$1]} ok=1
     wait_http "http://127.0.0.1:$port/" || { log "$name: GET / fails"; return 1; }
+    curl -fs -o /dev/null "http://127.0.0.1:$port/cached" ||
+        { log "$name: GET /cached fails"; ok=0; }
     [[ $(curl -fs "http://127.0.0.1:$port/1m" | wc -c) -eq 1048576 ]] ||
         { log "$name: GET /1m is not 1 MiB"; ok=0; }
     [[ $(curl -fs --data-binary @"$WORK/upload.bin" "http://127.0.0.1:$port/upload") == ok ]] ||
@@ -319,6 +323,7 @@ run_tool() { # scenario port h2port duration out [h2log]
         large) "${wrk[@]}" -c16 --timeout 10s "$url/1m" ;;
         upload) WRK_BODY_BYTES=65536 "${wrk[@]}" -c64 "$url/upload" ;;
         c1000) "${wrk[@]}" -c1000 --timeout 10s "$url/" ;;
+        cached) "${wrk[@]}" -c64 "$url/cached" ;;
         h2)
             taskset -c "$LOAD_CPU" h2load -t1 -c4 -m100 -D "$dur" --log-file="$h2log" \
                 "http://127.0.0.1:$h2port/"

@@ -25,6 +25,7 @@ SCENARIO_LABEL = {
     "upload": "64 KiB POST uploads, 64 conns",
     "c1000": "small GET, 1000 keep-alive conns",
     "h2": "HTTP/2 (h2c), 4 conns x 100 streams",
+    "cached": "small cacheable GET from the proxy's cache, 64 conns",
 }
 METRICS = ["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "peak_rss_kb"]
 
@@ -241,6 +242,12 @@ def cmd_report(a):
                 L.append(f"| {SCENARIO_LABEL[s]} | {PROXY_LABEL[ref]} | {fmt_ratio(r['rps'])} | "
                          f"{fmt_ratio(r['p50_ms'])} | {fmt_ratio(r['p99_ms'])} | "
                          f"{fmt_ratio(r['cpu_us_per_req'])} | {fmt_ratio(r['peak_rss_kb'])} |")
+    own = summary.get("cached", {}).get("balancer"), summary.get("small", {}).get("balancer")
+    if own[0] and own[1]:
+        L.append("")
+        L.append("Cached vs uncached small GET, balancer: CPU/req "
+                 f"{fmt_ratio(ratio(own[0]['cpu_us_per_req'], own[1]['cpu_us_per_req']))}, "
+                 f"req/s {fmt_ratio(ratio(own[0]['rps'], own[1]['rps']))}.")
     if idle:
         L.append("")
         L.append("## Memory per idle keep-alive connection")

@@ -99,11 +99,11 @@ impl Cache {
     fn find(&self, primary: &str, req: &HeaderMap) -> Found {
         match self.store.get(primary) {
             None => Found::Nothing,
-            Some(Stored::Response(e)) => Found::Entry(primary.to_owned(), e),
+            Some(Stored::Response(e)) => Found::Entry(None, e),
             Some(Stored::Vary(index)) => {
                 let k = key::variant(primary, index.generation, &index.names, req);
                 match self.store.get(&k) {
-                    Some(Stored::Response(e)) => Found::Entry(k, e),
+                    Some(Stored::Response(e)) => Found::Entry(Some(k), e),
                     _ => Found::VaryMiss,
                 }
             }
@@ -119,8 +119,9 @@ impl Cache {
 enum Found {
     Nothing,
     VaryMiss,
-    /// The key it was found at (the variant's, for a response with Vary).
-    Entry(String, Arc<Entry>),
+    /// The variant's key for a response with Vary (`None`: the plain key): a hit never
+    /// copies the key.
+    Entry(Option<String>, Arc<Entry>),
 }
 
 /// The request as the cache sees it, after the proxy's rewrite (so `Host` is the authority).
@@ -210,7 +211,8 @@ pub async fn lookup(
         let (why, stale) = match cache.find(&primary, req.headers) {
             Found::Nothing => (Fwd::UriMiss, None),
             Found::VaryMiss => (Fwd::VaryMiss, None),
-            Found::Entry(k, e) => {
+            Found::Entry(variant, e) => {
+                let k = || variant.clone().unwrap_or_else(|| primary.clone());
                 let fresh = if wants.plain {
                     e.stale_by(now).is_none()
                 } else {
@@ -244,7 +246,7 @@ pub async fn lookup(
                                 req.uri.clone(),
                                 req.headers.clone(),
                                 primary.clone(),
-                                (k, Arc::clone(&e)),
+                                (k(), Arc::clone(&e)),
                                 l,
                             );
                         }
@@ -264,7 +266,7 @@ pub async fn lookup(
                 } else {
                     Fwd::Request
                 };
-                (why, Some((k, e)))
+                (why, Some((k(), e)))
             }
         };
         // Collapse GETs of one key; a range request or HEAD goes on its own (neither is
@@ -503,7 +505,6 @@ impl Miss {
             let mut p = http::Response::new(()).into_parts().0;
             p.status = parts.status;
             p.headers = store::own(&parts.headers);
-            p.headers.remove(header::AGE);
             p.headers.remove(&CACHE_STATUS);
             p
         };
@@ -512,7 +513,11 @@ impl Miss {
             uri: &self.uri,
             headers: &policy_request,
         };
+        // The policy sees the backend's Age (time spent in caches before us); what is served
+        // gets ours instead.
         let policy = CachePolicy::new_options(&policy_asked, &stored_parts, now, policy::options());
+        let mut stored_parts = stored_parts;
+        stored_parts.headers.remove(header::AGE);
         let verdict = policy::storable(
             &asked,
             parts.status,
