@@ -290,10 +290,12 @@ pub async fn lookup(
             req.headers.remove(header::IF_MODIFIED_SINCE);
         }
         let mut revalidating = false;
-        if let Some((etag, lm)) = stale
+        // Only a GET revalidates: the 304 then stands for the stored GET response.
+        let validators = stale
             .as_ref()
-            .and_then(|(_, e)| policy::validators(&e.headers))
-        {
+            .filter(|_| !head)
+            .and_then(|(_, e)| policy::validators(&e.headers));
+        if let Some((etag, lm)) = validators {
             if let Some(v) = etag {
                 req.headers.insert(header::IF_NONE_MATCH, v);
             }
@@ -528,9 +530,13 @@ impl Miss {
         );
         let resp = Response::from_parts(parts, body);
         if let Err(why) = verdict {
-            // The stored copy is superseded by an answer that may not be stored.
-            if let (Some((k, _)), false) = (&self.stale, why == NotStored::TooLarge) {
-                if status != StatusCode::NOT_MODIFIED {
+            // The stored copy is superseded by a new answer that may not be stored; a failure
+            // (5xx) or a too-large body replaces nothing.
+            if let Some((k, _)) = &self.stale {
+                let superseded = why != NotStored::TooLarge
+                    && status != StatusCode::NOT_MODIFIED
+                    && !status.is_server_error();
+                if superseded {
                     self.cache.store.remove(k);
                 }
             }
