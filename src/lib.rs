@@ -11,6 +11,7 @@
 //! proxy     handle -> forward                        config: text -> Config (file:line:col)
 //! request     check, authority, normalise path       state:  Snapshot::build(cfg, prev)
 //! state       snap.route(host, path)     -> 404              (same Arc<Backend> per pool+address)
+//! cache       lookup: hit -> answer; miss -> store step around the relay (cache = true routes)
 //! balance     pool.pick(now, tried)      -> 503      listeners: bind added
 //! upstream    send (pooled conn)                     reload::swap (one store)
 //! classify    classify(result) -> Verdict            listeners: stop removed, resize the rest
