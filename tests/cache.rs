@@ -37,6 +37,8 @@ struct Spec {
     echo: Option<&'static str>,
     /// Honour If-None-Match against the ETag header with a 304.
     conditional: bool,
+    /// Send `first`, then the rest only once this is notified.
+    gate: Option<Arc<tokio::sync::Notify>>,
 }
 
 fn spec(cc: &str) -> Spec {
@@ -168,6 +170,26 @@ async fn answer(
                 return Ok(resp);
             }
         }
+    }
+    if let Some(gate) = s.gate.clone() {
+        let chunks = futures_util::stream::unfold(0u8, move |i| {
+            let gate = Arc::clone(&gate);
+            async move {
+                match i {
+                    0 => Some((
+                        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first "))),
+                        1,
+                    )),
+                    1 => {
+                        gate.notified().await;
+                        Some((Ok(Frame::data(Bytes::from_static(b"second"))), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        *resp.body_mut() = StreamBody::new(chunks).boxed();
+        return Ok(resp);
     }
     if s.big > 0 {
         if s.chunked {
@@ -683,6 +705,49 @@ async fn a_large_response_streams_through_and_is_not_stored() {
     let g = get(&c, &b.url("/big")).await;
     assert_eq!(cache_status(&g), "balancer; fwd=uri-miss; detail=too-large");
     assert_eq!(metric(&b, "balancer_cache_stores_total").await, 0.0);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_miss_streams_to_the_client_while_it_is_stored() {
+    let (o, b, c) = setup(SMALL).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let mut s = spec("max-age=60");
+    s.gate = Some(Arc::clone(&gate));
+    o.set("/stream", s);
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.request(
+            Request::get(b.url("/stream"))
+                .body(full(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        resp.headers()["cache-status"],
+        "balancer; fwd=uri-miss; stored"
+    );
+    let mut body = resp.into_body();
+    // The first chunk arrives while the backend still holds the rest: nothing waits for the
+    // whole body to be stored.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk is relayed at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first ");
+    gate.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second");
+    let g = get(&c, &b.url("/stream")).await;
+    assert_eq!(
+        (g.body.as_str(), cache_status(&g).as_str()),
+        ("first second", "balancer; hit")
+    );
+    assert_eq!(o.count("/stream"), 1);
     b.shutdown().await;
 }
 
