@@ -272,6 +272,27 @@ pub fn configs(old: &Config, new: &Config) -> Diff {
         }
     }
     routes(&mut d, &old.routes, &new.routes);
+    match (&old.cache, &new.cache) {
+        (None, Some(_)) => d.push('+', Kind::Setting, "cache"),
+        (Some(_), None) => d.push('-', Kind::Setting, "cache (everything stored is dropped)"),
+        (Some(a), Some(b)) => {
+            // Either size changing starts an empty cache (see cache::Cache::carry).
+            d.setting("cache.max_size", a.max_size, b.max_size, |v| v.to_string());
+            d.setting(
+                "cache.max_object_size",
+                a.max_object_size,
+                b.max_object_size,
+                |v| v.to_string(),
+            );
+            d.setting(
+                "cache.stale_if_error",
+                a.stale_if_error,
+                b.stale_if_error,
+                |v| humantime::format_duration(*v).to_string(),
+            );
+        }
+        (None, None) => {}
+    }
 
     let dur = |v: &Duration| humantime::format_duration(*v).to_string();
     let show = |v: &dyn fmt::Display| v.to_string();
@@ -435,14 +456,15 @@ fn route_text(r: &RouteConfig) -> String {
         Some(HostMatch::Exact(h)) => h.clone(),
         Some(HostMatch::Suffix(s)) => format!("*{s}"),
     };
-    format!("route {host}{} -> {}", r.path_prefix, r.pool)
+    let cached = if r.cache { " (cached)" } else { "" };
+    format!("route {host}{} -> {}{cached}", r.path_prefix, r.pool)
 }
 
 /// Routes are an ordered list (first match wins): removed and added ones by value, and a
 /// reordering of the same routes said as such.
 fn routes(d: &mut Diff, old: &[RouteConfig], new: &[RouteConfig]) {
     let same = |a: &RouteConfig, b: &RouteConfig| {
-        a.host == b.host && a.path_prefix == b.path_prefix && a.pool == b.pool
+        a.host == b.host && a.path_prefix == b.path_prefix && a.pool == b.pool && a.cache == b.cache
     };
     if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| same(a, b)) {
         return;
@@ -485,6 +507,24 @@ mod tests {
         assert_eq!(d.lines(), ["no changes"]);
         assert_eq!(d.summary(), "none");
         assert_eq!(d.kept, 2);
+    }
+
+    #[test]
+    fn cache_changes_are_named() {
+        let cached = BASE.replace("pool = \"web\"\n", "pool = \"web\"\ncache = true\n")
+            + "[cache]\nmax_size = \"1MiB\"\n";
+        let d = configs(&cfg(BASE), &cfg(&cached));
+        assert_eq!(
+            d.lines()[..3],
+            [
+                "- route /api -> web",
+                "+ route /api -> web (cached)",
+                "+ cache"
+            ]
+        );
+        let bigger = cached.replace("1MiB", "2MiB");
+        let d = configs(&cfg(&cached), &cfg(&bigger));
+        assert_eq!(d.lines()[0], "~ cache.max_size 1048576 -> 2097152");
     }
 
     #[test]
