@@ -669,6 +669,61 @@ async fn a_successful_unsafe_request_invalidates_its_target() {
 }
 
 #[tokio::test]
+async fn an_unsafe_request_also_invalidates_its_same_host_location() {
+    let (o, b, c) = setup(SMALL).await;
+    o.set("/items/7", spec("max-age=60"));
+    let mut created = spec("no-store");
+    created.headers.push(("location", "/items/7".into()));
+    o.set("/items", created);
+    get(&c, &b.url("/items/7")).await;
+    assert_eq!(
+        cache_status(&get(&c, &b.url("/items/7")).await),
+        "balancer; hit"
+    );
+    post(&c, &b.url("/items"), "new").await;
+    let g = get(&c, &b.url("/items/7")).await;
+    assert_eq!(cache_status(&g), "balancer; fwd=uri-miss; stored");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_every_breaker_open() {
+    let o = Origin::start().await;
+    let cfg = config(o.addr, SMALL)
+        + "[pools.web.circuit_breaker]\nconsecutive_failures = 1\nmax_ejected_percent = 100\n";
+    let b = start_balancer(&cfg).await;
+    let c = client();
+    o.set("/open", spec("max-age=0, stale-if-error=60"));
+    get(&c, &b.url("/open")).await;
+    o.kill();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..3 {
+        let g = get(&c, &b.url("/open")).await;
+        assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "hello n=1"));
+    }
+    let st = status(&b).await;
+    assert_eq!(st["pools"]["web"]["backends"][0]["breaker"], "open", "{st}");
+    // Without a stored copy the pool's state shows.
+    assert_eq!(get(&c, &b.url("/other")).await.status, 503);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_a_backend_that_times_out() {
+    let o = Origin::start().await;
+    let cfg = config(o.addr, SMALL).replace("response = \"5s\"", "response = \"300ms\"");
+    let b = start_balancer(&cfg).await;
+    let c = client();
+    o.set("/slow", spec("max-age=0, stale-if-error=60"));
+    get(&c, &b.url("/slow")).await;
+    o.state.delay_ms.store(2000, SeqCst);
+    let g = get(&c, &b.url("/slow")).await;
+    assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "hello n=1"));
+    assert_eq!(cache_status(&g), "balancer; hit; detail=stale-if-error");
+    b.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_head_is_answered_from_a_stored_get() {
     let (o, b, c) = setup(SMALL).await;
     o.set("/h", spec("max-age=60"));

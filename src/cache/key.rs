@@ -56,6 +56,31 @@ pub fn variant(primary: &str, generation: u64, names: &[HeaderName], req: &Heade
     k
 }
 
+/// The keys that `Location` or `Content-Location` value `v` of a response to a request on
+/// `primary` names on the same host (RFC 9111 §4.4): an absolute path, or an absolute URI
+/// whose authority is the request's host; `None` for anything else.
+pub fn same_host(primary: &str, v: &[u8]) -> Option<String> {
+    let (host, _) = primary.split_once(HOST_END)?;
+    let uri = http::Uri::try_from(v).ok()?;
+    let target = uri.path_and_query()?.as_str();
+    if !target.starts_with('/') {
+        return None;
+    }
+    match uri.authority() {
+        None if uri.scheme().is_none() => Some(primary_of(host, target)),
+        Some(a) if a.as_str().eq_ignore_ascii_case(host) => Some(primary_of(host, target)),
+        _ => None,
+    }
+}
+
+fn primary_of(lower_host: &str, target: &str) -> String {
+    let mut k = String::with_capacity(lower_host.len() + target.len() + 1);
+    k.push_str(lower_host);
+    k.push(HOST_END);
+    k.push_str(target);
+    k
+}
+
 /// Whether the stored `key` falls under a purge of `prefix` (a target prefix) on `host`
 /// (`None`: every host; a port in either is ignored).
 pub fn purged_by(key: &str, host: Option<&str>, prefix: &str) -> bool {
@@ -97,6 +122,21 @@ mod tests {
         assert_ne!(g, variant(&a, 1, &names, &h));
         assert_ne!(variant(&a, 1, &names, &h), variant(&a, 2, &names, &h));
         assert!(!a.contains(VARIANT) && g.starts_with(&a));
+    }
+
+    #[test]
+    fn locations_on_the_same_host_only() {
+        let k = primary(b"Example.com", "/items");
+        assert_eq!(
+            same_host(&k, b"/items/7"),
+            Some(primary(b"example.com", "/items/7"))
+        );
+        assert_eq!(
+            same_host(&k, b"http://EXAMPLE.com/items/7?x"),
+            Some(primary(b"example.com", "/items/7?x"))
+        );
+        assert_eq!(same_host(&k, b"http://other.com/items/7"), None);
+        assert_eq!(same_host(&k, b"items/7"), None);
     }
 
     #[test]

@@ -110,7 +110,8 @@ impl Cache {
         }
     }
 
-    /// RFC 9111 §4.4: a successful unsafe request invalidates the target.
+    /// RFC 9111 §4.4: a successful unsafe request invalidates the target (and the same-host
+    /// `Location` and `Content-Location` of its answer).
     fn invalidate(&self, primary: &str) {
         self.store.remove(primary);
     }
@@ -464,6 +465,15 @@ impl Miss {
         if let Some(target) = self.invalidate.take() {
             if status.is_success() || status.is_redirection() {
                 self.cache.invalidate(&target);
+                for h in [header::LOCATION, header::CONTENT_LOCATION] {
+                    if let Some(k) = resp
+                        .headers()
+                        .get(h)
+                        .and_then(|v| key::same_host(&target, v.as_bytes()))
+                    {
+                        self.cache.invalidate(&k);
+                    }
+                }
             }
         }
         let Some(primary) = self.primary.take() else {
