@@ -452,6 +452,23 @@ async fn client_conditionals_get_304_and_no_cache_forces_revalidation() {
     assert_eq!(o.count("/c"), 2);
     assert_eq!(o.last_seen("/c")["if-none-match"], "\"v1\"");
     assert_eq!((g.status.as_u16(), g.body.as_str()), (200, "hello n=1"));
+    assert_eq!(cache_status(&g), "balancer; fwd=request; fwd-status=304");
+    // Nothing stored yet: the client's own conditional reaches the origin, whose 304 passes
+    // through (and is not stored).
+    let mut s = spec("max-age=60");
+    s.headers.push(("etag", "\"w1\"".into()));
+    s.conditional = true;
+    o.set("/cold-conditional", s);
+    let g = get_with(
+        &c,
+        &b.url("/cold-conditional"),
+        &[("if-none-match", "\"w1\"")],
+    )
+    .await;
+    assert_eq!(g.status, 304);
+    assert_eq!(cache_status(&g), "balancer; fwd=uri-miss; detail=status");
+    let g = get(&c, &b.url("/cold-conditional")).await;
+    assert_eq!(cache_status(&g), "balancer; fwd=uri-miss; stored");
     b.shutdown().await;
 }
 

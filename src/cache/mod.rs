@@ -284,19 +284,18 @@ pub async fn lookup(
         }
         cache.stats.misses.fetch_add(1, Relaxed);
         let asked_headers = req.headers.clone();
-        if !head {
-            // The backend is asked for the full response, whatever the client already has,
-            // so that it can be stored; a stored copy with a validator is revalidated.
-            req.headers.remove(header::IF_NONE_MATCH);
-            req.headers.remove(header::IF_MODIFIED_SINCE);
-        }
         let mut revalidating = false;
-        // Only a GET revalidates: the 304 then stands for the stored GET response.
+        // A stored copy with a validator is revalidated with the cache's conditionals in place
+        // of the client's (whose own are answered from the result). Only a GET revalidates:
+        // the 304 then stands for the stored GET response. Without a stored copy the client's
+        // conditionals go through, so that an origin's 304 still saves the transfer.
         let validators = stale
             .as_ref()
             .filter(|_| !head)
             .and_then(|(_, e)| policy::validators(&e.headers));
         if let Some((etag, lm)) = validators {
+            req.headers.remove(header::IF_NONE_MATCH);
+            req.headers.remove(header::IF_MODIFIED_SINCE);
             if let Some(v) = etag {
                 req.headers.insert(header::IF_NONE_MATCH, v);
             }
@@ -496,7 +495,11 @@ impl Miss {
             }
         }
         let fwd = match self.why {
-            Fwd::Stale => format!("balancer; fwd=stale; fwd-status={}", status.as_u16()),
+            Fwd::Stale | Fwd::Request if self.revalidating => format!(
+                "balancer; fwd={}; fwd-status={}",
+                self.why.as_str(),
+                status.as_u16()
+            ),
             w => format!("balancer; fwd={}", w.as_str()),
         };
         if self.head {
@@ -634,7 +637,11 @@ impl Miss {
             &entry,
             self.head,
             not_modified,
-            HeaderValue::from_static("balancer; fwd=stale; fwd-status=304"),
+            HeaderValue::from_static(if self.why == Fwd::Request {
+                "balancer; fwd=request; fwd-status=304"
+            } else {
+                "balancer; fwd=stale; fwd-status=304"
+            }),
             "revalidated",
             now,
             log,
