@@ -755,6 +755,24 @@ async fn a_head_is_answered_from_a_stored_get() {
     assert_eq!(cache_status(&head), "balancer; hit");
     assert_eq!(head.headers["content-length"], g.body.len().to_string());
     assert_eq!(o.count("/h"), 1);
+    // Stored from a chunked body, the copy still has its length.
+    let mut chunked = spec("max-age=60");
+    chunked.big = 16384;
+    chunked.chunked = true;
+    o.set("/hc", chunked);
+    assert_eq!(get(&c, &b.url("/hc")).await.body.len(), 16384);
+    let head = send(
+        &c,
+        Request::head(b.url("/hc"))
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (cache_status(&head).as_str(), head.body.as_str()),
+        ("balancer; hit", "")
+    );
+    assert_eq!(head.headers["content-length"], "16384");
     b.shutdown().await;
 }
 

@@ -715,9 +715,14 @@ pub(crate) struct Commit {
 
 impl Commit {
     fn store(self, body: Bytes) {
+        let mut headers = self.headers;
+        // A body that came chunked: a HEAD answered from this copy still says its length.
+        if !headers.contains_key(header::CONTENT_LENGTH) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         let entry = Entry::new(
             self.status,
-            self.headers,
+            headers,
             body,
             self.policy,
             &self.policy_request,
