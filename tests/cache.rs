@@ -516,8 +516,9 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     let (o, b, c) = setup(SMALL).await;
     o.set("/swr", spec("max-age=0, stale-while-revalidate=60"));
     assert_eq!(get(&c, &b.url("/swr")).await.body, "hello n=1");
-    // The refresh takes a while; every request meanwhile gets the stale copy.
-    o.state.delay_ms.store(300, SeqCst);
+    // The refresh takes a while (longer than the ten requests, however loaded the machine);
+    // every request meanwhile gets the stale copy at once.
+    o.state.delay_ms.store(2000, SeqCst);
     for _ in 0..10 {
         let g = get(&c, &b.url("/swr")).await;
         assert_eq!(g.body, "hello n=1");
