@@ -521,6 +521,7 @@ impl Miss {
             p.status = parts.status;
             p.headers = store::own(&parts.headers);
             p.headers.remove(&CACHE_STATUS);
+            policy::clamp_age(&mut p.headers);
             p
         };
         let policy_asked = Asked {
@@ -610,6 +611,7 @@ impl Miss {
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = resp.status();
         parts.headers = store::own(resp.headers());
+        policy::clamp_age(&mut parts.headers);
         let AfterResponse::NotModified(policy, merged) =
             old.policy.after_response(&asked, &parts, now)
         else {

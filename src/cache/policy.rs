@@ -10,7 +10,9 @@
 //!   the crate also accepts 302/303/307 with explicit freshness;
 //! - a response with `Set-Cookie` is never stored (the crate stores it with `public`);
 //! - `Vary: *` is never stored (the crate stores it and then never matches it);
-//! - `immutable` gives no freshness of its own (the crate assumes a day).
+//! - `immutable` gives no freshness of its own (the crate assumes a day);
+//! - an `Age` above 2^31 is clamped to it (RFC 9111 §1.2.2) before the crate sees it: it adds
+//!   durations to it unchecked, which a backend could make overflow.
 //!
 //! The crate does not know `stale-while-revalidate` and `stale-if-error` (RFC 5861); they
 //! are read here.
@@ -249,6 +251,22 @@ fn date(v: &HeaderValue) -> Option<std::time::SystemTime> {
     httpdate::parse_http_date(v.to_str().ok()?).ok()
 }
 
+/// RFC 9111 §1.2.2: an `Age` beyond what can be represented counts as 2^31 seconds. Done
+/// before the policy sees a response: the crate adds durations to it unchecked, and a
+/// backend's `Age: 18446744073709551615` would otherwise overflow there.
+pub fn clamp_age(h: &mut HeaderMap) {
+    const CAP: u64 = 1 << 31;
+    let Some(v) = h.get(header::AGE) else { return };
+    let ok = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n <= CAP);
+    if !ok {
+        h.insert(header::AGE, HeaderValue::from(CAP));
+    }
+}
+
 /// The conditional headers that revalidate a stored response with `res` headers, if it has
 /// a validator.
 pub fn validators(res: &HeaderMap) -> Option<(Option<HeaderValue>, Option<HeaderValue>)> {
@@ -366,6 +384,39 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn huge_ages_and_lifetimes_do_not_overflow() {
+        let mut rs = HeaderMap::new();
+        rs.insert(
+            header::CACHE_CONTROL,
+            "max-age=18446744073709551615".parse().unwrap(),
+        );
+        rs.insert(header::AGE, "18446744073709551615".parse().unwrap());
+        clamp_age(&mut rs);
+        assert_eq!(rs[header::AGE], "2147483648");
+        let uri: Uri = "/x".parse().unwrap();
+        let rq = HeaderMap::new();
+        let asked = Asked {
+            method: &Method::GET,
+            uri: &uri,
+            headers: &rq,
+        };
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.headers = rs;
+        let now = SystemTime::now();
+        let policy = CachePolicy::new_options(&asked, &parts, now, options());
+        let e = super::super::store::Entry::new(
+            StatusCode::OK,
+            parts.headers.clone(),
+            bytes::Bytes::new(),
+            policy,
+            &rq,
+            now,
+        );
+        assert!(e.stale_by(now).is_none());
+        let _ = e.policy.age(now + std::time::Duration::from_secs(3600));
     }
 
     #[test]

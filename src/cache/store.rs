@@ -36,6 +36,8 @@ const FIELD_OVERHEAD: u64 = 64;
 const ENTRY_OVERHEAD: u64 = 1024;
 /// Per key: the `String` and quick_cache's bookkeeping for it.
 const KEY_OVERHEAD: u64 = 64;
+/// Freshness beyond what `SystemTime` can hold.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// The most shards: enough that hits on different keys rarely meet on one lock.
 const MAX_SHARDS: usize = 16;
 
@@ -63,7 +65,10 @@ impl Entry {
         policy_request: &HeaderMap,
         now: SystemTime,
     ) -> Entry {
-        let fresh_until = now + policy.time_to_live(now);
+        // A backend's `max-age` can be any u64: far enough is forever.
+        let fresh_until = now
+            .checked_add(policy.time_to_live(now))
+            .unwrap_or(now + FOREVER);
         let directives = Directives::of(&headers);
         // The policy keeps its own clone of the response headers (values shared, tables not).
         let weight = body.len() as u64
