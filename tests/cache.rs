@@ -1022,3 +1022,34 @@ async fn the_access_log_says_what_the_cache_did() {
         (Some("stale"), Some(200))
     );
 }
+
+#[test]
+fn check_names_a_cached_route_without_a_cache_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("balancer.toml");
+    let text =
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n\n[[routes]]\npool = \"web\"\ncache = true\n\n\
+                [pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(":6:9: routes[0].cache: cache = true needs a [cache] table"),
+        "{err}"
+    );
+    std::fs::write(&path, format!("{text}[cache]\nmax_size = \"16MiB\"\n")).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
