@@ -6,7 +6,8 @@
 #
 # It installs what is missing (wrk, h2load from nghttp2-client, nginx, haproxy) with apt-get,
 # builds the balancer (cargo build --release), starts two nginx backends and the four proxies
-# (balancer with the access log off, balancer with it on and stdout to /dev/null, nginx,
+# (balancer on its shipped defaults, benches/compare/balancer.toml, with the access log off, and
+# untouched with it on and stdout to /dev/null; nginx;
 # HAProxy), then measures each proxy in turn, interleaved, each run on a freshly started
 # proxy, in these scenarios:
 #   small   small GET, keep-alive, wrk -c64
@@ -229,9 +230,10 @@ start_proxy() {
     local name=$1 port=${PORT[$1]} h2port=${H2PORT[$1]}
     case $name in
         balancer | balancer-log)
-            local access=false
+            local access=false template=$HERE/balancer.toml
             [[ $name == balancer-log ]] && access=true
-            fill "$HERE/balancer.toml" "$WORK/$name.toml" -e "s#@PORT@#$port#g" \
+            [[ ${SCENARIO_NOW:-} == cached ]] && template=$HERE/balancer-cached.toml
+            fill "$template" "$WORK/$name.toml" -e "s#@PORT@#$port#g" \
                 -e "s#@ACCESS@#$access#g"
             "$BIN" check --config "$WORK/$name.toml" >/dev/null ||
                 die "balancer rejects $WORK/$name.toml"
@@ -334,6 +336,7 @@ run_tool() { # scenario port h2port duration out [h2log]
 
 measure() { # proxy scenario rep
     local name=$1 scenario=$2 rep=$3
+    SCENARIO_NOW=$scenario
     start_checked "$name"
     local pid=${PID[$name]}
     kill -0 "$pid" 2>/dev/null || { log "$name is not running; skipping $scenario"; return; }
@@ -358,6 +361,7 @@ measure() { # proxy scenario rep
 
 measure_idle() { # proxy rep
     local name=$1 rep=$2 out=$WORK/out/$rep-$name-idle.json
+    SCENARIO_NOW=idle
     start_checked "$name"
     kill -0 "${PID[$name]}" 2>/dev/null || { log "$name is not running; skipping idle"; return; }
     taskset -c "$LOAD_CPU" python3 "$HERE/idle_conns.py" --port "${PORT[$name]}" \
