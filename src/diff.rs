@@ -375,6 +375,9 @@ fn pool_settings(d: &mut Diff, o: &PoolConfig, n: &PoolConfig) {
     let key = |k: &str| format!("pool {} {k}", n.name);
     let dur = |v: &Duration| humantime::format_duration(*v).to_string();
     let num = |v: &u32| v.to_string();
+    d.setting(&key("protocol"), o.protocol, n.protocol, |p| {
+        p.as_str().to_owned()
+    });
     d.setting(&key("tls"), &o.tls, &n.tls, |t| match t {
         None => "off".to_owned(),
         Some(t) => match (&t.ca, &t.server_name) {

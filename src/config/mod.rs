@@ -243,12 +243,38 @@ impl StrategyKind {
     }
 }
 
+/// What a pool speaks to its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP with prior knowledge (no `Upgrade: h2c` dance).
+    H2c,
+    /// HTTP/2 over TLS, negotiated with ALPN `h2`; needs the pool's `tls`.
+    H2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+            Protocol::H2 => "h2",
+        }
+    }
+
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::H2c | Protocol::H2)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub strategy: StrategyKind,
     pub backends: Vec<BackendConfig>,
     pub tls: Option<UpstreamTls>,
+    pub protocol: Protocol,
     pub health_check: Option<HealthCheckConfig>,
     pub breaker: BreakerPolicy,
     pub timeouts: Timeouts,

@@ -101,6 +101,7 @@ pub(super) struct RawPool {
     pub strategy: Option<Spanned<String>>,
     pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     pub tls: Option<Spanned<RawUpstreamTls>>,
+    pub protocol: Option<Spanned<String>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub timeouts: Option<RawTimeouts>,

@@ -417,6 +417,7 @@ impl Validator<'_> {
             None => None,
             Some(t) => self.keep(self.upstream_tls(t.get_ref(), &key), None),
         };
+        let protocol = self.protocol(raw, tls.is_some(), &key);
         let health_check = raw
             .health_check
             .as_ref()
@@ -447,6 +448,7 @@ impl Validator<'_> {
             strategy,
             backends,
             tls,
+            protocol,
             health_check,
             breaker,
             timeouts,
@@ -520,6 +522,42 @@ impl Validator<'_> {
             });
         }
         backends
+    }
+
+    /// `protocol`, checked against the pool's `tls`: h2 is only ever negotiated over TLS (and
+    /// h2c only without it), so a mismatch is a config error rather than a surprise at the
+    /// first request.
+    fn protocol(&self, raw: &RawPool, tls: bool, key: &dyn Fn(&str) -> String) -> Protocol {
+        let Some(p) = &raw.protocol else {
+            return Protocol::default();
+        };
+        let protocol = match p.get_ref().as_str() {
+            "http1" => Protocol::Http1,
+            "h2c" => Protocol::H2c,
+            "h2" => Protocol::H2,
+            other => {
+                self.report(self.src.err(
+                    p.span(),
+                    key("protocol"),
+                    format!("unknown protocol {other:?} (http1, h2c or h2)"),
+                ));
+                return Protocol::default();
+            }
+        };
+        match (protocol, tls) {
+            (Protocol::H2, false) => self.report(self.src.err(
+                p.span(),
+                key("protocol"),
+                "protocol \"h2\" is HTTP/2 over TLS and needs `tls` in this pool (use \"h2c\" for cleartext)",
+            )),
+            (Protocol::H2c, true) => self.report(self.src.err(
+                p.span(),
+                key("protocol"),
+                "protocol \"h2c\" is cleartext HTTP/2 but this pool has `tls` (use \"h2\")",
+            )),
+            _ => {}
+        }
+        protocol
     }
 
     fn upstream_tls(
