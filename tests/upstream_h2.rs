@@ -4,6 +4,11 @@
 //! gRPC (all four call kinds, trailers and metadata) end to end.
 
 mod common;
+#[path = "common/grpc_backend.rs"]
+mod grpc_backend;
+
+use bytes::Bytes;
+use grpc_backend::*;
 
 use balancer::config::Protocol;
 use balancer::{Config, ConfigError};
@@ -48,4 +53,27 @@ fn diff_names_a_protocol_change() {
     let d = balancer::diff::configs(&old, &new);
     let text = d.lines().join("\n");
     assert!(text.contains("pool web protocol http1 -> h2c"), "{text}");
+}
+
+/// The test services themselves, without the balancer: what the proxied tests compare with.
+#[tokio::test]
+async fn grpc_backend_serves_the_four_call_kinds_directly() {
+    let be = start_grpc_backend(100).await;
+    let mut c = grpc_client(be.addr).await;
+    let r = unary(&mut c, tonic::Request::new(Bytes::from_static(b"hi")))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref(), &Bytes::from_static(b"hi"));
+    let r = sum(&mut c, vec![1, 2, 3]).await.unwrap();
+    assert_eq!(r.get_ref(), &Bytes::from_static(b"6"));
+    let mut s = count(&mut c, tonic::Request::new(Bytes::from_static(b"3")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        got.push(m);
+    }
+    assert_eq!(got, ["0", "1", "2"]);
+    assert_eq!(be.connections(), 1);
 }
