@@ -93,6 +93,7 @@ impl ProxyError {
                     | Failure::ConnectTimeout
                     | Failure::ConnectError
                     | Failure::TlsError
+                    | Failure::UpstreamAlpnMismatch
                     | Failure::UpstreamReset
                     | Failure::UpstreamStatus
                     | Failure::UpstreamProtocol => StatusCode::BAD_GATEWAY,

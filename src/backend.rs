@@ -16,6 +16,7 @@ use crate::admin_state::Intent;
 use crate::breaker::{Admission, Breaker, BreakerState, Transition};
 use crate::clock::{now_ms, unix_ms};
 use crate::config::BreakerPolicy;
+use crate::h2pool::H2Conns;
 use crate::idle::IdleConns;
 use crate::reason::Failure;
 
@@ -75,6 +76,8 @@ pub struct Backend {
     last_error: AtomicU8,
     last_error_at: AtomicU64,
     pub idle: IdleConns,
+    /// Multiplexed connections of an h2/h2c pool (shared: a dialling request holds it).
+    pub h2: Arc<H2Conns>,
     /// What the operator asked for through the admin API (drain, disable, weight). Here rather
     /// than in the snapshot because it is runtime state that must survive reloads.
     pub intent: Intent,
@@ -93,6 +96,7 @@ impl Backend {
             last_error: AtomicU8::new(0),
             last_error_at: AtomicU64::new(0),
             idle: IdleConns::default(),
+            h2: Arc::default(),
             intent: Intent::default(),
         }
     }

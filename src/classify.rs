@@ -55,7 +55,9 @@ pub fn classify(result: &Result<Sent, SendError>, cx: &Context<'_>) -> Verdict {
         Ok(sent) => {
             let note = sent
                 .stale_retried
-                .then_some(Reason::Note(Note::StaleConnectionRetried));
+                .then_some(Note::StaleConnectionRetried)
+                .or(sent.resent)
+                .map(Reason::Note);
             if let Some(failure) = broken_response(sent, cx.upgrade) {
                 return Verdict {
                     outcome: Outcome::Failure(failure),

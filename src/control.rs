@@ -303,6 +303,7 @@ impl Controller {
         for p in &snap.pools {
             for m in &p.members {
                 m.backend.idle.reap(p.dial.transport, p.dial.timeouts.idle);
+                m.backend.h2.reap(p.dial.transport, p.dial.timeouts.idle);
             }
         }
     }
@@ -373,6 +374,7 @@ impl Controller {
         // Backends that left the config: nothing will ever pop their idle connections again.
         for gone in prev.backends_not_in(&next) {
             gone.idle.clear();
+            gone.h2.clear();
         }
 
         let removed: Vec<SocketAddr> = self

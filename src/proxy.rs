@@ -312,7 +312,12 @@ async fn forward(
         );
         let status = result.as_ref().ok().map(|s| s.response.status().as_u16());
         guard.record(verdict.outcome, status, took, &pool.breaker);
-        stale_replayed |= verdict.note == Some(Reason::Note(Note::StaleConnectionRetried));
+        stale_replayed |= matches!(
+            verdict.note,
+            Some(Reason::Note(
+                Note::StaleConnectionRetried | Note::GoawayRetried | Note::RefusedStreamRetried
+            ))
+        );
         note = verdict.note.or(note);
         match (verdict.next, result) {
             (Next::Respond, Ok(sent)) => {

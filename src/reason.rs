@@ -32,6 +32,8 @@ pub enum Failure {
     ConnectTimeout,
     ConnectError,
     TlsError,
+    /// A pool with `protocol = "h2"`: the backend's TLS did not select ALPN `h2`.
+    UpstreamAlpnMismatch,
     ResponseTimeout,
     UpstreamReset,
     /// The backend answered with a status its pool's `failure_statuses` lists.
@@ -60,6 +62,11 @@ pub enum Note {
     /// Sent to a backend whose breaker is open, because open breakers already take out more
     /// than the pool's `max_ejected_percent`.
     EjectionCapped,
+    /// An HTTP/2 backend's GOAWAY said the stream was not processed; sent again on another
+    /// connection.
+    GoawayRetried,
+    /// An HTTP/2 backend refused the stream (REFUSED_STREAM) before processing it; sent again.
+    RefusedStreamRetried,
 }
 
 /// Any reason code, for the one `reason` field of a log line or metric label.
@@ -102,11 +109,12 @@ impl Refusal {
 }
 
 impl Failure {
-    pub const ALL: [Failure; 8] = [
+    pub const ALL: [Failure; 9] = [
         Failure::ConnectRefused,
         Failure::ConnectTimeout,
         Failure::ConnectError,
         Failure::TlsError,
+        Failure::UpstreamAlpnMismatch,
         Failure::ResponseTimeout,
         Failure::UpstreamReset,
         Failure::UpstreamStatus,
@@ -119,6 +127,7 @@ impl Failure {
             Failure::ConnectTimeout => "connect_timeout",
             Failure::ConnectError => "connect_error",
             Failure::TlsError => "tls_error",
+            Failure::UpstreamAlpnMismatch => "upstream_alpn_mismatch",
             Failure::ResponseTimeout => "response_timeout",
             Failure::UpstreamReset => "upstream_reset",
             Failure::UpstreamStatus => "upstream_5xx",
@@ -142,7 +151,8 @@ impl Failure {
             Failure::ConnectRefused
             | Failure::ConnectTimeout
             | Failure::ConnectError
-            | Failure::TlsError => true,
+            | Failure::TlsError
+            | Failure::UpstreamAlpnMismatch => true,
             Failure::ResponseTimeout
             | Failure::UpstreamReset
             | Failure::UpstreamStatus
@@ -168,12 +178,19 @@ impl ClientEvent {
 }
 
 impl Note {
-    pub const ALL: [Note; 2] = [Note::StaleConnectionRetried, Note::EjectionCapped];
+    pub const ALL: [Note; 4] = [
+        Note::StaleConnectionRetried,
+        Note::EjectionCapped,
+        Note::GoawayRetried,
+        Note::RefusedStreamRetried,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Note::StaleConnectionRetried => "stale_connection_retried",
             Note::EjectionCapped => "ejection_capped",
+            Note::GoawayRetried => "upstream_goaway_retried",
+            Note::RefusedStreamRetried => "refused_stream_retried",
         }
     }
 }

@@ -10,7 +10,7 @@ use http::{Method, Request, Uri, Version};
 
 use crate::answer::ProxyError;
 use crate::conn::ConnInfo;
-use crate::headers::{strip_hop_by_hop, NOT_FORWARDED};
+use crate::headers::{has_token, strip_hop_by_hop, NOT_FORWARDED};
 use crate::request_body::UpBody;
 use crate::state::Snapshot;
 
@@ -344,8 +344,21 @@ static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// gRPC needs `te: trailers` to reach the server (servers refuse a call without it, since it
+/// is how a client says it reads trailers, where gRPC's status travels); for any other request
+/// `TE` is hop-by-hop like the rest.
+fn keeps_te_trailers(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        && has_token(h, header::TE, "trailers")
+}
+
 pub fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<HeaderValue>, conn: &ConnInfo) {
+    let te_trailers = keeps_te_trailers(h);
     strip_hop_by_hop(h);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if h.keys().any(|k| NOT_FORWARDED.contains(k)) {
         for n in &NOT_FORWARDED {
             h.remove(n);

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -71,6 +74,18 @@ pub enum UpBody {
     /// No body, or a replay of a bodiless request.
     Empty,
     Stream(Box<Streaming>),
+    /// A body sent again after an HTTP/2 backend refused it unprocessed (`replay.rs`): what
+    /// was already sent, then the rest.
+    Replayed(Box<Replayed>),
+}
+
+pub struct Replayed {
+    /// Data frames sent on the refused attempt, in order.
+    pub sent: VecDeque<Bytes>,
+    /// The client's body from where the refused attempt stopped reading it.
+    pub rest: Option<UpBody>,
+    /// The client's trailers, if the refused attempt had already read them.
+    pub trailers: Option<HeaderMap>,
 }
 
 pub struct Streaming {
@@ -118,6 +133,18 @@ impl Body for UpBody {
         let s = match self.get_mut() {
             UpBody::Empty => return Poll::Ready(None),
             UpBody::Stream(s) => &mut **s,
+            UpBody::Replayed(r) => {
+                if let Some(d) = r.sent.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                if let Some(rest) = r.rest.as_mut() {
+                    match Pin::new(rest).poll_frame(cx) {
+                        Poll::Ready(None) => r.rest = None,
+                        other => return other,
+                    }
+                }
+                return Poll::Ready(r.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
         };
         match Pin::new(&mut s.inner).poll_frame(cx) {
             Poll::Pending => {
@@ -162,6 +189,11 @@ impl Body for UpBody {
         match self {
             UpBody::Empty => true,
             UpBody::Stream(s) => s.inner.is_end_stream(),
+            UpBody::Replayed(r) => {
+                r.sent.is_empty()
+                    && r.trailers.is_none()
+                    && r.rest.as_ref().is_none_or(UpBody::is_end_stream)
+            }
         }
     }
 
@@ -169,6 +201,19 @@ impl Body for UpBody {
         match self {
             UpBody::Empty => SizeHint::with_exact(0),
             UpBody::Stream(s) => s.inner.size_hint(),
+            UpBody::Replayed(r) => {
+                let sent: u64 = r.sent.iter().map(|b| b.len() as u64).sum();
+                let rest = r
+                    .rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), UpBody::size_hint);
+                let mut h = SizeHint::new();
+                h.set_lower(rest.lower() + sent);
+                if let Some(u) = rest.upper() {
+                    h.set_upper(u + sent);
+                }
+                h
+            }
         }
     }
 }

@@ -19,8 +19,8 @@ use hyper::body::Incoming;
 use crate::accesslog::{self, Ending, LogEntry};
 use crate::backend::InFlight;
 use crate::conn::ConnInfo;
-use crate::idle::Conn;
 use crate::reason::{ClientEvent, Failure, Reason};
+use crate::upstream::Lease;
 
 /// The response sent to the client: one the balancer made itself, or a backend's, streamed.
 pub struct ResponseBody {
@@ -47,7 +47,7 @@ struct Upstream {
     /// The last data frame handed to hyper, counted once hyper comes back or the body ends:
     /// an h2 stream without window holds it unsent.
     pending: u64,
-    conn: Option<Conn>,
+    conn: Option<Lease>,
     guard: InFlight,
     client: Arc<ConnInfo>,
 }
@@ -97,7 +97,7 @@ impl ResponseBody {
 
     pub fn upstream(
         inner: Incoming,
-        conn: Option<Conn>,
+        conn: Option<Lease>,
         guard: InFlight,
         log: Option<Box<LogEntry>>,
         client: Arc<ConnInfo>,
@@ -238,7 +238,11 @@ fn body_failure(e: &hyper::Error) -> Failure {
 /// is given up on (its request body still being written, typically).
 const READY_WAIT: Duration = Duration::from_secs(5);
 
-fn return_conn(guard: &InFlight, mut conn: Conn) {
+fn return_conn(guard: &InFlight, lease: Lease) {
+    // An h2 stream's slot frees as the lease drops; only HTTP/1.1 connections go back.
+    let Lease::H1(mut conn) = lease else {
+        return;
+    };
     if conn.tx.is_ready() {
         guard.backend().idle.put(conn);
     } else if !conn.tx.is_closed() {

@@ -108,13 +108,18 @@ impl Snapshot {
             // surviving backends keep their idle connections; otherwise none of the old ones is
             // ever handed out again (see idle.rs), and health probes restart. The trust is
             // compared as built, not as written: a CA file rewritten in place changes it.
-            let same_tls = |pp: &Pool| match (&pp.dial.tls, &tls) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a.fingerprint() == b.fingerprint(),
-                _ => false,
+            // A change of protocol is a change of transport too: an h2 connection must never
+            // be handed to an HTTP/1.1 pool, nor the other way round.
+            let same_transport = |pp: &Pool| {
+                pp.dial.protocol == pc.protocol
+                    && match (&pp.dial.tls, &tls) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => a.fingerprint() == b.fingerprint(),
+                        _ => false,
+                    }
             };
             let transport = match prev_pool {
-                Some(pp) if same_tls(pp) => pp.dial.transport,
+                Some(pp) if same_transport(pp) => pp.dial.transport,
                 _ => generation,
             };
             let members = pc
@@ -140,6 +145,7 @@ impl Snapshot {
             let dial = Dial {
                 timeouts: pc.timeouts,
                 tls,
+                protocol: pc.protocol,
                 transport,
             };
             pools.push(Arc::new(Pool::new(pc, members, dial)));

@@ -1,26 +1,40 @@
 //! Connections to backends: connect (TCP, optionally TLS) with a timeout, keep-alive reuse, and
 //! sending one request with a response timeout.
 //!
-//! `send` pops one of the backend's idle connections (`idle.rs`) or dials a new one, sends on
-//! it, and hands the connection to the response body, which puts it back when the exchange
-//! completed cleanly. A connection that timed out, was aborted mid-body or was upgraded is
-//! simply dropped, never pooled. Failures come back as a `Failure` reason for `classify`;
-//! a failure of the client's own request body is told apart, since it is not the backend's.
+//! HTTP/1.1 pools: `send` pops one of the backend's idle connections (`idle.rs`) or dials a
+//! new one, sends on it, and hands the connection to the response body, which puts it back
+//! when the exchange completed cleanly. A connection that timed out, was aborted mid-body or
+//! was upgraded is simply dropped, never pooled.
+//!
+//! HTTP/2 pools (`protocol = "h2c" | "h2"`): `send` reserves a stream on one of the backend's
+//! multiplexed connections (`h2pool.rs`), dialling one when all are saturated; the response
+//! body holds the stream until it ends. A stream the backend did not process (REFUSED_STREAM,
+//! or above a GOAWAY's last-stream-id) is sent again on another connection within the same
+//! attempt, whatever the method, with its body as `replay.rs` kept it. WebSocket upgrades
+//! of an h2 pool go over HTTP/1.1 to the same address.
+//!
+//! Failures come back as a `Failure` reason for `classify`; a failure of the client's own
+//! request body is told apart, since it is not the backend's.
 
 use std::error::Error as StdError;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
-use crate::config::Timeouts;
+use crate::config::{Protocol, Timeouts};
+use crate::h2pool::{Acquired, GoawayScan, H2Conn, Stream};
 use crate::idle::{Conn, Sender};
-use crate::reason::Failure;
+use crate::reason::{Failure, Note};
+use crate::replay::ReplayBody;
 use crate::request_body::{BodyError, BodyFault, UpBody};
 use crate::tls::UpstreamTlsConnector;
 
@@ -31,7 +45,8 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub struct Dial {
     pub timeouts: Timeouts,
     pub tls: Option<UpstreamTlsConnector>,
-    /// Changes whenever the pool's TLS settings change (see `idle.rs`).
+    pub protocol: Protocol,
+    /// Changes whenever the pool's TLS settings or protocol change (see `idle.rs`).
     pub transport: u64,
 }
 
@@ -65,14 +80,36 @@ pub enum Cause {
 
 pub struct Sent {
     pub response: Response<Incoming>,
-    /// The connection, for the response body to return to the pool when it ends.
-    pub conn: Conn,
+    /// The connection (or h2 stream), for the response body to release when it ends.
+    pub conn: Lease,
     /// A pooled connection was found dead before the request left, and a fresh one was used.
     pub stale_retried: bool,
+    /// An h2 backend did not process the request the first time (GOAWAY or REFUSED_STREAM)
+    /// and it was sent again: which of the two, last.
+    pub resent: Option<Note>,
 }
 
-/// Sends `req` to `backend`, on a pooled connection if one is idle, else on a new one.
-pub async fn send(
+/// What the response body holds on to until it ends.
+pub enum Lease {
+    /// An HTTP/1.1 connection, pooled again when the exchange completed cleanly.
+    H1(Conn),
+    /// A stream slot on a shared HTTP/2 connection, freed when dropped.
+    H2(Stream),
+}
+
+/// Sends `req` to `backend` over the pool's protocol.
+pub async fn send(backend: &Backend, dial: &Dial, req: Request<UpBody>) -> Result<Sent, SendError> {
+    // WebSocket has no HTTP/2 form our backends are known to speak (RFC 8441 is rare): an
+    // h2 pool tunnels it over HTTP/1.1 to the same address.
+    if dial.protocol.is_h2() && !req.headers().contains_key(hyper::header::UPGRADE) {
+        send_h2(backend, dial, req).await
+    } else {
+        send_h1(backend, dial, req).await
+    }
+}
+
+/// Sends `req` on a pooled HTTP/1.1 connection if one is idle, else on a new one.
+async fn send_h1(
     backend: &Backend,
     dial: &Dial,
     mut req: Request<UpBody>,
@@ -90,12 +127,13 @@ pub async fn send(
             Ok(response) => {
                 return Ok(Sent {
                     response,
-                    conn,
+                    conn: Lease::H1(conn),
                     stale_retried,
+                    resent: None,
                 })
             }
             Err(Exchange::NotSent(r)) => {
-                req = r;
+                req = *r;
                 stale_retried = true;
             }
             Err(Exchange::Failed(e)) => return Err(e),
@@ -118,11 +156,12 @@ pub async fn send(
     match exchange(&mut conn.tx, req, dial.timeouts.response, false).await {
         Ok(response) => Ok(Sent {
             response,
-            conn,
+            conn: Lease::H1(conn),
             stale_retried,
+            resent: None,
         }),
         Err(Exchange::NotSent(req)) => Err(SendError::NotSent {
-            req: Box::new(req),
+            req,
             failure: Failure::UpstreamReset,
             source: "new connection closed before the request was sent".into(),
         }),
@@ -131,7 +170,8 @@ pub async fn send(
 }
 
 enum Exchange {
-    NotSent(Request<UpBody>),
+    // Boxed like `SendError::NotSent`'s.
+    NotSent(Box<Request<UpBody>>),
     Failed(SendError),
 }
 
@@ -149,7 +189,7 @@ async fn exchange(
         })),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(mut e)) => match e.take_message() {
-            Some(req) => Err(Exchange::NotSent(req)),
+            Some(req) => Err(Exchange::NotSent(Box::new(req))),
             None => {
                 let err = e.into_error();
                 let cause = cause_of(&err);
@@ -197,19 +237,24 @@ fn cause_of(err: &hyper::Error) -> Cause {
     Cause::Backend(Failure::UpstreamReset)
 }
 
+async fn tcp_connect(backend: &Backend) -> Result<TcpStream, (Failure, BoxError)> {
+    let tcp = TcpStream::connect(backend.addr).await.map_err(|e| {
+        let failure = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            Failure::ConnectRefused
+        } else {
+            Failure::ConnectError
+        };
+        (failure, BoxError::from(e))
+    })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
 async fn connect(backend: &Backend, dial: &Dial) -> Result<Sender, (Failure, BoxError)> {
     backend.counters.connections_opened.fetch_add(1, Relaxed);
     let limit = dial.timeouts.connect;
     let fut = async {
-        let tcp = TcpStream::connect(backend.addr).await.map_err(|e| {
-            let failure = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                Failure::ConnectRefused
-            } else {
-                Failure::ConnectError
-            };
-            (failure, BoxError::from(e))
-        })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = tcp_connect(backend).await?;
         match &dial.tls {
             None => handshake(TokioIo::new(tcp)).await,
             Some(tls) => {
@@ -248,6 +293,271 @@ where
         }
     });
     Ok(tx)
+}
+
+/// How many times one attempt sends again a request an h2 backend did not process, before
+/// the refusal counts as the attempt's failure.
+const MAX_RESENDS: u32 = 3;
+
+/// PINGs on every h2 connection, idle ones included, so a backend that vanished without a
+/// FIN (power loss, a dropped NAT entry) is noticed within interval + timeout, not at the next
+/// request's response timeout.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Receive windows: how much of a response the backend may send ahead of the client reading
+/// it. Fixed, so a large response costs the same memory as a small one, yet enough to fill
+/// loopback and LAN links (hyper's defaults are 2 MiB and 5 MiB).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONN_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// Streams assumed allowed before the backend's SETTINGS arrive (hyper's own assumption).
+const H2_INITIAL_MAX_STREAMS: usize = 100;
+
+/// Sends `req` as an HTTP/2 stream, on a connection shared with other requests.
+async fn send_h2(backend: &Backend, dial: &Dial, req: Request<UpBody>) -> Result<Sent, SendError> {
+    let mut req = to_h2(req, dial.tls.is_some(), &backend.address);
+    let mut resent = None;
+    let mut resends = 0;
+    loop {
+        let stream = match acquire_h2(backend, dial).await {
+            Ok(s) => s,
+            Err((failure, source)) => {
+                return Err(SendError::NotSent {
+                    req: Box::new(req),
+                    failure,
+                    source,
+                })
+            }
+        };
+        let (parts, body) = req.into_parts();
+        // What a resend needs besides the body: kept only while the request may come back.
+        let head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        let (body, rewind) = ReplayBody::new(body);
+        let mut tx = stream.sender();
+        let limit = dial.timeouts.response;
+        let sending = tx.try_send_request(Request::from_parts(parts, body));
+        let err = match tokio::time::timeout(limit, sending).await {
+            Err(_) => {
+                return Err(SendError::Failed {
+                    cause: Cause::Backend(Failure::ResponseTimeout),
+                    source: format!("no response within {limit:?}").into(),
+                    stale: false,
+                })
+            }
+            Ok(Ok(response)) => {
+                rewind.commit();
+                return Ok(Sent {
+                    response,
+                    conn: Lease::H2(stream),
+                    stale_retried: false,
+                    resent,
+                });
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                // The connection closed before the stream opened: try another one.
+                Some(r) => {
+                    let (parts, body) = r.into_parts();
+                    req = Request::from_parts(parts, body.into_inner());
+                    drop(stream);
+                    resends += 1;
+                    if resends > MAX_RESENDS {
+                        return Err(SendError::NotSent {
+                            req: Box::new(req),
+                            failure: Failure::UpstreamReset,
+                            source: "h2 connections kept closing before the request was sent"
+                                .into(),
+                        });
+                    }
+                    continue;
+                }
+                None => e.into_error(),
+            },
+        };
+        drop(stream);
+        if let Some(note) = unprocessed(&err) {
+            if resends < MAX_RESENDS {
+                // hyper drops the body once the stream is reset; it hands back what it had
+                // sent, unless that was more than it may keep.
+                let back = tokio::time::timeout(dial.timeouts.connect, rewind.take()).await;
+                if let Ok(Some(body)) = back {
+                    let (method, uri, headers) = head;
+                    let mut r = Request::new(body);
+                    *r.method_mut() = method;
+                    *r.uri_mut() = uri;
+                    *r.headers_mut() = headers;
+                    *r.version_mut() = http::Version::HTTP_2;
+                    req = r;
+                    resent = Some(note);
+                    resends += 1;
+                    tracing::debug!(backend = %backend.address, note = note.as_str(), error = %err, "h2 stream not processed; sending again");
+                    continue;
+                }
+            }
+        }
+        return Err(SendError::Failed {
+            cause: cause_of(&err),
+            source: err.into(),
+            stale: false,
+        });
+    }
+}
+
+/// The stream was not processed by the backend, by its own word: REFUSED_STREAM (RFC 9113
+/// §8.7), or a GOAWAY whose last-stream-id is below it (§6.8; h2 fails exactly those streams
+/// with the remote GOAWAY error, the others finish or fail on their own).
+fn unprocessed(err: &hyper::Error) -> Option<Note> {
+    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            if h.is_go_away() && h.is_remote() {
+                return Some(Note::GoawayRetried);
+            }
+            if h.is_reset() && h.is_remote() && h.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Some(Note::RefusedStreamRetried);
+            }
+            return None;
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// An HTTP/1.1-shaped request (origin-form target, `Host`) as an h2 stream: `:scheme` and
+/// `:authority` from the pool's transport and the `Host` the client sent (RFC 9113 §8.3.1),
+/// and no `Host` field beside it.
+fn to_h2(mut req: Request<UpBody>, tls: bool, address: &str) -> Request<UpBody> {
+    let authority = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(address)
+        .to_owned();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let scheme = if tls { "https" } else { "http" };
+    let uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority.as_str())
+        .path_and_query(pq.as_str())
+        .build()
+        .or_else(|_| {
+            http::Uri::builder()
+                .scheme(scheme)
+                .authority(address)
+                .path_and_query(pq.as_str())
+                .build()
+        });
+    if let Ok(uri) = uri {
+        *req.uri_mut() = uri;
+        req.headers_mut().remove(hyper::header::HOST);
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+    req
+}
+
+/// A stream slot on one of the backend's h2 connections; when every one is saturated, this
+/// request dials the next (or waits for the request that already does).
+async fn acquire_h2(backend: &Backend, dial: &Dial) -> Result<Stream, (Failure, BoxError)> {
+    match backend
+        .h2
+        .acquire(dial.transport, dial.timeouts.connect)
+        .await
+    {
+        Acquired::Stream(s) => Ok(s),
+        Acquired::DialFailed(f) => Err((
+            f,
+            format!(
+                "the h2 connection to {} this request waited for failed",
+                backend.address
+            )
+            .into(),
+        )),
+        Acquired::Dial(turn) => match connect_h2(backend, dial).await {
+            Ok(conn) => turn
+                .finish(Ok(conn))
+                .ok_or_else(|| (Failure::ConnectError, "h2 dial abandoned".into())),
+            Err((f, e)) => {
+                turn.finish(Err(f));
+                Err((f, e))
+            }
+        },
+    }
+}
+
+async fn connect_h2(backend: &Backend, dial: &Dial) -> Result<H2Conn, (Failure, BoxError)> {
+    backend.counters.connections_opened.fetch_add(1, Relaxed);
+    let limit = dial.timeouts.connect;
+    let fut = async {
+        let tcp = tcp_connect(backend).await?;
+        match &dial.tls {
+            None => handshake_h2(tcp, dial).await,
+            Some(tls) => {
+                let stream = tls
+                    .connect_h2(&backend.address, tcp)
+                    .await
+                    .map_err(|e| (Failure::TlsError, e))?;
+                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err((
+                        Failure::UpstreamAlpnMismatch,
+                        format!("{} did not select ALPN h2", backend.address).into(),
+                    ));
+                }
+                handshake_h2(stream, dial).await
+            }
+        }
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            Failure::ConnectTimeout,
+            format!("connect to {} took over {limit:?}", backend.address).into(),
+        )),
+    }
+}
+
+async fn handshake_h2<T>(io: T, dial: &Dial) -> Result<H2Conn, (Failure, BoxError)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let draining = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(GoawayScan::new(io, Arc::clone(&draining)));
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .initial_max_send_streams(H2_INITIAL_MAX_STREAMS)
+        .handshake(io)
+        .await
+        .map_err(|e| (Failure::ConnectError, BoxError::from(e)))?;
+    let max_streams = Arc::new(AtomicUsize::new(H2_INITIAL_MAX_STREAMS));
+    let published = Arc::clone(&max_streams);
+    tokio::spawn(async move {
+        use std::future::Future;
+        let mut conn = std::pin::pin!(conn);
+        // Only the connection's owner can read the backend's SETTINGS_MAX_CONCURRENT_STREAMS;
+        // publish it after every poll for the pool's saturation check.
+        let ended = std::future::poll_fn(|cx| {
+            let r = conn.as_mut().poll(cx);
+            published.store(conn.current_max_send_streams(), Relaxed);
+            r
+        })
+        .await;
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "upstream h2 connection ended");
+        }
+    });
+    Ok(H2Conn::new(tx, dial.transport, max_streams, draining))
 }
 
 /// A standalone connection for the health checker: never pooled, never shared with clients.

@@ -535,6 +535,7 @@ fn long_sequence_pool(n: usize, max_ejected_percent: u8) -> balancer::balance::P
     let dial = balancer::upstream::Dial {
         timeouts: pc.timeouts,
         tls: None,
+        protocol: balancer::config::Protocol::Http1,
         transport: 1,
     };
     Pool::new(&pc, members, dial)

@@ -77,3 +77,274 @@ async fn grpc_backend_serves_the_four_call_kinds_directly() {
     assert_eq!(got, ["0", "1", "2"]);
     assert_eq!(be.connections(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::Request as HttpRequest;
+
+/// One pool `web` of `backends` speaking `protocol`, plus `extra` pool keys.
+fn h2_config(backends: &[SocketAddr], protocol: &str, extra: &str) -> String {
+    config(
+        backends,
+        "round_robin",
+        &format!("protocol = \"{protocol}\"\n{extra}"),
+    )
+}
+
+fn line(body: &str, key: &str) -> String {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in {body:?}"))
+        .to_owned()
+}
+
+fn backend_of(b: &Balancer) -> Arc<balancer::backend::Backend> {
+    let snap = b.shared().snapshot.load_full();
+    Arc::clone(&snap.pools[0].members[0].backend)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain HTTP over an h2c pool
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_and_h2_clients_reach_an_h2c_backend_over_http2() {
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", "")).await;
+    for (name, c) in [("h1", client()), ("h2", h2_client())] {
+        let g = get(&c, &b.url("/plain/get?x=1")).await;
+        assert_eq!(g.status, 200, "{name}: {}", g.body);
+        assert_eq!(line(&g.body, "version"), "HTTP/2.0", "{name}");
+        assert_eq!(line(&g.body, "path"), "/plain/get", "{name}");
+        // :authority is the Host the client sent; no Host field beside it.
+        assert_eq!(line(&g.body, "authority"), b.addr.to_string(), "{name}");
+        assert_eq!(line(&g.body, "host"), "-", "{name}");
+        assert_eq!(line(&g.body, "x-forwarded-for"), "127.0.0.1", "{name}");
+
+        let body = vec![b'z'; 300_000];
+        let req = HttpRequest::post(b.url("/plain/post"))
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("te", "trailers")
+            .body(full(body))
+            .unwrap();
+        let g = send(&c, req).await;
+        assert_eq!(g.status, 200, "{name}: {}", g.body);
+        assert_eq!(line(&g.body, "body-bytes"), "300000", "{name}");
+        // Not gRPC: TE stays hop-by-hop.
+        assert_eq!(line(&g.body, "te"), "-", "{name}");
+
+        // gRPC content: `te: trailers` reaches the backend (and nothing else of TE).
+        let req = HttpRequest::post(b.url("/plain/grpc-shaped"))
+            .header("content-type", "application/grpc+proto")
+            .header("te", "trailers")
+            .body(full(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let g = send(&c, req).await;
+        assert_eq!(g.status, 200, "{name}: {}", g.body);
+        assert_eq!(line(&g.body, "te"), "trailers", "{name}");
+    }
+    // Both clients' requests, sequential: one multiplexed connection served them all.
+    assert_eq!(be.connections(), 1);
+    b.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC end to end
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_client_server_and_bidi_streaming_with_metadata_and_trailers() {
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", "")).await;
+    let mut c = grpc_client(b.addr).await;
+
+    // Unary, with request and response metadata.
+    let mut req = tonic::Request::new(Bytes::from_static(b"ping"));
+    req.metadata_mut().insert("x-meta", "m1".parse().unwrap());
+    let r = unary(&mut c, req).await.expect("unary call");
+    assert_eq!(r.get_ref(), &Bytes::from_static(b"ping"));
+    assert_eq!(r.metadata().get("x-meta-echo").unwrap(), "m1");
+
+    // Client streaming.
+    let r = sum(&mut c, (1..=100).collect()).await.expect("sum call");
+    assert_eq!(r.get_ref(), &Bytes::from_static(b"5050"));
+
+    // Server streaming, ending OK and ending with a status and trailer metadata.
+    let mut s = count(&mut c, tonic::Request::new(Bytes::from_static(b"50")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = s.message().await.expect("stream message") {
+        assert_eq!(m, Bytes::from(n.to_string()));
+        n += 1;
+    }
+    assert_eq!(n, 50);
+    let mut req = tonic::Request::new(Bytes::from_static(b"2"));
+    req.metadata_mut().insert("x-fail", "1".parse().unwrap());
+    let mut s = count(&mut c, req).await.unwrap().into_inner();
+    assert!(s.message().await.unwrap().is_some());
+    assert!(s.message().await.unwrap().is_some());
+    let st = s.message().await.expect_err("the status in the trailers");
+    assert_eq!(st.code(), tonic::Code::Aborted, "{st:?}");
+    assert_eq!(st.message(), "stopped on request");
+    assert_eq!(st.metadata().get("x-trailer").unwrap(), "present");
+
+    // Bidi: each reply arrives before the next message is sent (interleaved, not buffered).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let mut replies = chat(&mut c, tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..20 {
+        tx.send(Bytes::from(format!("m{i}"))).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("reply before the next message")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Bytes::from(format!("echo:m{i}")));
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_server_stream_passes_whole() {
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", "")).await;
+    let mut c = grpc_client(b.addr).await;
+    // 2000 messages of 16 KiB: 32 MiB through windows of a few hundred KiB.
+    let mut s = count(
+        &mut c,
+        tonic::Request::new(Bytes::from_static(b"2000:16384")),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let (mut n, mut bytes) = (0u64, 0usize);
+    while let Some(m) = s.message().await.expect("stream message") {
+        n += 1;
+        bytes += m.len();
+    }
+    assert_eq!((n, bytes), (2000, 2000 * 16384));
+    b.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multiplexing
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_streams_use_at_most_two_upstream_connections() {
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", "")).await;
+    let c = grpc_client(b.addr).await;
+    // 64 bidi calls held open at once: each has said hello and got its echo.
+    let mut held = Vec::new();
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        let mut c = c.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        held.push(tx.clone());
+        calls.push(tokio::spawn(async move {
+            let mut replies = chat(&mut c, tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("chat opens")
+                .into_inner();
+            tx.send(Bytes::from(format!("hello{i}"))).await.unwrap();
+            let got = replies.message().await.unwrap().unwrap();
+            assert_eq!(got, Bytes::from(format!("echo:hello{i}")));
+            drop(tx);
+            replies
+        }));
+    }
+    let mut open = Vec::new();
+    for call in calls {
+        open.push(
+            tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .expect("64 calls open in time")
+                .unwrap(),
+        );
+    }
+    // All 64 streams are open at the backend now.
+    assert!(be.streams() >= 64);
+    assert!(
+        be.connections() <= 2,
+        "{} upstream connections for 64 streams",
+        be.connections()
+    );
+    drop(held);
+    for mut r in open {
+        assert!(r.message().await.unwrap().is_none());
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_connection_gets_a_second_one_only_then() {
+    // The backend allows 4 streams per connection: 8 held streams need 2 connections, and
+    // 4 would have needed 1.
+    let be = start_grpc_backend(4).await;
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", "")).await;
+    let c = grpc_client(b.addr).await;
+    // Learn the backend's SETTINGS first.
+    let mut c0 = c.clone();
+    unary(&mut c0, tonic::Request::new(Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let mut c = c.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let mut replies = chat(&mut c, tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tx.send(Bytes::from(format!("h{i}"))).await.unwrap();
+        assert!(replies.message().await.unwrap().is_some());
+        held.push((tx, replies));
+        if i == 3 {
+            assert_eq!(be.connections(), 1, "4 streams fit one connection");
+        }
+    }
+    assert_eq!(be.connections(), 2, "8 streams at 4 per connection");
+    drop(held);
+    b.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idle connections
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_is_closed_after_timeouts_idle() {
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(
+        &[be.addr],
+        "h2c",
+        "[pools.web.timeouts]\nidle = \"1s\"\n",
+    ))
+    .await;
+    let g = get(&client(), &b.url("/plain")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(be.open(), 1);
+    let backend = backend_of(&b);
+    assert_eq!(backend.h2.len(), 1);
+    // The reaper runs every second: closed within idle + a tick or two.
+    assert!(
+        eventually(Duration::from_secs(6), || be.open() == 0).await,
+        "idle h2 connection still open at the backend"
+    );
+    assert_eq!(backend.h2.len(), 0);
+    // And the next request dials a fresh one.
+    let g = get(&client(), &b.url("/plain")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(be.connections(), 2);
+    b.shutdown().await;
+}

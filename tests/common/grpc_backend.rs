@@ -229,6 +229,8 @@ pub struct GrpcBackend {
     pub connections: Arc<AtomicU64>,
     /// Requests (streams) received so far.
     pub streams: Arc<AtomicU64>,
+    /// Connections open now.
+    pub open: Arc<AtomicU64>,
     /// Bumped to make every open connection shut down gracefully (GOAWAY, finish streams).
     goaway: watch::Sender<u64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -240,6 +242,9 @@ impl GrpcBackend {
     }
     pub fn streams(&self) -> u64 {
         self.streams.load(SeqCst)
+    }
+    pub fn open(&self) -> u64 {
+        self.open.load(SeqCst)
     }
     /// Every connection open now sends GOAWAY and closes once its streams are done, as hyper
     /// (and Go, and nginx) do on graceful shutdown; the backend keeps accepting new ones.
@@ -263,14 +268,30 @@ pub async fn start_grpc_backend(max_streams: u32) -> GrpcBackend {
     serve_grpc(listener, max_streams)
 }
 
+/// As `start_grpc_backend`, but speaking HTTP/1.1 too (and h2c with prior knowledge) on the
+/// same port, with upgrades: a backend a pool can switch protocols against.
+pub async fn start_grpc_backend_auto() -> GrpcBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve(listener, 100, true)
+}
+
 /// As `start_grpc_backend`, on a listener the caller bound.
 pub fn serve_grpc(listener: TcpListener, max_streams: u32) -> GrpcBackend {
+    serve(listener, max_streams, false)
+}
+
+fn serve(listener: TcpListener, max_streams: u32, auto: bool) -> GrpcBackend {
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicU64::new(0));
     let streams = Arc::new(AtomicU64::new(0));
+    let open = Arc::new(AtomicU64::new(0));
     let (goaway, goaway_rx) = watch::channel(0u64);
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (conns, strs) = (Arc::clone(&connections), Arc::clone(&streams));
+    let (conns, strs, opened) = (
+        Arc::clone(&connections),
+        Arc::clone(&streams),
+        Arc::clone(&open),
+    );
     tokio::spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
@@ -278,7 +299,8 @@ pub fn serve_grpc(listener: TcpListener, max_streams: u32) -> GrpcBackend {
                 _ = &mut stop_rx => return,
             };
             conns.fetch_add(1, SeqCst);
-            let strs = Arc::clone(&strs);
+            opened.fetch_add(1, SeqCst);
+            let (strs, opened) = (Arc::clone(&strs), Arc::clone(&opened));
             let mut goaway_rx = goaway_rx.clone();
             goaway_rx.mark_unchanged();
             tokio::spawn(async move {
@@ -286,16 +308,32 @@ pub fn serve_grpc(listener: TcpListener, max_streams: u32) -> GrpcBackend {
                     strs.fetch_add(1, SeqCst);
                     route(req)
                 });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_concurrent_streams(max_streams)
-                    .serve_connection(TokioIo::new(tcp), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = goaway_rx.changed() => {}
+                if auto {
+                    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    b.http2().max_concurrent_streams(max_streams);
+                    let conn = b.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = goaway_rx.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                } else {
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = goaway_rx.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 }
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                opened.fetch_sub(1, SeqCst);
             });
         }
     });
@@ -303,9 +341,21 @@ pub fn serve_grpc(listener: TcpListener, max_streams: u32) -> GrpcBackend {
         addr,
         connections,
         streams,
+        open,
         goaway,
         stop: Some(stop_tx),
     }
+}
+
+/// Serves the test services as HTTP/2 on an already accepted (and, say, TLS-wrapped) stream.
+pub async fn serve_h2_io<I>(io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(route);
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 // ------------------------------------------------------------------------------------------

@@ -1,0 +1,429 @@
+//! Multiplexed HTTP/2 connections to one backend (`protocol = "h2c" | "h2"`).
+//!
+//! Each `Backend` owns one `H2Conns`, so its connections survive a reload with the backend.
+//! Requests share a connection up to the backend's SETTINGS_MAX_CONCURRENT_STREAMS; a new one
+//! is dialled only when every connection is saturated (one dial at a time: the requests that
+//! wait for it share its outcome, so a burst of 64 requests opens one connection, not 64),
+//! and never more than `MAX_CONNS_PER_BACKEND`, beyond which hyper queues streams on the
+//! least-loaded connection until one frees.
+//!
+//! Who touches what: the request path reserves a stream slot (`reserve`, a CAS on the
+//! connection's `active` count; the slot is released by `Stream`'s drop when the response body
+//! ends), and adds a dialled connection; the control task's reaper removes connections idle
+//! past `timeouts.idle`, closed, draining after a GOAWAY, or of another transport (a reload
+//! that changed the pool's protocol or TLS) once their last stream is done. The list is an
+//! `ArcSwap` updated by read-copy-update: nothing here locks, and nothing awaits while
+//! holding anything but its own `Arc`s.
+//!
+//! Draining: `GoawayScan` watches the bytes hyper reads for a GOAWAY frame and flags the
+//! connection at once, before hyper has even parsed it, so no new stream is put on a
+//! connection the backend is leaving (h2 itself would still open streams above the
+//! last-stream-id, which the backend then ignores until it closes the connection).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::client::conn::http2;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::clock::now_ms;
+use crate::reason::Failure;
+use crate::replay::ReplayBody;
+
+/// A multiplexed connection's request handle, as hyper's client gives it.
+pub type H2Sender = http2::SendRequest<ReplayBody>;
+
+/// Connections dialled per backend before streams queue on existing ones instead.
+const MAX_CONNS_PER_BACKEND: usize = 8;
+
+/// One HTTP/2 connection and what the pool knows about it.
+pub struct H2Conn {
+    tx: H2Sender,
+    /// The pool's transport id when this connection was dialled (see `idle.rs`).
+    transport: u64,
+    /// Streams reserved on it (requests in flight, response bodies still streaming).
+    active: AtomicUsize,
+    /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS as hyper last saw it (the connection
+    /// task publishes it after every poll: hyper only tells it to the connection's owner).
+    max_streams: Arc<AtomicUsize>,
+    /// Set when a GOAWAY arrived: no new stream goes here.
+    draining: Arc<AtomicBool>,
+    /// When the last stream ended (ms, `clock::now_ms`), for the idle reaper.
+    idle_since_ms: AtomicU64,
+}
+
+impl H2Conn {
+    pub fn new(
+        tx: H2Sender,
+        transport: u64,
+        max_streams: Arc<AtomicUsize>,
+        draining: Arc<AtomicBool>,
+    ) -> H2Conn {
+        H2Conn {
+            tx,
+            transport,
+            active: AtomicUsize::new(0),
+            max_streams,
+            draining,
+            idle_since_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    fn usable(&self, transport: u64) -> bool {
+        self.transport == transport && !self.draining.load(Relaxed) && !self.tx.is_closed()
+    }
+
+    /// Takes a stream slot if the backend allows one more concurrent stream.
+    fn try_reserve(self: &Arc<Self>) -> Option<Stream> {
+        let max = self.max_streams.load(Relaxed).max(1);
+        self.active
+            .fetch_update(Relaxed, Relaxed, |a| (a < max).then_some(a + 1))
+            .ok()?;
+        Some(Stream {
+            conn: Arc::clone(self),
+        })
+    }
+
+    /// Takes a slot whatever the backend's limit: hyper queues the stream until one frees.
+    fn reserve_anyway(self: &Arc<Self>) -> Stream {
+        self.active.fetch_add(1, Relaxed);
+        Stream {
+            conn: Arc::clone(self),
+        }
+    }
+
+    /// Whether a GOAWAY arrived on this connection.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+}
+
+/// One reserved stream on a connection; the slot frees when it drops (the response body
+/// ended, or the attempt failed).
+pub struct Stream {
+    conn: Arc<H2Conn>,
+}
+
+impl Stream {
+    /// A handle to send this stream's request on (hyper's handles are cheap clones of one
+    /// channel to the connection task).
+    pub fn sender(&self) -> H2Sender {
+        self.conn.tx.clone()
+    }
+
+    pub fn conn(&self) -> &H2Conn {
+        &self.conn
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Relaxed) == 1 {
+            self.conn.idle_since_ms.store(now_ms(), Relaxed);
+        }
+    }
+}
+
+/// The outcome of the last dial, shared with the requests that waited for it.
+const DIAL_OK: usize = 0;
+
+pub struct H2Conns {
+    conns: ArcSwap<Vec<Arc<H2Conn>>>,
+    /// A dial is under way: other requests wait for it rather than dialling too.
+    dialing: AtomicBool,
+    /// Bumped when a dial ends; with `dial_failure`, tells a waiter how the dial it waited
+    /// for went.
+    dial_gen: AtomicU64,
+    /// `DIAL_OK`, or the failed dial's `Failure::index() + 1`.
+    dial_failure: AtomicUsize,
+    dialled: Notify,
+}
+
+impl Default for H2Conns {
+    fn default() -> Self {
+        H2Conns {
+            conns: ArcSwap::from_pointee(Vec::new()),
+            dialing: AtomicBool::new(false),
+            dial_gen: AtomicU64::new(0),
+            dial_failure: AtomicUsize::new(DIAL_OK),
+            dialled: Notify::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for H2Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "H2Conns({})", self.conns.load().len())
+    }
+}
+
+/// What `H2Conns::acquire` decided.
+pub enum Acquired {
+    /// A slot on an existing connection.
+    Stream(Stream),
+    /// No connection has room: the caller dials, then calls `dialled` with the result
+    /// (this `DialTurn` makes sure the turn is handed back even if the caller is dropped).
+    Dial(DialTurn),
+    /// The dial this request waited for failed, or took longer than the request may wait.
+    DialFailed(Failure),
+}
+
+/// The right (and duty) to dial the next connection for this backend.
+pub struct DialTurn {
+    conns: Option<Arc<H2Conns>>,
+}
+
+impl DialTurn {
+    /// Adds the new connection (when the dial worked) and wakes the requests waiting for it.
+    /// Returns a slot on it for the dialler.
+    pub fn finish(mut self, result: Result<H2Conn, Failure>) -> Option<Stream> {
+        let conns = self.conns.take()?;
+        conns.end_dial(result)
+    }
+}
+
+impl Drop for DialTurn {
+    fn drop(&mut self) {
+        // The dialler went away mid-dial (its client left): let another request dial.
+        if let Some(conns) = self.conns.take() {
+            conns.dialing.store(false, Relaxed);
+            conns.dialled.notify_waiters();
+        }
+    }
+}
+
+impl H2Conns {
+    /// A stream slot on a connection speaking `transport` with room for one more stream;
+    /// else the turn to dial, or (while another request dials) waits up to `wait` for that
+    /// dial and tries again.
+    pub async fn acquire(self: &Arc<Self>, transport: u64, wait: Duration) -> Acquired {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(s) = self.reserve(transport) {
+                return Acquired::Stream(s);
+            }
+            let live = self.live(transport);
+            if live >= MAX_CONNS_PER_BACKEND {
+                if let Some(s) = self.least_loaded(transport) {
+                    return Acquired::Stream(s);
+                }
+            }
+            // Registered before the check, so a dial ending in between still wakes us.
+            let woken = self.dialled.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let gen = self.dial_gen.load(Relaxed);
+            if self
+                .dialing
+                .compare_exchange(false, true, Relaxed, Relaxed)
+                .is_ok()
+            {
+                return Acquired::Dial(DialTurn {
+                    conns: Some(Arc::clone(self)),
+                });
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                // The dial we waited for took the whole connect timeout.
+                return Acquired::DialFailed(Failure::ConnectTimeout);
+            }
+            if self.dial_gen.load(Relaxed) != gen {
+                let f = self.dial_failure.load(Relaxed);
+                if let Some(failure) = f.checked_sub(1).and_then(Failure::from_index) {
+                    return Acquired::DialFailed(failure);
+                }
+            }
+        }
+    }
+
+    fn end_dial(&self, result: Result<H2Conn, Failure>) -> Option<Stream> {
+        let slot = match result {
+            Ok(conn) => {
+                let conn = Arc::new(conn);
+                let slot = conn.reserve_anyway();
+                self.conns.rcu(|list| {
+                    let mut next: Vec<Arc<H2Conn>> = Vec::with_capacity(list.len() + 1);
+                    next.extend(list.iter().filter(|c| !c.tx.is_closed()).cloned());
+                    next.push(Arc::clone(&conn));
+                    next
+                });
+                self.dial_failure.store(DIAL_OK, Relaxed);
+                Some(slot)
+            }
+            Err(failure) => {
+                self.dial_failure.store(failure.index() + 1, Relaxed);
+                None
+            }
+        };
+        self.dial_gen.fetch_add(1, Relaxed);
+        self.dialing.store(false, Relaxed);
+        self.dialled.notify_waiters();
+        slot
+    }
+
+    /// A slot on the usable connection with the most streams that still has room (packing
+    /// streams leaves the others idle, so the reaper can close them).
+    fn reserve(&self, transport: u64) -> Option<Stream> {
+        let list = self.conns.load();
+        let mut candidates: Vec<&Arc<H2Conn>> =
+            list.iter().filter(|c| c.usable(transport)).collect();
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.active.load(Relaxed)));
+        candidates.into_iter().find_map(|c| c.try_reserve())
+    }
+
+    fn least_loaded(&self, transport: u64) -> Option<Stream> {
+        let list = self.conns.load();
+        list.iter()
+            .filter(|c| c.usable(transport))
+            .min_by_key(|c| c.active.load(Relaxed))
+            .map(|c| c.reserve_anyway())
+    }
+
+    fn live(&self, transport: u64) -> usize {
+        self.conns
+            .load()
+            .iter()
+            .filter(|c| c.usable(transport))
+            .count()
+    }
+
+    /// Connections open (any transport, draining ones included), for tests and `/status`.
+    pub fn len(&self) -> usize {
+        self.conns
+            .load()
+            .iter()
+            .filter(|c| !c.tx.is_closed())
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes (by dropping the pool's handle; hyper then ends the connection with a GOAWAY
+    /// of its own once no stream is left) every connection without a stream that is idle for
+    /// `idle` or more, draining, closed, or speaking another transport than `transport`.
+    pub fn reap(&self, transport: u64, idle: Duration) {
+        let now = now_ms();
+        let idle_ms = idle.as_millis() as u64;
+        let keep = |c: &Arc<H2Conn>| {
+            if c.tx.is_closed() {
+                return false;
+            }
+            if c.active.load(Relaxed) > 0 {
+                return true;
+            }
+            c.usable(transport) && now.saturating_sub(c.idle_since_ms.load(Relaxed)) < idle_ms
+        };
+        if self.conns.load().iter().all(keep) {
+            return;
+        }
+        self.conns
+            .rcu(|list| list.iter().filter(|c| keep(c)).cloned().collect::<Vec<_>>());
+    }
+
+    /// Forgets every connection (the backend left the config); streams in flight finish.
+    pub fn clear(&self) {
+        self.conns.store(Arc::new(Vec::new()));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+
+/// An I/O stream that watches the frames the backend sends for a GOAWAY (frame type 0x7),
+/// reading only the 9-byte frame headers and skipping payloads.
+pub struct GoawayScan<T> {
+    inner: T,
+    head: [u8; 9],
+    have: usize,
+    skip: usize,
+    draining: Arc<AtomicBool>,
+}
+
+const FRAME_GOAWAY: u8 = 0x7;
+
+impl<T> GoawayScan<T> {
+    pub fn new(inner: T, draining: Arc<AtomicBool>) -> GoawayScan<T> {
+        GoawayScan {
+            inner,
+            head: [0; 9],
+            have: 0,
+            skip: 0,
+            draining,
+        }
+    }
+
+    fn scan(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                self.skip = (usize::from(self.head[0]) << 16)
+                    | (usize::from(self.head[1]) << 8)
+                    | usize::from(self.head[2]);
+                if self.head[3] == FRAME_GOAWAY {
+                    self.draining.store(true, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GoawayScan<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.scan(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GoawayScan<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
