@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::backend::Backend;
 use crate::config::{Protocol, Timeouts};
-use crate::h2pool::{Acquired, GoawayScan, H2Conn, Stream};
+use crate::h2pool::{Acquired, H2Conn, H2Io, Stream};
 use crate::idle::{Conn, Sender};
 use crate::reason::{Failure, Note};
 use crate::replay::ReplayBody;
@@ -363,6 +363,9 @@ async fn send_h2(backend: &Backend, dial: &Dial, req: Request<UpBody>) -> Result
                 Some(r) => {
                     let (parts, body) = r.into_parts();
                     req = Request::from_parts(parts, body.into_inner());
+                    if stream.conn().is_draining() {
+                        resent = Some(Note::GoawayRetried);
+                    }
                     drop(stream);
                     resends += 1;
                     if resends > MAX_RESENDS {
@@ -378,8 +381,12 @@ async fn send_h2(backend: &Backend, dial: &Dial, req: Request<UpBody>) -> Result
                 None => e.into_error(),
             },
         };
+        // A stream refused on a connection the backend is leaving was refused because of the
+        // GOAWAY (h2pool's `H2Io` refuses what h2 opened after it).
+        let draining = stream.conn().is_draining();
         drop(stream);
         if let Some(note) = unprocessed(&err) {
+            let note = if draining { Note::GoawayRetried } else { note };
             if resends < MAX_RESENDS {
                 // hyper drops the body once the stream is reset; it hands back what it had
                 // sent, unless that was more than it may keep.
@@ -528,7 +535,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let draining = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(GoawayScan::new(io, Arc::clone(&draining)));
+    let io = TokioIo::new(H2Io::new(io, Arc::clone(&draining)));
     let (tx, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)

@@ -348,3 +348,132 @@ async fn an_idle_h2_connection_is_closed_after_timeouts_idle() {
     assert_eq!(be.connections(), 2);
     b.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// GOAWAY and REFUSED_STREAM
+
+/// The binary with one h2c pool of `backend`, one attempt per request (so a resend that spent
+/// an attempt would fail), and its access log.
+fn binary_with_log(backend: SocketAddr) -> (BinaryBalancer, AccessLog) {
+    let cfg = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[log]\naccess = true\n[[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\nbackends = [\"{backend}\"]\nprotocol = \"h2c\"\n[pools.web.retries]\nattempts = 1\n"
+    );
+    let mut bin = start_binary(&cfg, std::process::Stdio::piped());
+    let log = AccessLog::of(&mut bin);
+    (bin, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_on_a_connection_the_backend_goes_away_from_are_resent_without_spending_an_attempt() {
+    // The first connection gets GOAWAY(last-stream-id 0): none of its streams was processed.
+    let be = start_faulty_backend(Fault::GoawayFirstConnections(1)).await;
+    let (bin, log) = binary_with_log(be.addr);
+    let url = format!("http://{}/goaway", bin.addr);
+    let c = h2_client();
+    let mut calls = Vec::new();
+    for i in 0..16 {
+        let (c, url) = (c.clone(), url.clone());
+        calls.push(tokio::spawn(async move {
+            let req = HttpRequest::post(url)
+                .body(full(format!("body-{i}")))
+                .unwrap();
+            send(&c, req).await
+        }));
+    }
+    for call in calls {
+        let g = call.await.unwrap();
+        assert_eq!(g.status, 200, "{}", g.body);
+        assert_eq!(g.body, "ok:POST");
+    }
+    assert!(be.connections.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    // Each body reached the backend exactly once, whole.
+    let mut bodies: Vec<String> = be
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    bodies.sort();
+    let mut want: Vec<String> = (0..16).map(|i| format!("body-{i}")).collect();
+    want.sort();
+    assert_eq!(bodies, want);
+    let lines: Vec<serde_json::Value> = (0..16).map(|_| log.line_for("/goaway")).collect();
+    let resent: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["reason"] == "upstream_goaway_retried")
+        .collect();
+    assert!(!resent.is_empty(), "{lines:?}");
+    for l in resent {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["attempts"], 1, "{l}");
+        assert_eq!(l["outcome"], "retried", "{l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_are_resent_for_any_method() {
+    let be = start_faulty_backend(Fault::RefuseEvery(2)).await;
+    let (bin, log) = binary_with_log(be.addr);
+    let url = format!("http://{}/refused", bin.addr);
+    let c = client();
+    for i in 0..10 {
+        let req = HttpRequest::post(url.clone())
+            .body(full(format!("refused-{i}")))
+            .unwrap();
+        let g = send(&c, req).await;
+        assert_eq!(g.status, 200, "{}", g.body);
+        assert_eq!(g.body, "ok:POST");
+    }
+    let g = get(&c, &url).await;
+    assert_eq!(g.status, 200);
+    let refused = be.refused.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(refused >= 5, "{refused}");
+    assert_eq!(be.bodies.lock().unwrap().len(), 10);
+    let lines: Vec<serde_json::Value> = (0..11).map(|_| log.line_for("/refused")).collect();
+    let n = lines
+        .iter()
+        .filter(|l| l["reason"] == "refused_stream_retried" && l["attempts"] == 1)
+        .count();
+    assert_eq!(n as u64, refused, "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_goaway_mid_load_fails_no_call() {
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(
+        &[be.addr],
+        "h2c",
+        "[pools.web.retries]\nattempts = 1\n",
+    ))
+    .await;
+    let c = grpc_client(b.addr).await;
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (mut c, done) = (c.clone(), Arc::clone(&done));
+        workers.push(tokio::spawn(async move {
+            for i in 0..60 {
+                let msg = Bytes::from(format!("w{w}-{i}"));
+                let r = unary(&mut c, tonic::Request::new(msg.clone()))
+                    .await
+                    .unwrap_or_else(|s| panic!("call w{w}-{i} failed: {s:?}"));
+                assert_eq!(r.get_ref(), &msg);
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || done
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 100)
+        .await
+    );
+    be.goaway_all();
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 480);
+    assert!(be.connections() >= 2, "a new connection after the GOAWAY");
+    b.shutdown().await;
+}

@@ -425,7 +425,7 @@ pub async fn start_faulty_backend(fault: Fault) -> FaultyBackend {
                 Arc::clone(&seen),
             );
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                let Ok(mut conn) = h2::server::handshake(lingering(tcp)).await else {
                     return;
                 };
                 if let Fault::GoawayFirstConnections(n) = fault {
@@ -473,6 +473,36 @@ pub async fn start_faulty_backend(fault: Fault) -> FaultyBackend {
         bodies,
         stop: Some(stop_tx),
     }
+}
+
+/// The server's end of `tcp` as an in-memory pipe that, once the server is done, sends FIN
+/// and keeps reading (and discarding) for a while before closing: a server that closed the
+/// socket with the client's frames unread would make the kernel send RST, and the client
+/// would lose the GOAWAY still in its receive buffer.
+fn lingering(tcp: tokio::net::TcpStream) -> tokio::io::DuplexStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, relay) = tokio::io::duplex(256 * 1024);
+    let (mut relay_r, mut relay_w) = tokio::io::split(relay);
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut relay_r, &mut tcp_w).await;
+        let _ = tcp_w.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut forward = true;
+        loop {
+            let n = match tokio::time::timeout_at(deadline, tcp_r.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break,
+            };
+            if forward && relay_w.write_all(&buf[..n]).await.is_err() {
+                forward = false;
+            }
+        }
+    });
+    server
 }
 
 // ------------------------------------------------------------------------------------------
