@@ -510,7 +510,7 @@ async fn connect_h2(backend: &Backend, dial: &Dial) -> Result<H2Conn, (Failure, 
                 let stream = tls
                     .connect_h2(&backend.address, tcp)
                     .await
-                    .map_err(|e| (Failure::TlsError, e))?;
+                    .map_err(|e| (tls_failure(&*e), e))?;
                 if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
                     return Err((
                         Failure::UpstreamAlpnMismatch,
@@ -528,6 +528,28 @@ async fn connect_h2(backend: &Backend, dial: &Dial) -> Result<H2Conn, (Failure, 
             format!("connect to {} took over {limit:?}", backend.address).into(),
         )),
     }
+}
+
+/// A TLS handshake that failed because the backend has no protocol in common with our
+/// `h2` (the `no_application_protocol` alert of RFC 7301) is an ALPN mismatch, not a TLS fault.
+fn tls_failure(e: &(dyn StdError + 'static)) -> Failure {
+    let mut src = Some(e);
+    while let Some(s) = src {
+        if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) =
+            s.downcast_ref::<rustls::Error>()
+        {
+            return Failure::UpstreamAlpnMismatch;
+        }
+        if let Some(inner) = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            src = Some(inner);
+            continue;
+        }
+        src = s.source();
+    }
+    Failure::TlsError
 }
 
 async fn handshake_h2<T>(io: T, dial: &Dial) -> Result<H2Conn, (Failure, BoxError)>

@@ -477,3 +477,156 @@ async fn a_graceful_goaway_mid_load_fails_no_call() {
     assert!(be.connections() >= 2, "a new connection after the GOAWAY");
     b.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// h2 over TLS
+
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// A private CA and a leaf for `a.test` signed by it.
+fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.distinguished_name.push(DnType::CommonName, "h2 test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// A TLS backend offering only `alpn`; serves the test services over h2 when `h2` was
+/// selected, else answers HTTP/1.1 `200 h1`.
+async fn start_tls_h2_backend(
+    p: &Pki,
+    alpn: &[&[u8]],
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(p.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let h = Arc::clone(&handshakes);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, h) = (acceptor.clone(), Arc::clone(&h));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    serve_h2_io(tls).await;
+                } else {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full("h1")))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, handshakes)
+}
+
+fn tls_pool_extra(dir: &std::path::Path, p: &Pki) -> String {
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &p.ca_pem).unwrap();
+    format!(
+        "tls = {{ ca = \"{}\", server_name = \"a.test\" }}\n[pools.web.circuit_breaker]\nconsecutive_failures = 1000\n",
+        ca.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_pool_speaks_http2_over_tls_with_alpn_and_carries_grpc() {
+    let p = pki();
+    let (addr, handshakes) = start_tls_h2_backend(&p, &[b"h2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start_balancer(&h2_config(&[addr], "h2", &tls_pool_extra(dir.path(), &p))).await;
+    for c in [client(), h2_client()] {
+        let g = get(&c, &b.url("/plain/tls")).await;
+        assert_eq!(g.status, 200, "{}", g.body);
+        assert_eq!(line(&g.body, "version"), "HTTP/2.0");
+        assert_eq!(line(&g.body, "authority"), b.addr.to_string());
+    }
+    let mut gc = grpc_client(b.addr).await;
+    let r = sum(&mut gc, vec![20, 22]).await.expect("grpc over h2+tls");
+    assert_eq!(r.get_ref(), &Bytes::from_static(b"42"));
+    assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_backend_that_does_not_select_h2_is_a_502_with_its_own_reason() {
+    let p = pki();
+    let dir = tempfile::tempdir().unwrap();
+    // One backend refuses the handshake (no protocol in common: RFC 7301's alert), the other
+    // completes it without ALPN, as an HTTP/1.1-only server would.
+    for alpn in [&[&b"http/1.1"[..]][..], &[][..]] {
+        let (addr, _) = start_tls_h2_backend(&p, alpn).await;
+        let b = start_balancer(&h2_config(&[addr], "h2", &tls_pool_extra(dir.path(), &p))).await;
+        let g = get(&client(), &b.url("/plain/tls")).await;
+        assert_eq!(g.status, 502, "{alpn:?}: {}", g.body);
+        let st = status(&b).await;
+        let be = status_backend(&st, "web", addr).unwrap();
+        assert_eq!(
+            be["last_error"]["reason"], "upstream_alpn_mismatch",
+            "{alpn:?}: {be}"
+        );
+        // The same backend through an http1 pool is fine: only the h2 pool needs h2.
+        b.write_config(&config(
+            &[addr],
+            "round_robin",
+            &tls_pool_extra(dir.path(), &p),
+        ));
+        b.handle
+            .reload(balancer::reload::Trigger::Admin)
+            .await
+            .unwrap();
+        let g = get(&client(), &b.url("/plain/tls")).await;
+        assert_eq!(g.status, 200, "{alpn:?}: {}", g.body);
+        assert_eq!(g.body, "h1");
+        b.shutdown().await;
+    }
+}
