@@ -630,3 +630,114 @@ async fn a_tls_backend_that_does_not_select_h2_is_a_502_with_its_own_reason() {
         b.shutdown().await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket and reload
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_on_an_h2c_pool_is_tunnelled_over_http1_to_the_same_address() {
+    use futures_util::{SinkExt, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    // An echo WebSocket server (HTTP/1.1 only, as most are).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if matches!(m, Message::Text(_)) && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let b = start_balancer(&h2_config(&[addr], "h2c", "")).await;
+    let tcp = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", b.addr), tcp)
+        .await
+        .expect("handshake through an h2c pool");
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::Text(format!("hello {i}").into()))
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m, Message::Text(format!("hello {i}").into()));
+    }
+    drop(ws);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_from_http1_to_h2c_under_load_fails_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let be = start_grpc_backend_auto().await;
+    let b = start_balancer(&config(&[be.addr], "round_robin", "")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let after = Arc::new(AtomicBool::new(false));
+    let (ok, h2_after) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (stop, after, ok, h2_after) = (
+            Arc::clone(&stop),
+            Arc::clone(&after),
+            Arc::clone(&ok),
+            Arc::clone(&h2_after),
+        );
+        let url = b.url(&format!("/plain/w{w}"));
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            for i in 0..2000 {
+                if stop.load(SeqCst) {
+                    break;
+                }
+                // Read before the request: a request sent after the reload returned must
+                // be on the new protocol.
+                let reloaded = after.load(SeqCst);
+                let req = HttpRequest::post(url.clone())
+                    .body(full(format!("w{w}-{i}")))
+                    .unwrap();
+                let g = send(&c, req).await;
+                assert_eq!(g.status, 200, "w{w} request {i}: {}", g.body);
+                let version = line(&g.body, "version");
+                if reloaded {
+                    assert_eq!(version, "HTTP/2.0", "w{w} request {i} after the reload");
+                    h2_after.fetch_add(1, SeqCst);
+                }
+                ok.fetch_add(1, SeqCst);
+            }
+        }));
+    }
+    assert!(eventually(Duration::from_secs(20), || ok.load(SeqCst) >= 100).await);
+    let before = be.connections();
+    b.write_config(&h2_config(&[be.addr], "h2c", ""));
+    b.handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .unwrap();
+    after.store(true, SeqCst);
+    assert!(eventually(Duration::from_secs(20), || h2_after.load(SeqCst) >= 100).await);
+    stop.store(true, SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    // The h1 connections of before were all given up; the h2c requests shared one or two.
+    assert!(
+        be.connections() <= before + 2,
+        "{} then {}",
+        before,
+        be.connections()
+    );
+    b.shutdown().await;
+}
