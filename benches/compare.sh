@@ -18,13 +18,16 @@
 #   h2      HTTP/2 with prior knowledge (h2c), h2load -c4 -m100
 #   cached  small GET answered from the proxy's cache (max-age=600), keep-alive, wrk -c64
 #           (balancer: [cache]; nginx: proxy_cache; HAProxy: its cache)
+#   h2up    the same h2load run, but the proxy speaks HTTP/2 to its backends too: two more nginx
+#           backends listening h2c; balancer `protocol = "h2c"`, HAProxy `proto h2` servers,
+#           nginx `grpc_pass` (nginx OSS proxies to HTTP/2 only through its gRPC module)
 # and the memory of 10,000 idle keep-alive connections. Results: benches/results/latest.json
 # and benches/results/latest.md (medians over repetitions, ratios to nginx and HAProxy).
 #
 # Every proxy is pinned to CPU 0 (PROXY_CPU); wrk/h2load and the backends to CPU 1 (LOAD_CPU).
 #
 # Environment knobs: REPS, DURATION (seconds per run), WARMUP (seconds), IDLE_CONNS,
-# BENCH_PORT_BASE (default 18000; ports BASE+1..BASE+14 and BASE+101..102 are used),
+# BENCH_PORT_BASE (default 18000; ports BASE+1..BASE+14 and BASE+101..104 are used),
 # BALANCER_BIN (skip the build and use this binary), SCENARIOS (space-separated subset),
 # PROXIES (subset of: balancer balancer-log nginx haproxy), KEEP_WORK=1 (keep the temp dir).
 set -euo pipefail
@@ -56,11 +59,14 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 PORT_BASE=${BENCH_PORT_BASE:-18000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"small close large upload c1000 h2 cached"}
+SCENARIOS=${SCENARIOS:-"small close large upload c1000 h2 cached h2up"}
 PROXIES=${PROXIES:-"balancer balancer-log nginx haproxy"}
 
 BACKEND1=$((PORT_BASE + 101))
 BACKEND2=$((PORT_BASE + 102))
+# The h2up scenario's backends: the same nginx origin, listening h2c (prior knowledge).
+H2BACKEND1=$((PORT_BASE + 103))
+H2BACKEND2=$((PORT_BASE + 104))
 declare -A PORT=([balancer]=$((PORT_BASE + 1)) [balancer-log]=$((PORT_BASE + 2))
     [nginx]=$((PORT_BASE + 3)) [haproxy]=$((PORT_BASE + 4)))
 # The balancer serves h2c on its HTTP/1.1 port; nginx 1.22 and HAProxy get a second port.
@@ -198,7 +204,7 @@ fill() { # template output [extra sed expressions...]
         "$@" "$tmpl" >"$out"
 }
 
-for p in "$BACKEND1" "$BACKEND2" "${PORT[@]}" "${H2PORT[@]}"; do
+for p in "$BACKEND1" "$BACKEND2" "$H2BACKEND1" "$H2BACKEND2" "${PORT[@]}" "${H2PORT[@]}"; do
     port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -218,6 +224,19 @@ done
 for bport in "$BACKEND1" "$BACKEND2"; do
     wait_http "http://127.0.0.1:$bport/" || die "backend on $bport did not start (see $WORK)"
 done
+if [[ " $SCENARIOS " == *" h2up "* ]]; then
+    for bport in "$H2BACKEND1" "$H2BACKEND2"; do
+        fill "$HERE/backend.nginx.conf" "$WORK/backend-$bport.conf" -e "s#@PORT@#$bport#g" \
+            -e "s#backlog=4096;#http2 backlog=4096;#"
+        taskset -c "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/backend-$bport.conf" \
+            2>>"$WORK/backend-$bport.stderr" &
+        BACKEND_PIDS+=($!)
+    done
+    for bport in "$H2BACKEND1" "$H2BACKEND2"; do
+        wait_http "http://127.0.0.1:$bport/" --http2-prior-knowledge ||
+            die "h2c backend on $bport did not start (see $WORK)"
+    done
+fi
 head -c 65536 /dev/zero >"$WORK/upload.bin"
 got=$(curl -fs --data-binary @"$WORK/upload.bin" "http://127.0.0.1:$BACKEND1/upload") ||
     die "backend /upload does not answer"
@@ -226,8 +245,8 @@ got=$(curl -fs --data-binary @"$WORK/upload.bin" "http://127.0.0.1:$BACKEND1/upl
 # ---------------------------------------------------------------------------------------------
 # Proxies, all on PROXY_CPU
 
-start_proxy() {
-    local name=$1 port=${PORT[$1]} h2port=${H2PORT[$1]}
+start_proxy() { # name (the scenario is SCENARIO_NOW)
+    local name=$1 port=${PORT[$1]} h2port=${H2PORT[$1]} scenario=${SCENARIO_NOW:-}
     case $name in
         balancer | balancer-log)
             local access=false template=$HERE/balancer.toml
@@ -235,20 +254,31 @@ start_proxy() {
             [[ ${SCENARIO_NOW:-} == cached ]] && template=$HERE/balancer-cached.toml
             fill "$template" "$WORK/$name.toml" -e "s#@PORT@#$port#g" \
                 -e "s#@ACCESS@#$access#g"
+            if [[ $scenario == h2up ]]; then
+                sed -i -e "s#:$BACKEND1\"#:$H2BACKEND1\"#" -e "s#:$BACKEND2\"#:$H2BACKEND2\"#" \
+                    -e '/^backends = /a protocol = "h2c"' "$WORK/$name.toml"
+            fi
             "$BIN" check --config "$WORK/$name.toml" >/dev/null ||
                 die "balancer rejects $WORK/$name.toml"
             taskset -c "$PROXY_CPU" "$BIN" --config "$WORK/$name.toml" \
                 >/dev/null 2>>"$WORK/$name.stderr" &
             ;;
         nginx)
-            fill "$HERE/proxy.nginx.conf" "$WORK/proxy-nginx.conf" -e "s#@PORT@#$port#g" \
-                -e "s#@H2PORT@#$h2port#g"
+            local tmpl=$HERE/proxy.nginx.conf
+            [[ $scenario == h2up ]] && tmpl=$HERE/proxy-h2up.nginx.conf
+            fill "$tmpl" "$WORK/proxy-nginx.conf" -e "s#@PORT@#$port#g" \
+                -e "s#@H2PORT@#$h2port#g" -e "s#@H2BACKEND1@#$H2BACKEND1#g" \
+                -e "s#@H2BACKEND2@#$H2BACKEND2#g"
             taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy-nginx.conf" \
                 2>>"$WORK/nginx.stderr" &
             ;;
         haproxy)
             fill "$HERE/haproxy.cfg" "$WORK/haproxy.cfg" -e "s#@PORT@#$port#g" \
                 -e "s#@H2PORT@#$h2port#g"
+            if [[ $scenario == h2up ]]; then
+                sed -i -e "s#127.0.0.1:$BACKEND1\$#127.0.0.1:$H2BACKEND1 proto h2#" \
+                    -e "s#127.0.0.1:$BACKEND2\$#127.0.0.1:$H2BACKEND2 proto h2#" "$WORK/haproxy.cfg"
+            fi
             taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" \
                 >>"$WORK/haproxy.stderr" 2>&1 &
             ;;
@@ -326,7 +356,7 @@ run_tool() { # scenario port h2port duration out [h2log]
         upload) WRK_BODY_BYTES=65536 "${wrk[@]}" -c64 "$url/upload" ;;
         c1000) "${wrk[@]}" -c1000 --timeout 10s "$url/" ;;
         cached) "${wrk[@]}" -c64 "$url/cached" ;;
-        h2)
+        h2 | h2up)
             taskset -c "$LOAD_CPU" h2load -t1 -c4 -m100 -D "$dur" --log-file="$h2log" \
                 "http://127.0.0.1:$h2port/"
             ;;
@@ -350,7 +380,7 @@ measure() { # proxy scenario rep
     run_tool "$scenario" "${PORT[$name]}" "${H2PORT[$name]}" "$DURATION" "$out" "$h2log"
     t1=$(cpu_ticks "${pids[@]}")
     local tool=wrk
-    [[ $scenario == h2 ]] && tool=h2load
+    [[ $scenario == h2 || $scenario == h2up ]] && tool=h2load
     python3 "$HERE/aggregate.py" record --raw "$RAW" --tool "$tool" --output "$out" \
         --h2-log "$h2log" --proxy "$name" --scenario "$scenario" --rep "$rep" \
         --cpu-ticks $((t1 - t0)) --clk-tck "$CLK_TCK" --hwm-kb "$(hwm_kb "${pids[@]}")"

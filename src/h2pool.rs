@@ -265,14 +265,14 @@ impl H2Conns {
         slot
     }
 
-    /// A slot on the usable connection with the most streams that still has room (packing
-    /// streams leaves the others idle, so the reaper can close them).
+    /// A slot on the oldest usable connection with room (first fit packs streams onto few
+    /// connections, leaving the others idle for the reaper; no allocation on this path).
     fn reserve(&self, transport: u64) -> Option<Stream> {
-        let list = self.conns.load();
-        let mut candidates: Vec<&Arc<H2Conn>> =
-            list.iter().filter(|c| c.usable(transport)).collect();
-        candidates.sort_by_key(|c| std::cmp::Reverse(c.active.load(Relaxed)));
-        candidates.into_iter().find_map(|c| c.try_reserve())
+        self.conns
+            .load()
+            .iter()
+            .filter(|c| c.usable(transport))
+            .find_map(|c| c.try_reserve())
     }
 
     fn least_loaded(&self, transport: u64) -> Option<Stream> {

@@ -26,6 +26,7 @@ SCENARIO_LABEL = {
     "c1000": "small GET, 1000 keep-alive conns",
     "h2": "HTTP/2 (h2c), 4 conns x 100 streams",
     "cached": "small cacheable GET from the proxy's cache, 64 conns",
+    "h2up": "HTTP/2 to h2c backends, 4 conns x 100 streams",
 }
 METRICS = ["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "peak_rss_kb"]
 
