@@ -6,7 +6,9 @@
 //! The rules, in one place: a request that never reached the backend may go elsewhere,
 //! whatever its method; one that reached it and failed is retried only when it can be
 //! replayed (idempotent, no body); a pooled connection the backend had just closed is our
-//! race, not its sickness, and is replayed once for free; an answer is relayed, never
+//! race, not its sickness, and is replayed once for free (as are h2 streams the backend said it
+//! did not process, which `upstream` sends again within the attempt and reports in
+//! `Sent::resent`, noted here); an answer is relayed, never
 //! retried, even one the pool counts as a failure; a response with broken framing is a
 //! failure and never relayed.
 

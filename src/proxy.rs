@@ -263,8 +263,9 @@ async fn forward(
     let mut budget = RetryBudget::new(pool.attempts);
     let mut last_err: Option<ProxyError> = None;
     let mut note: Option<Reason> = None;
-    // A stale pooled connection was replayed: the log says `retried` although the budget
-    // got the attempt back. (`ejection_capped` alone is not a retry.)
+    // A stale pooled connection was replayed, or an h2 stream the backend did not process
+    // was sent again: the log says `retried` although no attempt was spent.
+    // (`ejection_capped` alone is not a retry.)
     let mut stale_replayed = false;
     loop {
         let now = now_ms();

@@ -741,3 +741,53 @@ async fn a_reload_from_http1_to_h2c_under_load_fails_nothing() {
     );
     b.shutdown().await;
 }
+
+/// 64 MiB of server stream to a client that reads slowly at first: the balancer holds no more
+/// than its flow-control windows, so its memory does not grow with the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_server_stream_to_a_slow_reader_keeps_balancer_memory_flat() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let be = start_grpc_backend(100).await;
+    let bin = Arc::new(start_binary(
+        &h2_config(&[be.addr], "h2c", ""),
+        std::process::Stdio::null(),
+    ));
+    let mut c = grpc_client(bin.addr).await;
+    // Warm up (first connections, buffers) before taking the baseline.
+    unary(&mut c, tonic::Request::new(Bytes::from_static(b"warm")))
+        .await
+        .unwrap();
+    let base = bin.rss_kib();
+    let (peak, stop) = (Arc::new(AtomicU64::new(base)), Arc::new(AtomicBool::new(false)));
+    let sampler = {
+        let (peak, stop, bin) = (Arc::clone(&peak), Arc::clone(&stop), Arc::clone(&bin));
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                peak.fetch_max(bin.rss_kib(), SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let mut s = count(&mut c, tonic::Request::new(Bytes::from_static(b"4096:16384")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut total = 0usize;
+    let mut n = 0;
+    while let Some(m) = s.message().await.expect("stream message") {
+        total += m.len();
+        n += 1;
+        if n < 300 {
+            // A slow start: the backend could send far ahead if nothing held it back.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    stop.store(true, SeqCst);
+    sampler.join().unwrap();
+    assert_eq!(total, 4096 * 16384);
+    let grew = peak.load(SeqCst).saturating_sub(base);
+    assert!(
+        grew < 24 * 1024,
+        "balancer RSS grew by {grew} KiB while relaying a 64 MiB stream"
+    );
+}
