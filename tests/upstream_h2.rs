@@ -758,7 +758,10 @@ async fn a_large_server_stream_to_a_slow_reader_keeps_balancer_memory_flat() {
         .await
         .unwrap();
     let base = bin.rss_kib();
-    let (peak, stop) = (Arc::new(AtomicU64::new(base)), Arc::new(AtomicBool::new(false)));
+    let (peak, stop) = (
+        Arc::new(AtomicU64::new(base)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let sampler = {
         let (peak, stop, bin) = (Arc::clone(&peak), Arc::clone(&stop), Arc::clone(&bin));
         std::thread::spawn(move || {
@@ -768,10 +771,13 @@ async fn a_large_server_stream_to_a_slow_reader_keeps_balancer_memory_flat() {
             }
         })
     };
-    let mut s = count(&mut c, tonic::Request::new(Bytes::from_static(b"4096:16384")))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = count(
+        &mut c,
+        tonic::Request::new(Bytes::from_static(b"4096:16384")),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     let mut total = 0usize;
     let mut n = 0;
     while let Some(m) = s.message().await.expect("stream message") {
