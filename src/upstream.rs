@@ -306,10 +306,14 @@ const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Receive windows: how much of a response the backend may send ahead of the client reading
-/// it. Fixed, so a large response costs the same memory as a small one, yet enough to fill
-/// loopback and LAN links (hyper's defaults are 2 MiB and 5 MiB).
+/// it. The stream window is fixed, so a large response costs the same memory as a small one,
+/// yet fills loopback and LAN links. The connection window is shared by every stream on the
+/// connection, so it is 64 stream windows: a few clients that stop reading hold their streams'
+/// windows, not the whole connection (with hyper's 2 MiB / 5 MiB, three would stall everyone
+/// else's responses). It is a bound, not an allocation: memory is spent only on what slow
+/// clients have not read yet.
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
-const H2_CONN_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONN_WINDOW: u32 = 64 * H2_STREAM_WINDOW;
 
 /// Streams assumed allowed before the backend's SETTINGS arrive (hyper's own assumption).
 const H2_INITIAL_MAX_STREAMS: usize = 100;

@@ -797,3 +797,48 @@ async fn a_large_server_stream_to_a_slow_reader_keeps_balancer_memory_flat() {
         "balancer RSS grew by {grew} KiB while relaying a 64 MiB stream"
     );
 }
+
+/// Clients that stop reading their streams hold those streams' windows on the shared upstream
+/// connection, not the connection's: another client's call on the same connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_stall_other_streams_on_the_shared_connection() {
+    let be = start_grpc_backend(100).await;
+    // The stall watchdog (limits.header_timeout) would reset the stalled streams and free
+    // their windows: keep it out of the test's time.
+    let b = start_balancer(&format!(
+        "{}[limits]\nheader_timeout = \"60s\"\n",
+        h2_config(&[be.addr], "h2c", "")
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        // One client connection each: a client's own connection window is not what is tested.
+        let mut c = grpc_client(b.addr).await;
+        let mut s = count(
+            &mut c,
+            tonic::Request::new(Bytes::from_static(b"1024:16384")),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert!(s.message().await.unwrap().is_some());
+        held.push(s); // never read again
+    }
+    // Let the backend fill every window it may.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut other = grpc_client(b.addr).await;
+    for i in 0..5 {
+        let msg = Bytes::from(format!("still-flowing-{i}"));
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            unary(&mut other, tonic::Request::new(msg.clone())),
+        )
+        .await
+        .expect("a call on the shared connection is not held up by stalled streams")
+        .unwrap();
+        assert_eq!(r.get_ref(), &msg);
+    }
+    assert_eq!(be.connections(), 1, "all on one upstream connection");
+    drop(held);
+    b.shutdown().await;
+}
