@@ -842,3 +842,50 @@ async fn stalled_readers_do_not_stall_other_streams_on_the_shared_connection() {
     drop(held);
     b.shutdown().await;
 }
+
+/// A reload from h2c back to http1 while a gRPC stream is open: the stream finishes on its old
+/// connection, new requests go over HTTP/1.1, and the old connection is closed once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_across_a_protocol_reload_finishes_on_its_connection() {
+    let be = start_grpc_backend_auto().await;
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", "")).await;
+    let mut c = grpc_client(b.addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let mut replies = chat(&mut c, tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(Bytes::from_static(b"before")).await.unwrap();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap(),
+        Bytes::from_static(b"echo:before")
+    );
+    let backend = backend_of(&b);
+    assert_eq!(backend.h2.len(), 1);
+
+    b.write_config(&config(&[be.addr], "round_robin", ""));
+    b.handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .unwrap();
+    let g = get(&client(), &b.url("/plain/after")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(line(&g.body, "version"), "HTTP/1.1");
+
+    // The stream carries on over the old h2 connection; the reaper leaves it alone meanwhile.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.send(Bytes::from_static(b"after")).await.unwrap();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap(),
+        Bytes::from_static(b"echo:after")
+    );
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+    drop(replies);
+    // Done with it: the h2 connection of the old protocol is closed, never handed out again.
+    assert!(
+        eventually(Duration::from_secs(5), || backend.h2.is_empty()).await,
+        "old h2 connection kept"
+    );
+    b.shutdown().await;
+}
