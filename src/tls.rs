@@ -91,11 +91,7 @@ pub fn server_config(tls: &ListenerTls) -> Result<Arc<rustls::ServerConfig>, Str
 /// TLS towards a pool's backends, built once per snapshot.
 #[derive(Clone)]
 pub struct UpstreamTlsConnector {
-    /// Offers ALPN `http/1.1`: HTTP/1.1 pools, and WebSocket tunnels of h2 pools.
     connector: tokio_rustls::TlsConnector,
-    /// Offers ALPN `h2` only, for `protocol = "h2"`: a backend that does not pick it cannot
-    /// speak HTTP/2 to us.
-    h2: tokio_rustls::TlsConnector,
     server_name: Option<String>,
     /// What the connector trusts and checks: the root certificates' bytes and the server
     /// name. A CA file rewritten in place changes it although the config text does not.
@@ -135,12 +131,9 @@ impl UpstreamTlsConnector {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let mut h2 = config.clone();
-        h2.alpn_protocols = vec![b"h2".to_vec()];
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(UpstreamTlsConnector {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            h2: tokio_rustls::TlsConnector::from(Arc::new(h2)),
             server_name: cfg.server_name.clone(),
             fingerprint: fp.finish(),
         })
@@ -161,11 +154,11 @@ impl UpstreamTlsConnector {
         tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
         Box<dyn std::error::Error + Send + Sync>,
     > {
-        self.connect_with(&self.connector, address, tcp).await
+        Ok(self.connector.connect(self.name_for(address)?, tcp).await?)
     }
 
-    /// As `connect`, offering ALPN `h2`; whether the backend chose it is the caller's check
-    /// (`TlsStream::get_ref().1.alpn_protocol()`).
+    /// As `connect`, offering only ALPN `h2`: for the gRPC health check, which speaks HTTP/2
+    /// whatever the pool's protocol (gRPC servers may refuse a TLS client without it).
     pub async fn connect_h2(
         &self,
         address: &str,
@@ -174,24 +167,24 @@ impl UpstreamTlsConnector {
         tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
         Box<dyn std::error::Error + Send + Sync>,
     > {
-        self.connect_with(&self.h2, address, tcp).await
+        let name = self.name_for(address)?;
+        Ok(self
+            .connector
+            .with_alpn(vec![b"h2".to_vec()])
+            .connect(name, tcp)
+            .await?)
     }
 
-    async fn connect_with(
+    /// The name checked: `server_name` when set, else the host part of the address.
+    fn name_for(
         &self,
-        connector: &tokio_rustls::TlsConnector,
         address: &str,
-        tcp: tokio::net::TcpStream,
-    ) -> Result<
-        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-        Box<dyn std::error::Error + Send + Sync>,
-    > {
+    ) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
         let name = match &self.server_name {
             Some(n) => n.clone(),
             None => host_part(address).to_owned(),
         };
-        let name = ServerName::try_from(name)?;
-        Ok(connector.connect(name, tcp).await?)
+        ServerName::try_from(name)
     }
 }
 
