@@ -166,8 +166,9 @@ impl std::fmt::Debug for H2Conns {
 pub enum Acquired {
     /// A slot on an existing connection.
     Stream(Stream),
-    /// No connection has room: the caller dials, then calls `dialled` with the result
-    /// (this `DialTurn` makes sure the turn is handed back even if the caller is dropped).
+    /// No connection has room: the caller dials, then calls `DialTurn::finish` with the result
+    /// (dropping the turn unfinished hands it back, so a client that leaves mid-dial does not
+    /// leave the backend without a dialler).
     Dial(DialTurn),
     /// The dial this request waited for failed, or took longer than the request may wait.
     DialFailed(Failure),
@@ -231,7 +232,7 @@ impl H2Conns {
                 // The dial we waited for took the whole connect timeout.
                 return Acquired::DialFailed(Failure::ConnectTimeout);
             }
-            if self.dial_gen.load(Relaxed) != gen {
+            if self.dial_gen.load(std::sync::atomic::Ordering::Acquire) != gen {
                 let f = self.dial_failure.load(Relaxed);
                 if let Some(failure) = f.checked_sub(1).and_then(Failure::from_index) {
                     return Acquired::DialFailed(failure);
@@ -259,7 +260,9 @@ impl H2Conns {
                 None
             }
         };
-        self.dial_gen.fetch_add(1, Relaxed);
+        // Release: a waiter that sees the new generation sees the outcome stored above.
+        self.dial_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.dialing.store(false, Relaxed);
         self.dialled.notify_waiters();
         slot
