@@ -367,9 +367,13 @@ async fn send_h2(backend: &Backend, dial: &Dial, req: Request<UpBody>) -> Result
                 Some(r) => {
                     let (parts, body) = r.into_parts();
                     req = Request::from_parts(parts, body.into_inner());
-                    if stream.conn().is_draining() {
-                        resent = Some(Note::GoawayRetried);
-                    }
+                    // Closed by a GOAWAY, or closed by the backend as it sat idle: the h2
+                    // form of the stale keep-alive race.
+                    resent = Some(if stream.conn().is_draining() {
+                        Note::GoawayRetried
+                    } else {
+                        Note::StaleConnectionRetried
+                    });
                     drop(stream);
                     resends += 1;
                     if resends > MAX_RESENDS {
