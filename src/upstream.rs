@@ -97,23 +97,22 @@ pub enum Lease {
     H2(Stream),
 }
 
-/// Sends `req` to `backend` over the pool's protocol.
-pub async fn send(backend: &Backend, dial: &Dial, req: Request<UpBody>) -> Result<Sent, SendError> {
-    // WebSocket has no HTTP/2 form our backends are known to speak (RFC 8441 is rare): an
-    // h2 pool tunnels it over HTTP/1.1 to the same address.
-    if dial.protocol.is_h2() && !req.headers().contains_key(hyper::header::UPGRADE) {
-        send_h2(backend, dial, req).await
-    } else {
-        send_h1(backend, dial, req).await
-    }
-}
-
-/// Sends `req` on a pooled HTTP/1.1 connection if one is idle, else on a new one.
-async fn send_h1(
+/// Sends `req` to `backend` over the pool's protocol: HTTP/2 as a stream on a shared
+/// connection, HTTP/1.1 on a pooled connection if one is idle, else on a new one.
+///
+/// One function rather than a dispatcher over two: a dispatcher's future would hold the
+/// request beside whichever future it awaits, and every request's future (boxed and moved by
+/// the listener) would grow by that much.
+pub async fn send(
     backend: &Backend,
     dial: &Dial,
     mut req: Request<UpBody>,
 ) -> Result<Sent, SendError> {
+    // WebSocket has no HTTP/2 form our backends are known to speak (RFC 8441 is rare): an
+    // h2 pool tunnels it over HTTP/1.1 to the same address.
+    if dial.protocol.is_h2() && !req.headers().contains_key(hyper::header::UPGRADE) {
+        return send_h2(backend, dial, req).await;
+    }
     // Upstream is HTTP/1.1, where Host is mandatory: a request that came without one (HTTP/1.0,
     // or h2 without :authority) gets the backend's address, like nginx's $proxy_host.
     if !req.headers().contains_key(hyper::header::HOST) {
@@ -495,7 +494,9 @@ async fn acquire_h2(backend: &Backend, dial: &Dial) -> Result<Stream, (Failure, 
             )
             .into(),
         )),
-        Acquired::Dial(turn) => match connect_h2(backend, dial).await {
+        // Boxed: dialling is rare, and its future (TCP, TLS, handshake) would otherwise
+        // make every request's future kilobytes larger.
+        Acquired::Dial(turn) => match Box::pin(connect_h2(backend, dial)).await {
             Ok(conn) => turn
                 .finish(Ok(conn))
                 .ok_or_else(|| (Failure::ConnectError, "h2 dial abandoned".into())),
@@ -625,4 +626,26 @@ pub async fn probe_connect(
     tokio::time::timeout(limit, fut)
         .await
         .map_err(|_| BoxError::from("connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener boxes every request's future and moves it: the h2 branch must fit inside
+    /// the HTTP/1.1 one (its dial boxed), or every request, h1 ones included, pays for it.
+    #[test]
+    fn the_h2_path_does_not_grow_the_request_future() {
+        let backend = Backend::new("p", "127.0.0.1:1", "127.0.0.1:1".parse().unwrap());
+        let dial = Dial {
+            timeouts: Timeouts::default(),
+            tls: None,
+            protocol: Protocol::H2c,
+            transport: 1,
+        };
+        let h2 = send_h2(&backend, &dial, Request::new(UpBody::Empty));
+        let all = send(&backend, &dial, Request::new(UpBody::Empty));
+        let (h2, all) = (std::mem::size_of_val(&h2), std::mem::size_of_val(&all));
+        assert!(h2 * 2 < all, "send_h2's future is {h2} bytes, send's {all}");
+    }
 }
