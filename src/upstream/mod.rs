@@ -1,0 +1,347 @@
+//! Connections to backends: connect (TCP, optionally TLS) with a timeout, keep-alive reuse, and
+//! sending one request with a response timeout.
+//!
+//! HTTP/1.1 pools: `send` pops one of the backend's idle connections (`idle.rs`) or dials a
+//! new one, sends on it, and hands the connection to the response body, which puts it back
+//! when the exchange completed cleanly. A connection that timed out, was aborted mid-body or
+//! was upgraded is simply dropped, never pooled.
+//!
+//! HTTP/2 pools (`protocol = "h2c" | "h2"`, in `h2.rs`): `send` reserves a stream on one of the backend's
+//! multiplexed connections (`h2pool.rs`), dialling one when all are saturated; the response
+//! body holds the stream until it ends. A stream the backend did not process (REFUSED_STREAM,
+//! or above a GOAWAY's last-stream-id) is sent again on another connection within the same
+//! attempt, whatever the method, with its body as `replay.rs` kept it. WebSocket upgrades
+//! of an h2 pool go over HTTP/1.1 to the same address.
+//!
+//! Failures come back as a `Failure` reason for `classify`; a failure of the client's own
+//! request body is told apart, since it is not the backend's.
+
+use std::error::Error as StdError;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::backend::Backend;
+use crate::config::{Protocol, Timeouts};
+use crate::h2pool::Stream;
+use crate::idle::{Conn, Sender};
+use crate::reason::{Failure, Note};
+use crate::request_body::{BodyError, BodyFault, UpBody};
+use crate::tls::UpstreamTlsConnector;
+
+mod h2;
+
+use h2::send_h2;
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What `send` needs to know about a pool: how long to wait, how to dial, and which transport
+/// its pooled connections must speak. Built with the snapshot.
+pub struct Dial {
+    pub timeouts: Timeouts,
+    pub tls: Option<UpstreamTlsConnector>,
+    pub protocol: Protocol,
+    /// Changes whenever the pool's TLS settings or protocol change (see `idle.rs`).
+    pub transport: u64,
+}
+
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
+/// Why a send failed, and whether the request can be tried elsewhere.
+pub enum SendError {
+    /// The request never left: it comes back for another try, with any method.
+    NotSent {
+        // Boxed: the failure path should not make every `Result` of `send` request-sized.
+        req: Box<Request<UpBody>>,
+        failure: Failure,
+        source: BoxError,
+    },
+    /// The request was (at least partly) written and then failed.
+    Failed {
+        cause: Cause,
+        source: BoxError,
+        /// On a pooled connection with no response byte: the backend's keep-alive close race.
+        stale: bool,
+    },
+}
+
+/// Whose fault a failed exchange was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Backend(Failure),
+    /// The client's request body failed while we forwarded it.
+    Client(BodyFault),
+}
+
+pub struct Sent {
+    pub response: Response<Incoming>,
+    /// The connection (or h2 stream), for the response body to release when it ends.
+    pub conn: Lease,
+    /// A pooled connection was found dead before the request left, and a fresh one was used.
+    pub stale_retried: bool,
+    /// An h2 backend did not process the request the first time (GOAWAY or REFUSED_STREAM)
+    /// and it was sent again: which of the two, last.
+    pub resent: Option<Note>,
+}
+
+/// What the response body holds on to until it ends.
+pub enum Lease {
+    /// An HTTP/1.1 connection, pooled again when the exchange completed cleanly.
+    H1(Conn),
+    /// A stream slot on a shared HTTP/2 connection, freed when dropped.
+    H2(Stream),
+}
+
+/// Sends `req` to `backend` over the pool's protocol: HTTP/2 as a stream on a shared
+/// connection, HTTP/1.1 on a pooled connection if one is idle, else on a new one.
+///
+/// One function rather than a dispatcher over two: a dispatcher's future would hold the
+/// request beside whichever future it awaits, and every request's future (boxed and moved by
+/// the listener) would grow by that much.
+pub async fn send(
+    backend: &Backend,
+    dial: &Dial,
+    mut req: Request<UpBody>,
+) -> Result<Sent, SendError> {
+    // WebSocket has no HTTP/2 form our backends are known to speak (RFC 8441 is rare): an
+    // h2 pool tunnels it over HTTP/1.1 to the same address.
+    if dial.protocol.is_h2() && !req.headers().contains_key(hyper::header::UPGRADE) {
+        return send_h2(backend, dial, req).await;
+    }
+    // Upstream is HTTP/1.1, where Host is mandatory: a request that came without one (HTTP/1.0,
+    // or h2 without :authority) gets the backend's address, like nginx's $proxy_host.
+    if !req.headers().contains_key(hyper::header::HOST) {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&backend.address) {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+    }
+    let mut stale_retried = false;
+    if let Some(mut conn) = backend.idle.pop(dial.transport, dial.timeouts.idle) {
+        match exchange(&mut conn.tx, req, dial.timeouts.response, true).await {
+            Ok(response) => {
+                return Ok(Sent {
+                    response,
+                    conn: Lease::H1(conn),
+                    stale_retried,
+                    resent: None,
+                })
+            }
+            Err(Exchange::NotSent(r)) => {
+                req = *r;
+                stale_retried = true;
+            }
+            Err(Exchange::Failed(e)) => return Err(e),
+        }
+    }
+    let tx = match connect(backend, dial).await {
+        Ok(tx) => tx,
+        Err((failure, source)) => {
+            return Err(SendError::NotSent {
+                req: Box::new(req),
+                failure,
+                source,
+            })
+        }
+    };
+    let mut conn = Conn {
+        tx,
+        transport: dial.transport,
+    };
+    match exchange(&mut conn.tx, req, dial.timeouts.response, false).await {
+        Ok(response) => Ok(Sent {
+            response,
+            conn: Lease::H1(conn),
+            stale_retried,
+            resent: None,
+        }),
+        Err(Exchange::NotSent(req)) => Err(SendError::NotSent {
+            req,
+            failure: Failure::UpstreamReset,
+            source: "new connection closed before the request was sent".into(),
+        }),
+        Err(Exchange::Failed(e)) => Err(e),
+    }
+}
+
+enum Exchange {
+    // Boxed like `SendError::NotSent`'s.
+    NotSent(Box<Request<UpBody>>),
+    Failed(SendError),
+}
+
+async fn exchange(
+    tx: &mut Sender,
+    req: Request<UpBody>,
+    limit: Duration,
+    reused: bool,
+) -> Result<Response<Incoming>, Exchange> {
+    match tokio::time::timeout(limit, tx.try_send_request(req)).await {
+        Err(_) => Err(Exchange::Failed(SendError::Failed {
+            cause: Cause::Backend(Failure::ResponseTimeout),
+            source: format!("no response within {limit:?}").into(),
+            stale: false,
+        })),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(mut e)) => match e.take_message() {
+            Some(req) => Err(Exchange::NotSent(Box::new(req))),
+            None => {
+                let err = e.into_error();
+                let cause = cause_of(&err);
+                // The backend closed the pooled connection as we reused it: EOF (FIN) or a
+                // reset, before any response. Not the backend's sickness: replayable once.
+                let stale = reused
+                    && cause == Cause::Backend(Failure::UpstreamReset)
+                    && (err.is_incomplete_message() || is_reset(&err));
+                Err(Exchange::Failed(SendError::Failed {
+                    cause,
+                    source: err.into(),
+                    stale,
+                }))
+            }
+        },
+    }
+}
+
+/// A connection reset (or a write into a socket the peer already closed) under a hyper error.
+fn is_reset(err: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Tells a failure of the client's own request body (carried up through hyper's error) from
+/// the backend's.
+fn cause_of(err: &hyper::Error) -> Cause {
+    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
+    while let Some(s) = src {
+        if let Some(b) = s.downcast_ref::<BodyError>() {
+            return Cause::Client(b.fault());
+        }
+        src = s.source();
+    }
+    if err.is_parse() {
+        return Cause::Backend(Failure::UpstreamProtocol);
+    }
+    Cause::Backend(Failure::UpstreamReset)
+}
+
+async fn tcp_connect(backend: &Backend) -> Result<TcpStream, (Failure, BoxError)> {
+    let tcp = TcpStream::connect(backend.addr).await.map_err(|e| {
+        let failure = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            Failure::ConnectRefused
+        } else {
+            Failure::ConnectError
+        };
+        (failure, BoxError::from(e))
+    })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+async fn connect(backend: &Backend, dial: &Dial) -> Result<Sender, (Failure, BoxError)> {
+    backend.counters.connections_opened.fetch_add(1, Relaxed);
+    let limit = dial.timeouts.connect;
+    let fut = async {
+        let tcp = tcp_connect(backend).await?;
+        match &dial.tls {
+            None => handshake(TokioIo::new(tcp)).await,
+            Some(tls) => {
+                let stream = tls
+                    .connect(&backend.address, tcp)
+                    .await
+                    .map_err(|e| (Failure::TlsError, e))?;
+                handshake(TokioIo::new(stream)).await
+            }
+        }
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            Failure::ConnectTimeout,
+            format!("connect to {} took over {limit:?}", backend.address).into(),
+        )),
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<Sender, (Failure, BoxError)>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (tx, conn) = http1::Builder::new()
+        // hyper's default lets the read buffer grow to ~400 KiB per connection while a large
+        // response streams to a slower client; 64 KiB keeps a 1 MiB response in flight from
+        // costing most of a MiB of memory, and is still plenty for any response head.
+        .max_buf_size(UPSTREAM_READ_BUFFER)
+        .handshake(io)
+        .await
+        .map_err(|e| (Failure::ConnectError, BoxError::from(e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(tx)
+}
+
+/// A standalone connection for the health checker: never pooled, never shared with clients.
+pub async fn probe_connect(
+    backend: &Backend,
+    tls: Option<&UpstreamTlsConnector>,
+    limit: Duration,
+) -> Result<http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, BoxError> {
+    let fut = async {
+        let tcp = TcpStream::connect(backend.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let builder = http1::Builder::new();
+        let tx = match tls {
+            None => {
+                let (tx, conn) = builder.handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                tx
+            }
+            Some(tls) => {
+                let stream = tls.connect(&backend.address, tcp).await?;
+                let (tx, conn) = builder.handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                tx
+            }
+        };
+        Ok::<_, BoxError>(tx)
+    };
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| BoxError::from("connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener boxes every request's future and moves it: the h2 branch must fit inside
+    /// the HTTP/1.1 one (its dial boxed), or every request, h1 ones included, pays for it.
+    #[test]
+    fn the_h2_path_does_not_grow_the_request_future() {
+        let backend = Backend::new("p", "127.0.0.1:1", "127.0.0.1:1".parse().unwrap());
+        let dial = Dial {
+            timeouts: Timeouts::default(),
+            tls: None,
+            protocol: Protocol::H2c,
+            transport: 1,
+        };
+        let h2 = send_h2(&backend, &dial, Request::new(UpBody::Empty));
+        let all = send(&backend, &dial, Request::new(UpBody::Empty));
+        let (h2, all) = (std::mem::size_of_val(&h2), std::mem::size_of_val(&all));
+        assert!(h2 * 2 < all, "send_h2's future is {h2} bytes, send's {all}");
+    }
+}
