@@ -6,12 +6,12 @@
 //! when the exchange completed cleanly. A connection that timed out, was aborted mid-body or
 //! was upgraded is simply dropped, never pooled.
 //!
-//! HTTP/2 pools (`protocol = "h2c" | "h2"`, in `h2.rs`): `send` reserves a stream on one of the backend's
-//! multiplexed connections (`h2pool.rs`), dialling one when all are saturated; the response
-//! body holds the stream until it ends. A stream the backend did not process (REFUSED_STREAM,
-//! or above a GOAWAY's last-stream-id) is sent again on another connection within the same
-//! attempt, whatever the method, with its body as `replay.rs` kept it. WebSocket upgrades
-//! of an h2 pool go over HTTP/1.1 to the same address.
+//! HTTP/2 pools (`protocol = "h2c" | "h2"`, in `h2.rs`): `send` reserves a stream on one of
+//! the backend's multiplexed connections (`h2pool.rs`), dialling one when all are saturated;
+//! the response body holds the stream until it ends. A stream the backend did not process
+//! (REFUSED_STREAM, or above a GOAWAY's last-stream-id) is sent again on another connection
+//! within the same attempt, whatever the method, with its body as `replay.rs` kept it.
+//! WebSocket upgrades of an h2 pool go over HTTP/1.1 to the same address.
 //!
 //! Failures come back as a `Failure` reason for `classify`; a failure of the client's own
 //! request body is told apart, since it is not the backend's.
