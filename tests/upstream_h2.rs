@@ -136,8 +136,9 @@ async fn h1_and_h2_clients_reach_an_h2c_backend_over_http2() {
         let g = send(&c, req).await;
         assert_eq!(g.status, 200, "{name}: {}", g.body);
         assert_eq!(line(&g.body, "body-bytes"), "300000", "{name}");
-        // Not gRPC: TE stays hop-by-hop.
+        // Not gRPC: TE stays hop-by-hop, like Connection.
         assert_eq!(line(&g.body, "te"), "-", "{name}");
+        assert_eq!(line(&g.body, "connection"), "-", "{name}");
 
         // gRPC content: `te: trailers` reaches the backend (and nothing else of TE).
         let req = HttpRequest::post(b.url("/plain/grpc-shaped"))
