@@ -57,8 +57,11 @@ pub struct ConnInfo {
     /// (`stall::StallTimeout`) and `IO_MID_MESSAGE` (`framing::Sniffer`). Written only when a
     /// bit changes. `listener` parks an idle connection only when both are clear.
     pub io_state: AtomicU8,
-    /// Asks the connection to close once idle (idle timeout reached, or its listener is at
-    /// max_connections and a new client waits): `listener::drive` shuts it down gracefully.
+    /// Why the connection is asked to close (`ASK_*` bits), and the one wake-up its task waits
+    /// on besides the connection itself: one `Notify` rather than a future per reason, so a
+    /// busy connection's task polls one extra future per wake, not four (watch receivers take
+    /// a lock per poll).
+    pub asked: AtomicU8,
     pub close: Notify,
     /// Set when the balancer gave up on a client that stopped reading (a write blocked past
     /// the send timeout): the responses cut then are the balancer's doing, and logged so.
@@ -69,6 +72,14 @@ pub struct ConnInfo {
     /// The h2 header blocks could not be followed: paths can no longer be checked.
     pub h2_unchecked: AtomicBool,
 }
+
+/// `asked`: idle past idle_timeout, or making room for a new client (`conns.rs`).
+pub const ASK_IDLE: u8 = 1;
+/// `asked`: drain (shutdown) or the listener was removed by a reload: finish what is in
+/// flight, then close.
+pub const ASK_FINISH: u8 = 2;
+/// `asked`: the h2 client floods with cancelled streams (`flood.rs`): GOAWAY and close.
+pub const ASK_ABUSE: u8 = 4;
 
 /// `io_state`: a write to the client is blocked.
 pub const IO_WRITE_BLOCKED: u8 = 1;
@@ -164,11 +175,19 @@ impl ConnInfo {
             activity: AtomicU64::new(0),
             head_pending: AtomicBool::new(false),
             io_state: AtomicU8::new(0),
+            asked: AtomicU8::new(0),
             close: Notify::new(),
             stalled: AtomicBool::new(false),
             h2_fragments: SegQueue::new(),
             h2_unchecked: AtomicBool::new(false),
         })
+    }
+
+    /// Asks the connection to close, for `why` (an `ASK_*` bit). `notify_one` keeps a permit
+    /// if the connection task is not waiting yet.
+    pub fn ask(&self, why: u8) {
+        self.asked.fetch_or(why, Relaxed);
+        self.close.notify_one();
     }
 
     /// Whether no request or stream is in flight.

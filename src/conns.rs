@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::conn::{in_flight, ConnInfo};
+use crate::conn::{in_flight, ConnInfo, ASK_FINISH, ASK_IDLE};
 
 /// One listener's connections.
 pub struct Conns {
@@ -65,8 +65,7 @@ impl Entry {
 
     fn ask(&mut self) {
         self.asked = true;
-        // notify_one keeps the permit if the connection is not waiting on it yet.
-        self.info.close.notify_one();
+        self.info.ask(ASK_IDLE);
     }
 }
 
@@ -135,6 +134,15 @@ impl Conns {
         Registered {
             conns: Arc::clone(self),
             slot,
+        }
+    }
+
+    /// Asks every connection to finish what it is doing and close (drain, or the listener was
+    /// removed). Connections that register later see the signal themselves.
+    pub fn finish_all(&self) {
+        let t = self.lock();
+        for e in t.slots.iter().flatten() {
+            e.info.ask(ASK_FINISH);
         }
     }
 

@@ -41,9 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use crate::clock::now_ms;
+use crate::conn::{ConnInfo, ASK_ABUSE};
 
 /// Cancelled-before-answered streams a connection may have before its ratio is judged: a
 /// browser that navigates away cancels a few dozen at once, an attack thousands per second.
@@ -76,36 +75,39 @@ pub struct ConnWatch {
     streams: AtomicU32,
     premature: AtomicU32,
     tripped: AtomicBool,
-    notify: Notify,
+    /// The connection to ask to close when it trips (`None` in unit tests).
+    conn: Option<Arc<ConnInfo>>,
     peer: IpAddr,
     penalties: Arc<Penalties>,
 }
 
 impl ConnWatch {
+    #[cfg(test)]
     pub fn new(peer: IpAddr, penalties: Arc<Penalties>) -> Arc<ConnWatch> {
         Arc::new(ConnWatch {
             streams: AtomicU32::new(0),
             premature: AtomicU32::new(0),
             tripped: AtomicBool::new(false),
-            notify: Notify::new(),
+            conn: None,
             peer,
+            penalties,
+        })
+    }
+
+    /// The watch of a client connection, which `trip` asks to close (`ASK_ABUSE`).
+    pub fn for_conn(conn: &Arc<ConnInfo>, penalties: Arc<Penalties>) -> Arc<ConnWatch> {
+        Arc::new(ConnWatch {
+            streams: AtomicU32::new(0),
+            premature: AtomicU32::new(0),
+            tripped: AtomicBool::new(false),
+            conn: Some(Arc::clone(conn)),
+            peer: conn.peer.ip(),
             penalties,
         })
     }
 
     pub fn is_tripped(&self) -> bool {
         self.tripped.load(Relaxed)
-    }
-
-    /// Resolves once the connection tripped.
-    pub async fn tripped(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_tripped() {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Wraps one request's handler (which should start with [`reset_before_start`]). An h2
@@ -175,8 +177,9 @@ impl ConnWatch {
     fn trip(&self) {
         if !self.tripped.swap(true, Relaxed) {
             self.penalties.penalize(self.peer);
-            // notify_one keeps a permit if the connection task is not waiting yet.
-            self.notify.notify_one();
+            if let Some(c) = &self.conn {
+                c.ask(ASK_ABUSE);
+            }
         }
     }
 }
@@ -403,7 +406,13 @@ mod tests {
 
     #[tokio::test]
     async fn trips_on_a_majority_of_premature_resets_only() {
-        let w = ConnWatch::new(A, Penalties::new());
+        let info = ConnInfo::new(
+            std::net::SocketAddr::new(A, 1),
+            None,
+            Duration::from_secs(1),
+            None,
+        );
+        let w = ConnWatch::for_conn(&info, Penalties::new());
         // 150 answered streams, then 149 cancelled ones: under half, not tripped.
         for _ in 0..150 {
             w.stream(true, async {}).await;
@@ -416,9 +425,10 @@ mod tests {
         drop(w.stream(true, async {}));
         assert!(w.is_tripped());
         assert!(w.penalties.banned(A), "its address is banned");
-        tokio::time::timeout(Duration::from_secs(1), w.tripped())
+        tokio::time::timeout(Duration::from_secs(1), info.close.notified())
             .await
-            .expect("tripped() resolves once tripped");
+            .expect("the connection is woken once tripped");
+        assert_eq!(info.asked.load(Relaxed), ASK_ABUSE);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::clock::now_ms;
 use crate::config::{Limits, MIN_HEADER_BUFFER};
-use crate::conn::{Active, ConnInfo, DrainGuard, Tracked};
+use crate::conn::{Active, ConnInfo, DrainGuard, Tracked, ASK_ABUSE, ASK_FINISH};
 use crate::conns::{Conns, Slot};
 use crate::flood::{self, ConnWatch, Penalties};
 use crate::framing::Sniffer;
@@ -65,6 +65,7 @@ pub async fn run(
         Arc::clone(&conns),
         Arc::clone(&shared),
         signals.stop.clone(),
+        signals.drain.clone(),
     ));
     let mut backoff = Duration::from_millis(5);
     // Peer addresses that abused HTTP/2 recently: their new connections are closed at once.
@@ -72,7 +73,12 @@ pub async fn run(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = stopped(&mut signals.stop) => return,
+            _ = stopped(&mut signals.stop) => {
+                // Removed by a reload (or shutting down): the connections finish what they
+                // started, then close.
+                conns.finish_all();
+                return;
+            }
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -152,13 +158,25 @@ async fn admit(conns: &Conns, stop: &mut watch::Receiver<bool>) -> Option<Slot> 
 
 /// Closes the listener's connections idle for `limits.idle_timeout`, looking a few times per
 /// timeout (at most once a second), so a connection closes within a quarter of the timeout
-/// (or a second) after it: a coarse clock instead of a timer re-armed per request.
-async fn sweep(conns: Arc<Conns>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// (or a second) after it: a coarse clock instead of a timer re-armed per request. Also tells
+/// every connection when draining starts.
+async fn sweep(
+    conns: Arc<Conns>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let mut drained = false;
     loop {
         let idle = shared.snapshot.load().limits.idle_timeout;
         let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         tokio::select! {
             _ = stopped(&mut stop) => return,
+            _ = stopped(&mut drain), if !drained => {
+                drained = true;
+                conns.finish_all();
+                continue;
+            }
             _ = tokio::time::sleep(tick) => {}
         }
         let idle = shared.snapshot.load().limits.idle_timeout;
@@ -368,7 +386,7 @@ async fn serve_h1<I>(io: Replay<I>, mut s: Session, park: Option<WaitReadable<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let watch = ConnWatch::new(s.info.peer.ip(), Arc::clone(&s.penalties));
+    let watch = ConnWatch::for_conn(&s.info, Arc::clone(&s.penalties));
     let svc = service(&s, &watch);
     let builder = http1_builder(&s.limits);
     let _registered = s.conns.register(Arc::clone(&s.info), now_ms());
@@ -380,14 +398,7 @@ where
             .serve_connection(TokioIo::new(io), svc.clone())
             .with_upgrades();
         let parkable = park.is_some().then_some(since);
-        let Some(conn) = drive(
-            Box::pin(conn),
-            |c| c.graceful_shutdown(),
-            &mut s,
-            &watch,
-            parkable,
-        )
-        .await
+        let Some(conn) = drive(Box::pin(conn), |c| c.graceful_shutdown(), &mut s, parkable).await
         else {
             return;
         };
@@ -404,10 +415,8 @@ where
         let _parked = Parked::new(&s.shared);
         tokio::select! {
             r = readable => if r.is_err() { return },
-            // Idle past idle_timeout, or making room for a new client: close.
+            // Idle past idle_timeout, making room for a new client, draining: close.
             _ = s.info.close.notified() => return,
-            _ = stopped(&mut s.signals.drain) => return,
-            _ = stopped(&mut s.signals.stop) => return,
         }
     }
 }
@@ -432,19 +441,12 @@ async fn serve_h2<I>(io: I, mut s: Session)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let watch = ConnWatch::new(s.info.peer.ip(), Arc::clone(&s.penalties));
+    let watch = ConnWatch::for_conn(&s.info, Arc::clone(&s.penalties));
     let svc = service(&s, &watch);
     let conn = http2_builder(&s.limits).serve_connection(TokioIo::new(io), svc);
     let _registered = s.conns.register(Arc::clone(&s.info), now_ms());
     let _guard = s.signals.drain_guard.clone();
-    drive(
-        Box::pin(conn),
-        |c| c.graceful_shutdown(),
-        &mut s,
-        &watch,
-        None,
-    )
-    .await;
+    drive(Box::pin(conn), |c| c.graceful_shutdown(), &mut s, None).await;
 }
 
 /// The request handler of one connection.
@@ -509,7 +511,6 @@ async fn drive<C>(
     mut conn: Pin<Box<C>>,
     graceful_shutdown: impl Fn(Pin<&mut C>),
     s: &mut Session,
-    watch: &ConnWatch,
     park: Option<u32>,
 ) -> Option<Pin<Box<C>>>
 where
@@ -531,7 +532,7 @@ where
         }
         Poll::Pending => Poll::Pending,
     });
-    let idle_close = tokio::select! {
+    let asked = tokio::select! {
         r = serving => {
             match r {
                 Some(Err(e)) => {
@@ -553,18 +554,17 @@ where
             }
             return None;
         }
-        // Too many streams cancelled as soon as opened: GOAWAY, a moment to flush it, close.
-        _ = watch.tripped() => {
-            graceful_shutdown(conn.as_mut());
-            let _ = tokio::time::timeout(flood::TRIPPED_GRACE, conn.as_mut()).await;
-            return None;
-        }
-        _ = stopped(&mut s.signals.drain) => false,
-        // A reload removed this listener: its connections finish what they started.
-        _ = stopped(&mut s.signals.stop) => false,
-        // Idle past idle_timeout, or making room for a new client.
-        _ = info.close.notified() => true,
+        // Asked to close: idle past idle_timeout or making room, draining, the listener
+        // removed by a reload, or an h2 flood (`ConnInfo::ask`).
+        _ = info.close.notified() => info.asked.load(Relaxed),
     };
+    if asked & ASK_ABUSE != 0 {
+        // Too many streams cancelled as soon as opened: GOAWAY, a moment to flush it, close.
+        graceful_shutdown(conn.as_mut());
+        let _ = tokio::time::timeout(flood::TRIPPED_GRACE, conn.as_mut()).await;
+        return None;
+    }
+    let idle_close = asked & ASK_FINISH == 0;
     // Finish the request in flight (a long stream included), then close; idle keep-alive
     // connections close at once, idle h2 ones after GOAWAY(NO_ERROR).
     graceful_shutdown(conn.as_mut());
