@@ -138,6 +138,9 @@ pub struct LogEntry {
     /// On a route with `cache = true`: what the cache did (`hit`, `miss`, `stale`,
     /// `revalidated`, `bypass`).
     pub cache: Option<&'static str>,
+    /// The gRPC status the client got: the backend's (in its headers or trailers) or the
+    /// balancer's own. `None` for anything but gRPC, or a gRPC response without one.
+    pub grpc_status: Option<u32>,
 }
 
 impl LogEntry {
@@ -188,6 +191,7 @@ impl LogEntry {
             received: None,
             bytes_received: 0,
             cache: None,
+            grpc_status: None,
         }
     }
 
@@ -460,6 +464,13 @@ pub fn format_line(e: &LogEntry, out: &mut String) {
         Some(c) => json_str(c, out),
         None => out.push_str("null"),
     }
+    out.push_str(",\"grpc_status\":");
+    match e.grpc_status {
+        Some(c) => {
+            let _ = write!(out, "{c}");
+        }
+        None => out.push_str("null"),
+    }
     out.push_str("}\n");
 }
 
@@ -531,6 +542,7 @@ mod tests {
             "user_agent",
             "upstream_ms",
             "tls",
+            "grpc_status",
         ] {
             assert!(v[k].is_null(), "{k}: {v}");
         }
@@ -549,6 +561,7 @@ mod tests {
         e.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
         e.upstream_us = Some(2_005);
         e.bytes_received = 7;
+        e.grpc_status = Some(14);
         let mut s = String::new();
         format_line(&e, &mut s);
         let keys = [
@@ -572,6 +585,8 @@ mod tests {
             "upstream_ms",
             "bytes_received",
             "tls",
+            "cache",
+            "grpc_status",
         ];
         let at: Vec<usize> = keys
             .iter()
@@ -591,6 +606,7 @@ mod tests {
         assert_eq!(v["bytes_received"], 7);
         assert_eq!(v["tls"]["version"], "TLSv1.3");
         assert_eq!(v["tls"]["sni"], "a.example");
+        assert_eq!(v["grpc_status"], 14);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::admin_state::Intent;
 use crate::breaker::{Admission, Breaker, BreakerState, Transition};
 use crate::clock::{now_ms, unix_ms};
 use crate::config::BreakerPolicy;
+use crate::grpc::{code_slot, CODE_SLOTS};
 use crate::h2pool::H2Conns;
 use crate::idle::IdleConns;
 use crate::reason::Failure;
@@ -57,6 +58,8 @@ pub struct Counters {
     pub latency_buckets: [AtomicU64; 12],
     pub latency_sum_us: AtomicU64,
     pub latency_count: AtomicU64,
+    /// gRPC responses by the backend's `grpc-status`, indexed by `grpc::code_slot`.
+    pub grpc_codes: [AtomicU64; CODE_SLOTS],
 }
 
 #[derive(Debug)]
@@ -145,6 +148,14 @@ impl Backend {
         }
     }
 
+    /// Counts a gRPC response by the `grpc-status` the backend ended it with (`None`: none,
+    /// or not a number).
+    pub fn note_grpc_status(&self, code: Option<u32>) {
+        if let Some(c) = self.counters.grpc_codes.get(code_slot(code)) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
     /// A failure noticed after the attempt was classified (a reset in the middle of a body):
     /// counted and shown, but the breaker already had its say on this attempt.
     pub fn note_late_failure(&self, reason: Failure) {
@@ -205,37 +216,59 @@ impl InFlight {
         elapsed: Duration,
         policy: &BreakerPolicy,
     ) {
+        if self.admission.is_none() {
+            return;
+        }
+        if outcome != Outcome::Neutral {
+            if let Some(s) = status {
+                self.record_answer(s, elapsed);
+            } else {
+                self.backend.counters.requests.fetch_add(1, Relaxed);
+            }
+        }
+        self.settle(outcome, policy);
+    }
+
+    /// The first half of `record`, for an answer whose verdict comes later (a gRPC status in
+    /// the trailers): the attempt, its status class and its latency count now, and the
+    /// breaker's admission waits for `settle`.
+    pub fn record_answer(&mut self, status: u16, elapsed: Duration) {
+        let b = &*self.backend;
+        let c = &b.counters;
+        c.requests.fetch_add(1, Relaxed);
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        if let Some(ctr) = c.status.get(class) {
+            ctr.fetch_add(1, Relaxed);
+        }
+        b.observe_latency(elapsed);
+    }
+
+    /// The verdict on the attempt: failures, last error and breaker. Only the first call
+    /// counts (the admission is taken), so an attempt feeds the breaker exactly once.
+    pub fn settle(&mut self, outcome: Outcome, policy: &BreakerPolicy) {
         let Some(admission) = self.admission.take() else {
             return;
         };
         let b = &*self.backend;
-        let c = &b.counters;
-        if outcome == Outcome::Neutral {
-            b.breaker.release(admission);
-            return;
-        }
-        c.requests.fetch_add(1, Relaxed);
-        if let Some(s) = status {
-            let class = (s / 100).clamp(1, 5) as usize - 1;
-            if let Some(ctr) = c.status.get(class) {
-                ctr.fetch_add(1, Relaxed);
-            }
-            b.observe_latency(elapsed);
-        }
         let now = now_ms();
         match outcome {
+            Outcome::Neutral => b.breaker.release(admission),
             Outcome::Success => {
                 let t = b.breaker.on_success(admission, now);
                 b.log_transition(t, None);
             }
             Outcome::Failure(reason) => {
-                c.failures.fetch_add(1, Relaxed);
+                b.counters.failures.fetch_add(1, Relaxed);
                 b.note_error(reason);
                 let t = b.breaker.on_failure(admission, policy, now);
                 b.log_transition(t, Some(reason));
             }
-            Outcome::Neutral => {}
         }
+    }
+
+    /// Whether the attempt still waits for its verdict (`settle` not called yet).
+    pub fn unsettled(&self) -> bool {
+        self.admission.is_some()
     }
 }
 

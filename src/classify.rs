@@ -10,15 +10,18 @@
 //! did not process, which `upstream` sends again within the attempt and reports in
 //! `Sent::resent`, noted here); an answer is relayed, never
 //! retried, even one the pool counts as a failure; a response with broken framing is a
-//! failure and never relayed.
+//! failure and never relayed. A gRPC answer is judged by its `grpc-status`
+//! ([`classify_grpc_status`]): at once when it comes with the headers, else when the body's
+//! trailers bring it; a client's gRPC deadline running out says nothing about the backend.
 
 use http::header;
 use http::StatusCode;
 
 use crate::backend::Outcome;
 use crate::config::BreakerPolicy;
+use crate::grpc;
 use crate::headers::has_token;
-use crate::reason::{Failure, Note, Reason};
+use crate::reason::{ClientEvent, Failure, Note, Reason};
 use crate::upstream::{Cause, SendError, Sent};
 
 /// What the request does after this attempt.
@@ -38,6 +41,10 @@ pub struct Verdict {
     pub next: Next,
     /// Something worth a reason code although the request goes on.
     pub note: Option<Reason>,
+    /// A gRPC response whose `grpc-status` comes in the trailers: `outcome` only says the
+    /// headers were fine, and the body's end settles the attempt with
+    /// [`classify_grpc_status`].
+    pub awaits_grpc_status: bool,
 }
 
 /// What `classify` needs to know about the request.
@@ -65,14 +72,16 @@ pub fn classify(result: &Result<Sent, SendError>, cx: &Context<'_>) -> Verdict {
                     outcome: Outcome::Failure(failure),
                     next: Next::Fail,
                     note,
+                    awaits_grpc_status: false,
                 };
             }
-            let outcome = if cx
-                .policy
-                .failure_statuses
-                .contains(sent.response.status().as_u16())
-            {
+            let r = &sent.response;
+            let grpc = grpc::is_grpc(r.headers());
+            let trailers_only = grpc::status_in(r.headers());
+            let outcome = if cx.policy.failure_statuses.contains(r.status().as_u16()) {
                 Outcome::Failure(Failure::UpstreamStatus)
+            } else if let (true, Some(code)) = (grpc, trailers_only) {
+                classify_grpc_status(code)
             } else {
                 Outcome::Success
             };
@@ -80,12 +89,14 @@ pub fn classify(result: &Result<Sent, SendError>, cx: &Context<'_>) -> Verdict {
                 outcome,
                 next: Next::Respond,
                 note,
+                awaits_grpc_status: grpc && trailers_only.is_none() && outcome == Outcome::Success,
             }
         }
         Err(SendError::NotSent { failure, .. }) => Verdict {
             outcome: Outcome::Failure(*failure),
             next: Next::Retry { free: false },
             note: None,
+            awaits_grpc_status: false,
         },
         Err(SendError::Failed {
             cause: Cause::Client(_),
@@ -94,6 +105,7 @@ pub fn classify(result: &Result<Sent, SendError>, cx: &Context<'_>) -> Verdict {
             outcome: Outcome::Neutral,
             next: Next::Fail,
             note: None,
+            awaits_grpc_status: false,
         },
         Err(SendError::Failed {
             cause: Cause::Backend(failure),
@@ -105,6 +117,7 @@ pub fn classify(result: &Result<Sent, SendError>, cx: &Context<'_>) -> Verdict {
                     outcome: Outcome::Neutral,
                     next: Next::Retry { free: true },
                     note: Some(Reason::Note(Note::StaleConnectionRetried)),
+                    awaits_grpc_status: false,
                 }
             } else {
                 Verdict {
@@ -115,9 +128,32 @@ pub fn classify(result: &Result<Sent, SendError>, cx: &Context<'_>) -> Verdict {
                         Next::Fail
                     },
                     note: None,
+                    awaits_grpc_status: false,
                 }
             }
         }
+    }
+}
+
+/// The client's `grpc-timeout` ran out before the backend answered: the client chose that
+/// wait, and a backend that needed longer is not sick for it (the pool's own
+/// `timeouts.response` still is what counts against it). Not retried: the deadline is gone.
+pub const GRPC_DEADLINE_PASSED: Verdict = Verdict {
+    outcome: Outcome::Neutral,
+    next: Next::Fail,
+    note: Some(Reason::Client(ClientEvent::GrpcDeadline)),
+    awaits_grpc_status: false,
+};
+
+/// What a backend's `grpc-status` says about the backend: UNAVAILABLE (14), DEADLINE_EXCEEDED
+/// (4) and INTERNAL (13) are the codes a sick or overloaded server answers with, the gRPC
+/// counterpart of 502/503/504; every other code, an application's answer (NOT_FOUND,
+/// INVALID_ARGUMENT, ...), is a success for the breaker. A gRPC response that ended without
+/// any status (`None`) is not held against the backend either.
+pub fn classify_grpc_status(code: Option<u32>) -> Outcome {
+    match code {
+        Some(4 | 13 | 14) => Outcome::Failure(Failure::UpstreamGrpcStatus),
+        _ => Outcome::Success,
     }
 }
 
@@ -204,6 +240,21 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_statuses_that_mean_a_sick_backend() {
+        for code in [4, 13, 14] {
+            assert_eq!(
+                classify_grpc_status(Some(code)),
+                Outcome::Failure(Failure::UpstreamGrpcStatus),
+                "{code}"
+            );
+        }
+        for code in [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17, 99] {
+            assert_eq!(classify_grpc_status(Some(code)), Outcome::Success, "{code}");
+        }
+        assert_eq!(classify_grpc_status(None), Outcome::Success);
+    }
 
     #[test]
     fn budget_counts_attempts_and_one_free_replay() {

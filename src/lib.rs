@@ -42,6 +42,7 @@ pub mod diff;
 pub(crate) mod events;
 pub(crate) mod flood;
 pub(crate) mod framing;
+pub mod grpc;
 pub mod h2io;
 pub(crate) mod h2path;
 pub mod h2pool;

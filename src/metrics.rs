@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 
 use crate::admin_state::AdminMode;
 use crate::backend::LATENCY_BUCKETS;
+use crate::grpc;
 use crate::reason::{Failure, Reason};
 use crate::state::Shared;
 
@@ -186,6 +187,11 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         "Weight picks use: the operator's override, else the config's (0 takes no new traffic).",
         Kind::Gauge,
     );
+    let mut grpc_responses = Family::new(
+        "balancer_grpc_responses",
+        "gRPC statuses clients got: the backend's (by pool, backend and code) or the balancer's own (code only; their reasons are in balancer_local_responses_total).",
+        Kind::Counter,
+    );
     for p in &snap.pools {
         for m in &p.members {
             let b = &m.backend;
@@ -212,6 +218,14 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
                     let mut l = id();
                     l.push(("reason", r.as_str().to_owned()));
                     failures.samples.push((l, Value::Counter(v)));
+                }
+            }
+            for (slot, n) in c.grpc_codes.iter().enumerate() {
+                let v = n.load(Relaxed);
+                if v > 0 {
+                    let mut l = id();
+                    l.push(("code", grpc::slot_label(slot).to_owned()));
+                    grpc_responses.samples.push((l, Value::Counter(v)));
                 }
             }
             attempts
@@ -275,6 +289,15 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
                 .push((vec![("reason", r.as_str().to_owned())], Value::Counter(v)));
         }
     }
+    for (slot, n) in crate::answer::LOCAL_GRPC.iter().enumerate() {
+        let v = n.load(Relaxed);
+        if v > 0 {
+            grpc_responses.samples.push((
+                vec![("code", grpc::slot_label(slot).to_owned())],
+                Value::Counter(v),
+            ));
+        }
+    }
     let single = |name, help, kind, v| Family {
         name,
         help,
@@ -294,6 +317,7 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         admin_state,
         weight,
         local,
+        grpc_responses,
         single(
             "balancer_config_reloads",
             "Reloads applied.",

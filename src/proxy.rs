@@ -22,9 +22,11 @@ use crate::accesslog::{self, Ending, LogEntry, Texts};
 use crate::answer::{self, ProxyError};
 use crate::backend::{InFlight, Outcome};
 use crate::cache::{self, Fallback, Refresher, Step};
-use crate::classify::{classify, Context, Next, RetryBudget};
+use crate::classify::{self, classify, Context, Next, RetryBudget};
 use crate::clock::now_ms;
+use crate::config::MAX_DURATION;
 use crate::conn::ConnInfo;
+use crate::grpc;
 use crate::headers::strip_hop_by_hop;
 use crate::reason::{ClientEvent, Failure, Note, Reason};
 use crate::request::{self, build};
@@ -54,6 +56,15 @@ impl Drop for PendingLog {
 /// The request ID header and this request's value.
 type RequestId<'a> = (&'a HeaderName, HeaderValue);
 
+/// What `handle` learnt about the request before it moved into `forward`.
+struct Call<'a> {
+    rid: Option<&'a RequestId<'a>>,
+    /// A gRPC call (`content-type: application/grpc...`).
+    grpc: bool,
+    /// When the gRPC call's `grpc-timeout`, counted from its arrival, runs out.
+    deadline: Option<Instant>,
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
@@ -71,9 +82,25 @@ pub async fn handle(
         snap.access_log
             .then(|| log_entry(&conn, &req, rid.as_ref().map(|r| &r.1), start)),
     );
+    let grpc = grpc::is_grpc(req.headers());
+    // Only a gRPC call's own deadline counts; a malformed one is ignored (and forwarded as
+    // is: the backend may judge it), as is one too far out to represent.
+    let deadline = match grpc {
+        true => req
+            .headers()
+            .get(grpc::GRPC_TIMEOUT)
+            .and_then(grpc::parse_timeout)
+            .and_then(|d| start.checked_add(d)),
+        false => None,
+    };
+    let call = Call {
+        grpc,
+        deadline,
+        rid: rid.as_ref(),
+    };
     // A stale stored copy that may answer if every attempt fails (stale-if-error).
     let mut fallback = None;
-    let forwarded = forward(&snap, &conn, req, &mut log.0, rid.as_ref(), &mut fallback).await;
+    let forwarded = forward(&snap, &conn, req, &mut log.0, &call, &mut fallback).await;
     let mut resp = match forwarded {
         Ok(resp) => resp,
         Err(e) if fallback.as_ref().is_some_and(|f| f.covers(&e)) => {
@@ -81,7 +108,7 @@ pub async fn handle(
             tracing::debug!(peer = %conn.peer, request_id = id, error = %e, "answering from a stale stored copy");
             match fallback {
                 Some(f) => f.respond(log.0.take()),
-                None => answer::respond(&e.answer(), log.0.take()),
+                None => answer::respond(&e.answer(), log.0.take(), grpc),
             }
         }
         Err(e) => {
@@ -95,7 +122,7 @@ pub async fn handle(
                     tracing::debug!(peer = %conn.peer, request_id = id, error = %e, "answering {}", a.status.as_u16())
                 }
             }
-            answer::respond(&a, log.0.take())
+            answer::respond(&a, log.0.take(), grpc)
         }
     };
     // The backend's own value, if it sent one, gives way: the client must be able to quote
@@ -152,9 +179,10 @@ async fn forward(
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
     log: &mut Option<Box<LogEntry>>,
-    rid: Option<&RequestId<'_>>,
+    call: &Call<'_>,
     fallback: &mut Option<Fallback>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let rid = call.rid;
     // Evaluated only when a debug line is enabled.
     let id = || request_id::as_str(rid.map(|r| &r.1));
     if req.version() != Version::HTTP_2 {
@@ -254,7 +282,13 @@ async fn forward(
             UpBody::stream(
                 body,
                 if limit == 0 { u64::MAX } else { limit },
-                conn.body_timeout,
+                // A gRPC stream's client may rightly send nothing for minutes (a bidi "watch"
+                // call keeps its side open): its deadline, not a stall timer, ends it.
+                if call.grpc {
+                    MAX_DURATION
+                } else {
+                    conn.body_timeout
+                },
                 received,
             )
         },
@@ -300,7 +334,26 @@ async fn forward(
             l.attempts = budget.spent();
         }
         let sent_at = Instant::now();
-        let result = upstream::send(&member.backend, &pool.dial, next).await;
+        let result = match call.deadline {
+            None => upstream::send(&member.backend, &pool.dial, next).await,
+            Some(deadline) => {
+                // The backend gets what is left of the client's deadline (gRPC's rule for
+                // proxies), and the wait ends with it, whatever `timeouts.response` says.
+                next.headers_mut().insert(
+                    grpc::GRPC_TIMEOUT,
+                    grpc::format_timeout(deadline.saturating_duration_since(sent_at)),
+                );
+                let send = upstream::send(&member.backend, &pool.dial, next);
+                match tokio::time::timeout_at(deadline.into(), send).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let v = classify::GRPC_DEADLINE_PASSED;
+                        guard.record(v.outcome, None, sent_at.elapsed(), &pool.breaker);
+                        return Err(ProxyError::GrpcDeadline);
+                    }
+                }
+            }
+        };
         let took = sent_at.elapsed();
         let verdict = classify(
             &result,
@@ -312,7 +365,11 @@ async fn forward(
             },
         );
         let status = result.as_ref().ok().map(|s| s.response.status().as_u16());
-        guard.record(verdict.outcome, status, took, &pool.breaker);
+        match status {
+            // The verdict is in the trailers: the body's end settles it.
+            Some(s) if verdict.awaits_grpc_status => guard.record_answer(s, took),
+            _ => guard.record(verdict.outcome, status, took, &pool.breaker),
+        }
         stale_replayed |= matches!(
             verdict.note,
             Some(Reason::Note(
@@ -322,9 +379,17 @@ async fn forward(
         note = verdict.note.or(note);
         match (verdict.next, result) {
             (Next::Respond, Ok(sent)) => {
+                // A trailers-only gRPC answer: its status is already here.
+                let grpc_status = grpc::is_grpc(sent.response.headers())
+                    .then(|| grpc::status_in(sent.response.headers()))
+                    .flatten();
+                if let Some(code) = grpc_status {
+                    member.backend.note_grpc_status(code);
+                }
                 if let Some(l) = log.as_deref_mut() {
                     l.upstream_us = Some(took.as_micros() as u64);
                     l.status = sent.response.status().as_u16();
+                    l.grpc_status = grpc_status.flatten();
                     l.reason = match verdict.outcome {
                         Outcome::Failure(f) => Some(Reason::Failed(f)),
                         Outcome::Success | Outcome::Neutral => note,
@@ -334,6 +399,10 @@ async fn forward(
                     }
                 }
                 let resp = respond(sent, guard, log.take(), conn, client_upgrade.take());
+                let resp = match verdict.awaits_grpc_status {
+                    true => resp.map(|b| b.awaiting_grpc_status(pool.breaker)),
+                    false => resp,
+                };
                 // The store step: tee the body into the cache, or answer from the stored copy
                 // after a 304 (or a 5xx within stale-if-error).
                 return Ok(match miss.take() {

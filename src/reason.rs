@@ -40,6 +40,9 @@ pub enum Failure {
     UpstreamStatus,
     /// The backend broke HTTP: ambiguous framing, a switch of protocols nobody asked for.
     UpstreamProtocol,
+    /// The backend ended a gRPC call with a `grpc-status` that says it cannot serve
+    /// (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL): gRPC's `failure_statuses`.
+    UpstreamGrpcStatus,
 }
 
 /// What the client did that ended its request.
@@ -52,6 +55,9 @@ pub enum ClientEvent {
     /// Stopped reading its response (a blocked write, or an h2 window never opened), so the
     /// balancer reset the stream or closed the connection.
     ClientStalled,
+    /// The deadline the client set in `grpc-timeout` passed before the backend answered:
+    /// the client's choice of wait, not the backend's fault.
+    GrpcDeadline,
 }
 
 /// A request that was answered despite something the balancer worked around.
@@ -109,7 +115,7 @@ impl Refusal {
 }
 
 impl Failure {
-    pub const ALL: [Failure; 9] = [
+    pub const ALL: [Failure; 10] = [
         Failure::ConnectRefused,
         Failure::ConnectTimeout,
         Failure::ConnectError,
@@ -119,6 +125,7 @@ impl Failure {
         Failure::UpstreamReset,
         Failure::UpstreamStatus,
         Failure::UpstreamProtocol,
+        Failure::UpstreamGrpcStatus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +139,7 @@ impl Failure {
             Failure::UpstreamReset => "upstream_reset",
             Failure::UpstreamStatus => "upstream_5xx",
             Failure::UpstreamProtocol => "upstream_protocol_error",
+            Failure::UpstreamGrpcStatus => "upstream_grpc_error",
         }
     }
 
@@ -156,16 +164,18 @@ impl Failure {
             Failure::ResponseTimeout
             | Failure::UpstreamReset
             | Failure::UpstreamStatus
-            | Failure::UpstreamProtocol => false,
+            | Failure::UpstreamProtocol
+            | Failure::UpstreamGrpcStatus => false,
         }
     }
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 3] = [
+    pub const ALL: [ClientEvent; 4] = [
         ClientEvent::ClientClosed,
         ClientEvent::BodyTimeout,
         ClientEvent::ClientStalled,
+        ClientEvent::GrpcDeadline,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -173,6 +183,7 @@ impl ClientEvent {
             ClientEvent::ClientClosed => "client_closed",
             ClientEvent::BodyTimeout => "body_timeout",
             ClientEvent::ClientStalled => "client_stalled",
+            ClientEvent::GrpcDeadline => "grpc_deadline_exceeded",
         }
     }
 }

@@ -17,8 +17,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::accesslog::{self, Ending, LogEntry};
-use crate::backend::InFlight;
+use crate::backend::{InFlight, Outcome};
+use crate::classify::classify_grpc_status;
+use crate::config::BreakerPolicy;
 use crate::conn::ConnInfo;
+use crate::grpc;
 use crate::reason::{ClientEvent, Failure, Reason};
 use crate::upstream::Lease;
 
@@ -50,6 +53,9 @@ struct Upstream {
     conn: Option<Lease>,
     guard: InFlight,
     client: Arc<ConnInfo>,
+    /// A gRPC response whose `grpc-status` is still to come in the trailers: the pool's
+    /// breaker policy, to settle the attempt with when it does.
+    grpc: Option<BreakerPolicy>,
 }
 
 impl ResponseBody {
@@ -89,10 +95,24 @@ impl ResponseBody {
     }
 
     pub fn empty() -> ResponseBody {
+        ResponseBody::empty_logged(None)
+    }
+
+    /// No body at all (hyper then ends the stream with the headers), and the log entry.
+    pub fn empty_logged(log: Option<Box<LogEntry>>) -> ResponseBody {
         ResponseBody {
             kind: Kind::Local(None),
-            log: None,
+            log,
         }
+    }
+
+    /// The backend's gRPC status comes at the end of this body: read it from the trailers,
+    /// count and log it, and settle the attempt's verdict with it (`classify_grpc_status`).
+    pub fn awaiting_grpc_status(mut self, policy: BreakerPolicy) -> ResponseBody {
+        if let Kind::Upstream(up) = &mut self.kind {
+            up.grpc = Some(policy);
+        }
+        self
     }
 
     pub fn upstream(
@@ -112,6 +132,7 @@ impl ResponseBody {
                 conn,
                 guard,
                 client,
+                grpc: None,
             })),
             log,
         }
@@ -146,6 +167,13 @@ impl Body for ResponseBody {
                     Some(Ok(frame)) => {
                         if let Some(d) = frame.data_ref() {
                             up.pending = d.len() as u64;
+                        }
+                        if let Some(t) = frame.trailers_ref() {
+                            if let Some(policy) = up.grpc.take() {
+                                let code = grpc::status_in(t).flatten();
+                                let log = this.log.as_deref_mut();
+                                grpc_status_seen(&mut up.guard, code, &policy, log);
+                            }
                         }
                         if up.inner.is_end_stream() {
                             up.done = true;
@@ -189,8 +217,17 @@ impl Drop for ResponseBody {
                     return_conn(&up.guard, conn);
                 }
             }
-            if let Some(f) = up.failed {
-                up.guard.backend().note_late_failure(f);
+            match (up.failed, up.grpc.take()) {
+                // The verdict was waiting for the end of the body, which broke: that is it.
+                (Some(f), Some(policy)) => up.guard.settle(Outcome::Failure(f), &policy),
+                (Some(f), None) => up.guard.backend().note_late_failure(f),
+                // A gRPC body that ended cleanly without trailers: no status to hold against
+                // the backend, and `unknown` in the metric.
+                (None, Some(policy)) if complete => {
+                    grpc_status_seen(&mut up.guard, None, &policy, None)
+                }
+                // Cut short (the client left): the guard's drop hands the admission back.
+                (None, _) => {}
             }
             if let Some(l) = self.log.as_deref_mut() {
                 l.bytes = up.bytes;
@@ -211,6 +248,20 @@ impl Drop for ResponseBody {
             accesslog::write(l);
         }
     }
+}
+
+/// The end of a gRPC response: its status counted per backend, logged, and the attempt settled.
+fn grpc_status_seen(
+    guard: &mut InFlight,
+    code: Option<u32>,
+    policy: &BreakerPolicy,
+    log: Option<&mut LogEntry>,
+) {
+    guard.backend().note_grpc_status(code);
+    if let Some(l) = log {
+        l.grpc_status = code;
+    }
+    guard.settle(classify_grpc_status(code), policy);
 }
 
 /// A body the backend broke: bytes that are not HTTP (a bad chunk) are a protocol error,
