@@ -394,6 +394,12 @@ fn pool_settings(d: &mut Diff, o: &PoolConfig, n: &PoolConfig) {
         (None, Some(_)) => d.push('+', Kind::Setting, key("health_check")),
         (Some(_), None) => d.push('-', Kind::Setting, key("health_check")),
         (Some(a), Some(b)) => {
+            d.setting(&key("health_check.kind"), a.kind, b.kind, |v| {
+                v.as_str().to_owned()
+            });
+            d.setting(&key("health_check.service"), &a.service, &b.service, |v| {
+                format!("{v:?}")
+            });
             d.setting(&key("health_check.path"), &a.path, &b.path, |v| {
                 v.to_string()
             });

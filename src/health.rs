@@ -1,6 +1,7 @@
 //! Active health checks: one task per (pool, backend) with a `health_check` table.
 //!
-//! A task probes `path` every `interval` over a connection of its own (never a client's), keeps
+//! A task probes `path` (or, with `kind = "grpc"`, the gRPC health service: `health_grpc.rs`)
+//! every `interval` over a connection of its own (never a client's), keeps
 //! its consecutive pass/fail counts to itself, and writes only `backend.healthy`, logging once
 //! per flip. It skips its probes while the operator has the backend `disabled`. The control task calls `HealthTasks::sync` after each swap: it spawns tasks for new
 //! keys, aborts those whose backend or settings went away, and marks backends of pools without
@@ -18,7 +19,8 @@ use http_body_util::Empty;
 use tokio::task::JoinHandle;
 
 use crate::backend::Backend;
-use crate::config::HealthCheckConfig;
+use crate::config::{HealthCheckConfig, HealthKind};
+use crate::health_grpc;
 use crate::state::Snapshot;
 use crate::tls::UpstreamTlsConnector;
 use crate::upstream;
@@ -115,7 +117,7 @@ async fn probe_loop(
 ) {
     tokio::time::sleep(jitter(cfg.interval)).await;
     let mut streak = Streak::default();
-    let mut conn = None;
+    let mut conn = Conn::None;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -123,7 +125,7 @@ async fn probe_loop(
         if backend.intent.skips_health_checks() {
             // Disabled by the operator: not probed, `healthy` keeps its last value, and the
             // counts start over when probing resumes so that old results do not count.
-            conn = None;
+            conn = Conn::None;
             streak = Streak::default();
             continue;
         }
@@ -135,7 +137,7 @@ async fn probe_loop(
             Err(_) => Some(format!("no answer within {:?}", cfg.timeout)),
         };
         if failure.is_some() {
-            conn = None;
+            conn = Conn::None;
         }
         let healthy = backend.healthy.load(Relaxed);
         match streak.observe(failure.is_none(), healthy, &cfg) {
@@ -181,7 +183,47 @@ impl Streak {
     }
 }
 
+/// The probe's own connection, kept between probes.
+enum Conn {
+    None,
+    Http(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Grpc(health_grpc::Sender),
+}
+
 async fn probe(
+    backend: &Backend,
+    cfg: &HealthCheckConfig,
+    tls: Option<&UpstreamTlsConnector>,
+    conn: &mut Conn,
+) -> Result<(), String> {
+    match cfg.kind {
+        HealthKind::Http => {
+            let mut c = match std::mem::replace(conn, Conn::None) {
+                Conn::Http(c) => Some(c),
+                Conn::None | Conn::Grpc(_) => None,
+            };
+            let r = probe_http(backend, cfg, tls, &mut c).await;
+            if let Some(c) = c {
+                *conn = Conn::Http(c);
+            }
+            r
+        }
+        HealthKind::Grpc => {
+            let mut c = match std::mem::replace(conn, Conn::None) {
+                Conn::Grpc(c) => Some(c),
+                Conn::None | Conn::Http(_) => None,
+            };
+            let r = health_grpc::probe(backend, &cfg.service, tls, cfg.timeout, USER_AGENT, &mut c)
+                .await;
+            if let Some(c) = c {
+                *conn = Conn::Grpc(c);
+            }
+            r
+        }
+    }
+}
+
+async fn probe_http(
     backend: &Backend,
     cfg: &HealthCheckConfig,
     tls: Option<&UpstreamTlsConnector>,

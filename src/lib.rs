@@ -48,6 +48,7 @@ pub(crate) mod h2path;
 pub mod h2pool;
 pub mod headers;
 pub(crate) mod health;
+pub(crate) mod health_grpc;
 pub mod idle;
 pub(crate) mod listener;
 // pub: the binary sets logging up.

@@ -302,10 +302,34 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
+/// What a health probe asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthKind {
+    /// `GET path`; a 2xx or 3xx passes.
+    #[default]
+    Http,
+    /// `grpc.health.v1.Health/Check` for `service`, over HTTP/2 whatever the pool's protocol;
+    /// SERVING passes.
+    Grpc,
+}
+
+impl HealthKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthKind::Http => "http",
+            HealthKind::Grpc => "grpc",
+        }
+    }
+}
+
 /// The values an empty `[pools.NAME.health_check]` table gets; without the table there are no
 /// active checks at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
+    pub kind: HealthKind,
+    /// `kind = "grpc"`: the service asked about; "" is the server as a whole.
+    pub service: String,
+    /// `kind = "http"`: the path probed.
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
@@ -316,6 +340,8 @@ pub struct HealthCheckConfig {
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
+            kind: HealthKind::default(),
+            service: String::new(),
             path: DEFAULT_HC_PATH.to_owned(),
             interval: DEFAULT_HC_INTERVAL,
             timeout: DEFAULT_HC_TIMEOUT,

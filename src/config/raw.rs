@@ -111,6 +111,8 @@ pub(super) struct RawPool {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealthCheck {
+    pub kind: Option<Spanned<String>>,
+    pub service: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,

@@ -619,7 +619,38 @@ impl Validator<'_> {
         let duration = |v: &Option<Spanned<String>>, k: &str, default: Duration| {
             self.keep(self.duration(v, &key(k), default, false), default)
         };
+        let kind = match &h.kind {
+            None => d.kind,
+            Some(k) => match k.get_ref().as_str() {
+                "http" => HealthKind::Http,
+                "grpc" => HealthKind::Grpc,
+                other => {
+                    self.report(self.src.err(
+                        k.span(),
+                        key("health_check.kind"),
+                        format!("unknown kind {other:?} (http or grpc)"),
+                    ));
+                    d.kind
+                }
+            },
+        };
+        // An explicit `service = ""` is the default and fits either kind (the contract's
+        // example writes it so); a name under `kind = "http"` would be silently unused.
+        let service = match &h.service {
+            None => String::new(),
+            Some(sv) if kind == HealthKind::Http && !sv.get_ref().is_empty() => {
+                self.report(self.src.err(
+                    sv.span(),
+                    key("health_check.service"),
+                    "only used with kind = \"grpc\" (an HTTP check probes `path`)",
+                ));
+                String::new()
+            }
+            Some(sv) => sv.get_ref().clone(),
+        };
         HealthCheckConfig {
+            kind,
+            service,
             path,
             interval: duration(&h.interval, "health_check.interval", d.interval),
             timeout: duration(&h.timeout, "health_check.timeout", d.timeout),
@@ -880,6 +911,18 @@ impl Validator<'_> {
         let mut w = self.warnings.borrow_mut();
         for p in &c.pools {
             let Some(hc) = &p.health_check else { continue };
+            let raw_hc = raw
+                .pools
+                .get(p.name.as_str())
+                .and_then(|rp| rp.get_ref().health_check.as_ref());
+            if let (HealthKind::Grpc, Some(path)) = (hc.kind, raw_hc.and_then(|h| h.path.as_ref()))
+            {
+                w.push(self.src.err(
+                    path.span(),
+                    format!("pools.{}.health_check.path", p.name),
+                    "ignored with kind = \"grpc\": the probe is grpc.health.v1.Health/Check (name the service with `service`)",
+                ));
+            }
             if hc.timeout > hc.interval {
                 let span = raw
                     .pools
