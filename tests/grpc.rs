@@ -1,0 +1,528 @@
+//! gRPC semantics through the balancer, with a real gRPC client (tonic) and real backends:
+//! the balancer's own answers as `grpc-status` codes, `grpc-timeout` as a deadline that is
+//! forwarded reduced, a backend's `grpc-status` recorded (access log, metrics, breaker), and
+//! the `grpc.health.v1` health check against tonic-health's server.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Request, Status};
+
+// ------------------------------------------------------------------------------------------
+// A tonic client with raw-bytes messages: no .proto build needed.
+
+#[derive(Clone, Copy, Default)]
+struct Raw;
+struct RawEnc;
+struct RawDec;
+
+impl Encoder for RawEnc {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDec {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
+
+impl Codec for Raw {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+
+/// One unary call to `/test.Echo/{method}` at `addr` (the balancer), on a fresh channel.
+async fn call(addr: SocketAddr, method: &str, timeout: Option<Duration>) -> Status {
+    match call_ok(addr, method, timeout).await {
+        Ok(b) => Status::ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(s) => s,
+    }
+}
+
+async fn call_ok(
+    addr: SocketAddr,
+    method: &str,
+    timeout: Option<Duration>,
+) -> Result<Bytes, Status> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the balancer accepts h2c");
+    let mut c = tonic::client::Grpc::new(ch);
+    c.ready().await.expect("channel ready");
+    let mut req = Request::new(Bytes::from_static(b"ping"));
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    let path = http::uri::PathAndQuery::try_from(format!("/test.Echo/{method}")).unwrap();
+    c.unary(req, path, Raw).await.map(|r| r.into_inner())
+}
+
+// ------------------------------------------------------------------------------------------
+// Backends
+
+/// What `start_status_backend` answers every gRPC call with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// HTTP 200 with `grpc-status` in the headers and no body (trailers-only); `grpc-message`
+    /// is the `grpc-timeout` the backend received (or `none`).
+    TrailersOnly(u32),
+    /// A message, then `grpc-status` in the trailers (needs HTTP/2 end to end).
+    #[allow(dead_code)]
+    InTrailers(u32),
+}
+
+struct StatusBackend {
+    addr: SocketAddr,
+    answer: Arc<Mutex<Answer>>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StatusBackend {
+    fn set(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+}
+
+/// A gRPC-speaking backend (HTTP/1.1 or h2c, as the balancer's pool connects) that ends every
+/// call with a status the test chooses.
+async fn start_status_backend(answer: Answer) -> StatusBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(Mutex::new(answer));
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (a, n) = (Arc::clone(&answer), Arc::clone(&calls));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (a, n) = (Arc::clone(&a), Arc::clone(&n));
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let a = *a.lock().unwrap();
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        let timeout = req
+                            .headers()
+                            .get("grpc-timeout")
+                            .map(|v| v.to_str().unwrap_or("?").to_owned())
+                            .unwrap_or_else(|| "none".into());
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(grpc_answer(a, &timeout))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    StatusBackend {
+        addr,
+        answer,
+        calls,
+    }
+}
+
+type AnswerBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+fn grpc_answer(a: Answer, timeout: &str) -> http::Response<AnswerBody> {
+    let b = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc");
+    match a {
+        Answer::TrailersOnly(code) => b
+            .header("grpc-status", code.to_string())
+            .header("grpc-message", timeout)
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap(),
+        Answer::InTrailers(code) => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", code.into());
+            trailers.insert("grpc-message", timeout.parse().unwrap());
+            let msg = Bytes::from_static(&[0, 0, 0, 0, 2, b'o', b'k']);
+            let frames = futures_util::stream::iter([
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(msg)),
+                Ok(http_body::Frame::trailers(trailers)),
+            ]);
+            b.body(http_body_util::StreamBody::new(frames).boxed())
+                .unwrap()
+        }
+    }
+}
+
+/// A backend that accepts connections and never answers.
+async fn start_hanging_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    addr
+}
+
+/// The value of `name` in `/metrics` for the series with exactly these labels (0 if absent).
+async fn metric(b: &Balancer, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let g = get(&client(), &b.admin_url("/metrics")).await;
+    assert_eq!(g.status, 200);
+    parse_metrics(&g.body)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map_or(0.0, |(_, _, v)| v)
+}
+
+fn assert_status(s: &Status, code: Code, message: &str) {
+    assert_eq!(s.code(), code, "{s:?}");
+    assert_eq!(s.message(), message, "{s:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// The balancer's own answers
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_route_is_unimplemented_with_the_request_id() {
+    let backend = start_status_backend(Answer::TrailersOnly(0)).await;
+    let cfg = config(
+        &[backend.addr],
+        "round_robin",
+        "[[routes]]\npath_prefix = \"/other.Service/\"\npool = \"web\"\n",
+    );
+    let b = start_balancer(&cfg).await;
+    let ch = tonic::transport::Channel::from_shared(b.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = tonic::client::Grpc::new(ch);
+    c.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
+    let s = c
+        .unary(Request::new(Bytes::from_static(b"x")), path, Raw)
+        .await
+        .unwrap_err();
+    assert_status(&s, Code::Unimplemented, "no_route");
+    assert!(
+        s.metadata().get("x-request-id").is_some(),
+        "the request id comes back on the balancer's own gRPC answers: {:?}",
+        s.metadata()
+    );
+    assert_eq!(backend.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        metric(&b, "balancer_grpc_responses_total", &[("code", "12")]).await,
+        1.0
+    );
+    // A plain HTTP client on the same route still gets the plain 404.
+    let g = get(&client(), &b.url("/test.Echo/Unary")).await;
+    assert_eq!(g.status, 404);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_backend_is_unavailable() {
+    let gone = free_port();
+    let b = start_balancer(&config(&[gone], "round_robin", "")).await;
+    let s = call(b.addr, "Unary", None).await;
+    assert_status(&s, Code::Unavailable, "connect_refused");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_without_a_usable_backend_is_unavailable() {
+    // Unhealthy: the health check cannot connect.
+    let gone = free_port();
+    let hc = "[pools.web.health_check]\ninterval = \"50ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\n";
+    let b = start_balancer(&config(&[gone], "round_robin", hc)).await;
+    wait_status(&b, Duration::from_secs(10), "backend unhealthy", |s| {
+        entry(s, gone)["healthy"] == false
+    })
+    .await;
+    let s = call(b.addr, "Unary", None).await;
+    assert_status(&s, Code::Unavailable, "all_unhealthy");
+    b.shutdown().await;
+
+    // Breaker open: a backend answering 503 opens it after one failure.
+    let backend = start_backend("a").await;
+    backend.set_mode(Mode::Fail503);
+    let cb = "[pools.web.circuit_breaker]\nconsecutive_failures = 1\nopen_duration = \"1h\"\nmax_ejected_percent = 100\n";
+    let b = start_balancer(&config(&[backend.addr], "round_robin", cb)).await;
+    // The backend's 503 is relayed as it is (what tonic makes of it is tonic's business)...
+    let _ = call(b.addr, "Unary", None).await;
+    assert_eq!(backend.requests(), 1);
+    // ... and opens the breaker.
+    let s = call(b.addr, "Unary", None).await;
+    assert_status(&s, Code::Unavailable, "all_breakers_open");
+    b.shutdown().await;
+}
+
+/// A gRPC call over plain h2 with `grpc-timeout` set by hand: tonic would enforce the
+/// deadline itself and hide whether the balancer did.
+async fn raw_call(b: &Balancer, grpc_timeout: Option<&str>) -> Got {
+    let mut req = http::Request::post(b.url("/test.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = grpc_timeout {
+        req = req.header("grpc-timeout", t);
+    }
+    let req = req.body(full(&[0u8, 0, 0, 0, 0][..])).unwrap();
+    send(&h2_client(), req).await
+}
+
+fn assert_grpc_answer(g: &Got, code: &str, message: &str) {
+    assert_eq!(g.status, 200, "{:?}", g.headers);
+    assert_eq!(g.headers["content-type"], "application/grpc");
+    assert_eq!(g.headers["grpc-status"], code, "{:?}", g.headers);
+    assert_eq!(g.headers["grpc-message"], message, "{:?}", g.headers);
+    assert_eq!(g.body, "", "trailers-only: no message");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_deadline_bounds_the_wait_and_is_not_the_backends_fault() {
+    let hang = start_hanging_backend().await;
+    // The pool would wait 30 s; the client's deadline is 300 ms.
+    let b = start_balancer(&config(&[hang], "round_robin", "")).await;
+    let t = Instant::now();
+    let g = raw_call(&b, Some("300m")).await;
+    let took = t.elapsed();
+    assert_grpc_answer(&g, "4", "grpc_deadline_exceeded");
+    assert!(
+        took < Duration::from_secs(15),
+        "answered at the client's deadline, not the pool's 30 s: {took:?}"
+    );
+    let st = status(&b).await;
+    let e = entry(&st, hang);
+    assert_eq!(e["breaker"], "closed", "{e}");
+    assert_eq!(
+        e["failures"], 0,
+        "a client's short deadline is not a failure: {e}"
+    );
+    assert_eq!(
+        metric(&b, "balancer_grpc_responses_total", &[("code", "4")]).await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &b,
+            "balancer_local_responses_total",
+            &[("reason", "grpc_deadline_exceeded")]
+        )
+        .await,
+        1.0
+    );
+    b.shutdown().await;
+
+    // The pool's own response timeout, shorter than the deadline, is the backend's failure.
+    let cfg = config(
+        &[hang],
+        "round_robin",
+        "[pools.web.timeouts]\nresponse = \"200ms\"\n[pools.web.retries]\nattempts = 1\n",
+    );
+    let b = start_balancer(&cfg).await;
+    let g = raw_call(&b, Some("20S")).await;
+    assert_grpc_answer(&g, "4", "response_timeout");
+    assert_eq!(entry(&status(&b).await, hang)["failures"], 1);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_timeout_is_forwarded_reduced() {
+    let backend = start_status_backend(Answer::TrailersOnly(5)).await;
+    let b = start_balancer(&config(&[backend.addr], "round_robin", "")).await;
+    // Without a deadline nothing is invented.
+    let s = call(b.addr, "Unary", None).await;
+    assert_status(&s, Code::NotFound, "none");
+    let s = call(b.addr, "Unary", Some(Duration::from_secs(5))).await;
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    let header = http::HeaderValue::from_str(s.message()).unwrap();
+    let left = balancer::grpc::parse_timeout(&header)
+        .unwrap_or_else(|| panic!("backend got an unparsable grpc-timeout {:?}", s.message()));
+    assert!(
+        left > Duration::ZERO && left < Duration::from_secs(5),
+        "the backend is told what is left of 5 s: {:?}",
+        s.message()
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_grpc_timeout_is_ignored_and_forwarded() {
+    let backend = start_status_backend(Answer::TrailersOnly(5)).await;
+    let b = start_balancer(&config(&[backend.addr], "round_robin", "")).await;
+    for bad in ["soon", "123456789S", "5s", "-1m"] {
+        let g = raw_call(&b, Some(bad)).await;
+        assert_grpc_answer(&g, "5", bad);
+    }
+    b.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// A backend's grpc-status: relayed, counted, and judged by the breaker
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_unavailable_opens_the_breaker_but_not_found_does_not() {
+    let backend = start_status_backend(Answer::TrailersOnly(5)).await;
+    let cb = "[pools.web.circuit_breaker]\nconsecutive_failures = 3\nopen_duration = \"1h\"\nmax_ejected_percent = 100\n";
+    let b = start_balancer(&config(&[backend.addr], "round_robin", cb)).await;
+    for _ in 0..5 {
+        let s = call(b.addr, "Unary", None).await;
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    }
+    let e = entry(&status(&b).await, backend.addr);
+    assert_eq!(
+        e["breaker"], "closed",
+        "NOT_FOUND is an application answer: {e}"
+    );
+    assert_eq!(e["failures"], 0, "{e}");
+    let a = backend.addr.to_string();
+    let labels = |code| [("pool", "web"), ("backend", a.as_str()), ("code", code)];
+    assert_eq!(
+        metric(&b, "balancer_grpc_responses_total", &labels("5")).await,
+        5.0
+    );
+
+    backend.set(Answer::TrailersOnly(14));
+    for _ in 0..3 {
+        let s = call(b.addr, "Unary", None).await;
+        assert_eq!(
+            s.code(),
+            Code::Unavailable,
+            "relayed as the backend said: {s:?}"
+        );
+        assert_eq!(s.message(), "none", "the backend's own message: {s:?}");
+    }
+    let e = entry(&status(&b).await, backend.addr);
+    assert_eq!(e["breaker"], "open", "three UNAVAILABLE in a row: {e}");
+    assert_eq!(e["last_error"]["reason"], "upstream_grpc_error", "{e}");
+    assert_eq!(
+        metric(&b, "balancer_grpc_responses_total", &labels("14")).await,
+        3.0
+    );
+    let s = call(b.addr, "Unary", None).await;
+    assert_status(&s, Code::Unavailable, "all_breakers_open");
+    b.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// grpc.health.v1 health checks
+
+/// tonic-health's server on 127.0.0.1:0.
+async fn start_health_server() -> (SocketAddr, tonic_health::server::HealthReporter) {
+    let (reporter, svc) = tonic_health::server::health_reporter();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming),
+    );
+    (addr, reporter)
+}
+
+fn grpc_check(service: &str) -> String {
+    format!(
+        "[pools.web.health_check]\nkind = \"grpc\"\nservice = \"{service}\"\ninterval = \"50ms\"\ntimeout = \"500ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_check_follows_the_serving_status() {
+    use tonic_health::ServingStatus;
+    let (addr, reporter) = start_health_server().await;
+    reporter
+        .set_service_status("test.Echo", ServingStatus::NotServing)
+        .await;
+    let b = start_balancer(&config(&[addr], "round_robin", &grpc_check("test.Echo"))).await;
+    let limit = Duration::from_secs(10);
+    wait_status(&b, limit, "NOT_SERVING is unhealthy", |s| {
+        entry(s, addr)["healthy"] == false
+    })
+    .await;
+    reporter
+        .set_service_status("test.Echo", ServingStatus::Serving)
+        .await;
+    wait_status(&b, limit, "SERVING is healthy", |s| {
+        entry(s, addr)["healthy"] == true
+    })
+    .await;
+    reporter
+        .set_service_status("test.Echo", ServingStatus::NotServing)
+        .await;
+    wait_status(&b, limit, "NOT_SERVING again", |s| {
+        entry(s, addr)["healthy"] == false
+    })
+    .await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_check_fails_for_an_unknown_service_and_passes_for_the_server() {
+    let (addr, _reporter) = start_health_server().await;
+    // tonic-health answers NOT_FOUND for a service it does not know.
+    let b = start_balancer(&config(&[addr], "round_robin", &grpc_check("no.Such"))).await;
+    wait_status(&b, Duration::from_secs(10), "unknown service", |s| {
+        entry(s, addr)["healthy"] == false
+    })
+    .await;
+    // The empty name is the server as a whole, which tonic-health reports SERVING. The
+    // reload keeps the backend (unhealthy) and restarts its probes with the new settings.
+    b.write_config(&config(&[addr], "round_robin", &grpc_check("")));
+    b.handle
+        .reload(balancer::reload::Trigger::Admin)
+        .await
+        .unwrap();
+    wait_status(&b, Duration::from_secs(10), "server SERVING", |s| {
+        entry(s, addr)["healthy"] == true
+    })
+    .await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_check_fails_against_a_backend_that_is_not_grpc() {
+    // It answers the probe's path with a plain 200 and no grpc-status: never healthy by
+    // mistake.
+    let backend = start_backend("plain").await;
+    let b = start_balancer(&config(&[backend.addr], "round_robin", &grpc_check(""))).await;
+    wait_status(&b, Duration::from_secs(10), "plain backend fails", |s| {
+        entry(s, backend.addr)["healthy"] == false
+    })
+    .await;
+    b.shutdown().await;
+}
