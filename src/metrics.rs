@@ -317,7 +317,6 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
         admin_state,
         weight,
         local,
-        grpc_responses,
         single(
             "balancer_config_reloads",
             "Reloads applied.",
@@ -357,6 +356,10 @@ pub fn collect(shared: &Shared) -> Vec<Family> {
     ];
     if let Some(c) = &snap.cache {
         all.extend(cache_families(c));
+    }
+    // Only where gRPC is spoken: eighteen codes per backend would swamp every other scrape.
+    if !grpc_responses.samples.is_empty() {
+        all.push(grpc_responses);
     }
     all
 }

@@ -286,6 +286,8 @@ backends = [
 tls = false
 
 [pools.api.health_check]
+kind = "http"
+service = ""
 path = "/healthz"
 interval = "2s"
 timeout = "1s"

@@ -244,10 +244,8 @@ async fn no_route_is_unimplemented_with_the_request_id() {
         s.metadata()
     );
     assert_eq!(backend.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert_eq!(
-        metric(&b, "balancer_grpc_responses_total", &[("code", "12")]).await,
-        1.0
-    );
+    // Process-wide counters: at least this test's answer.
+    assert!(metric(&b, "balancer_grpc_responses_total", &[("code", "12")]).await >= 1.0);
     // A plain HTTP client on the same route still gets the plain 404.
     let g = get(&client(), &b.url("/test.Echo/Unary")).await;
     assert_eq!(g.status, 404);
@@ -288,13 +286,51 @@ async fn pool_without_a_usable_backend_is_unavailable() {
     // ... and opens the breaker.
     let s = call(b.addr, "Unary", None).await;
     assert_status(&s, Code::Unavailable, "all_breakers_open");
+    // The balancer's own answers carry no pool or backend (and are counted process-wide, so
+    // other tests' answers may be in there too).
+    assert!(metric(&b, "balancer_grpc_responses_total", &[("code", "14")]).await >= 1.0);
+    // Backends' and the balancer's samples in one family still make a valid exposition.
+    let text = get(&client(), &b.admin_url("/metrics")).await.body;
+    assert!(
+        text.contains("# TYPE balancer_grpc_responses_total counter"),
+        "{text}"
+    );
+    promtool_check(&text);
     b.shutdown().await;
+}
+
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian: apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A gRPC call over plain h2 with `grpc-timeout` set by hand: tonic would enforce the
 /// deadline itself and hide whether the balancer did.
 async fn raw_call(b: &Balancer, grpc_timeout: Option<&str>) -> Got {
-    let mut req = http::Request::post(b.url("/test.Echo/Unary"))
+    raw_call_to(b.addr, "/test.Echo/Unary", grpc_timeout).await
+}
+
+async fn raw_call_to(addr: SocketAddr, path: &str, grpc_timeout: Option<&str>) -> Got {
+    let mut req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     if let Some(t) = grpc_timeout {
@@ -332,19 +368,10 @@ async fn client_deadline_bounds_the_wait_and_is_not_the_backends_fault() {
         e["failures"], 0,
         "a client's short deadline is not a failure: {e}"
     );
-    assert_eq!(
-        metric(&b, "balancer_grpc_responses_total", &[("code", "4")]).await,
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &b,
-            "balancer_local_responses_total",
-            &[("reason", "grpc_deadline_exceeded")]
-        )
-        .await,
-        1.0
-    );
+    // Process-wide counters: at least this test's answer.
+    assert!(metric(&b, "balancer_grpc_responses_total", &[("code", "4")]).await >= 1.0);
+    let reason = [("reason", "grpc_deadline_exceeded")];
+    assert!(metric(&b, "balancer_local_responses_total", &reason).await >= 1.0);
     b.shutdown().await;
 
     // The pool's own response timeout, shorter than the deadline, is the backend's failure.
@@ -438,6 +465,40 @@ async fn backend_unavailable_opens_the_breaker_but_not_found_does_not() {
     b.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_has_the_grpc_status_and_the_real_reason() {
+    let backend = start_status_backend(Answer::TrailersOnly(7)).await;
+    let cfg = format!(
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[[listeners]]\nbind = \"{{listen}}\"\n[[routes]]\npath_prefix = \"/test.Echo/\"\npool = \"web\"\n[pools.web]\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    let mut bin = start_binary(&cfg, std::process::Stdio::piped());
+    let log = AccessLog::of(&mut bin);
+
+    let g = raw_call_to(bin.addr, "/test.Echo/Unary", None).await;
+    assert_eq!(g.headers["grpc-status"], "7");
+    let l = log.line_for("/test.Echo/Unary");
+    assert_eq!(l["status"], 200, "{l}");
+    assert_eq!(l["grpc_status"], 7, "the backend's own status: {l}");
+    assert!(l["reason"].is_null(), "{l}");
+
+    let g = raw_call_to(bin.addr, "/other.Svc/Call", None).await;
+    assert_grpc_answer(&g, "12", "no_route");
+    let l = log.line_for("/other.Svc/Call");
+    assert_eq!(l["status"], 200, "a gRPC answer is an HTTP 200: {l}");
+    assert_eq!(l["grpc_status"], 12, "{l}");
+    assert_eq!(l["reason"], "no_route", "{l}");
+    assert_eq!(l["outcome"], "local", "{l}");
+
+    // Not gRPC: no grpc_status.
+    let g = get(&client(), &format!("http://{}/other", bin.addr)).await;
+    assert_eq!(g.status, 404);
+    let l = log.line_for("/other");
+    assert!(l["grpc_status"].is_null(), "{l}");
+    bin.signal("TERM");
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 // ------------------------------------------------------------------------------------------
 // grpc.health.v1 health checks
 
@@ -525,4 +586,49 @@ async fn grpc_health_check_fails_against_a_backend_that_is_not_grpc() {
     })
     .await;
     b.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// The health check's config keys
+
+const POOL: &str = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n[pools.web.health_check]\n";
+
+#[test]
+fn health_check_kind_and_service_are_validated_where_written() {
+    use balancer::config::HealthKind;
+    let c = balancer::Config::parse(
+        &format!("{POOL}kind = \"grpc\"\nservice = \"pkg.Svc\"\n"),
+        "f.toml",
+        None,
+    )
+    .unwrap();
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.kind, HealthKind::Grpc);
+    assert_eq!(hc.service, "pkg.Svc");
+    let c = balancer::Config::parse(POOL, "f.toml", None).unwrap();
+    assert_eq!(
+        c.pools[0].health_check.as_ref().unwrap().kind,
+        HealthKind::Http
+    );
+
+    let shown = |text: &str| -> Vec<String> {
+        match balancer::Config::check(text, "f.toml", None) {
+            Ok(c) => c.warnings.iter().map(|w| format!("warning: {w}")).collect(),
+            Err(e) => e.errors.iter().map(|e| format!("error: {e}")).collect(),
+        }
+    };
+    assert_eq!(
+        shown(&format!("{POOL}kind = \"grcp\"\n")),
+        ["error: f.toml:6:8: pools.web.health_check.kind: unknown kind \"grcp\" (http or grpc)"]
+    );
+    assert_eq!(
+        shown(&format!("{POOL}service = \"pkg.Svc\"\n")),
+        ["error: f.toml:6:11: pools.web.health_check.service: only used with kind = \"grpc\" (an HTTP check probes `path`)"]
+    );
+    // The contract's example writes `service = ""` next to `kind = "http"`: fine.
+    assert!(shown(&format!("{POOL}kind = \"http\"\nservice = \"\"\n")).is_empty());
+    assert_eq!(
+        shown(&format!("{POOL}kind = \"grpc\"\npath = \"/healthz\"\n")),
+        ["warning: f.toml:7:8: pools.web.health_check.path: ignored with kind = \"grpc\": the probe is grpc.health.v1.Health/Check (name the service with `service`)"]
+    );
 }
