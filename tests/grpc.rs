@@ -418,6 +418,37 @@ async fn malformed_grpc_timeout_is_ignored_and_forwarded() {
     b.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_stream_may_pause_longer_than_the_body_stall_limit() {
+    let backend = start_status_backend(Answer::TrailersOnly(0)).await;
+    let cfg = config(
+        &[backend.addr],
+        "round_robin",
+        "[limits]\nheader_timeout = \"200ms\"\n",
+    );
+    let b = start_balancer(&cfg).await;
+    let paused_upload = |content_type: &'static str| {
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(1);
+        tokio::spawn(async move {
+            let _ = tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 1])).await;
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let _ = tx.send_data(Bytes::from_static(b"x")).await;
+        });
+        http::Request::post(b.url("/test.Echo/Sum"))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(body.boxed())
+            .unwrap()
+    };
+    let g = send(&h2_client(), paused_upload("application/grpc")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.headers["grpc-status"], "0", "{:?}", g.headers);
+    // The same pause in anything else is a stalled upload.
+    let g = send(&h2_client(), paused_upload("application/octet-stream")).await;
+    assert_eq!(g.status, 408);
+    b.shutdown().await;
+}
+
 // ------------------------------------------------------------------------------------------
 // A backend's grpc-status: relayed, counted, and judged by the breaker
 
