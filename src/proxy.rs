@@ -302,6 +302,11 @@ async fn forward(
     // (`ejection_capped` alone is not a retry.)
     let mut stale_replayed = false;
     loop {
+        // A retry never starts past the client's deadline (nor does a call that arrived
+        // with none left).
+        if call.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(ProxyError::GrpcDeadline);
+        }
         let now = now_ms();
         let pick = match pool.pick(now, budget.tried()) {
             Ok(p) => p,

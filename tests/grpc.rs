@@ -404,6 +404,14 @@ async fn grpc_timeout_is_forwarded_reduced() {
         "the backend is told what is left of 5 s: {:?}",
         s.message()
     );
+    // A call that arrives with no time left never reaches a backend.
+    let before = backend.calls.load(std::sync::atomic::Ordering::SeqCst);
+    let g = raw_call(&b, Some("0n")).await;
+    assert_grpc_answer(&g, "4", "grpc_deadline_exceeded");
+    assert_eq!(
+        backend.calls.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
     b.shutdown().await;
 }
 
