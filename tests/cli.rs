@@ -1010,7 +1010,7 @@ fn check_unknown_keys_suggest_the_closest_or_list_the_valid_ones() {
     );
     // Nothing close: the valid keys of that table are listed instead.
     assert!(
-        err.contains("FILE:10:1: pools.web.health_check: unknown key `frobnicate`; valid keys here: path, interval, timeout, healthy_threshold, unhealthy_threshold"),
+        err.contains("FILE:10:1: pools.web.health_check: unknown key `frobnicate`; valid keys here: kind, service, path, interval, timeout, healthy_threshold, unhealthy_threshold"),
         "{err}"
     );
 }

@@ -1165,6 +1165,7 @@ backends = ["{}"]
         "bytes_received",
         "tls",
         "cache",
+        "grpc_status",
     ];
     let parsed: Vec<serde_json::Value> = lines
         .iter()
