@@ -627,6 +627,116 @@ async fn grpc_health_check_fails_against_a_backend_that_is_not_grpc() {
     b.shutdown().await;
 }
 
+/// A gRPC health server over TLS that only speaks h2 and only to a client that negotiated it
+/// by ALPN (as grpc-go insists); answers SERVING while `serving` is set. Hand-written: the
+/// test's tonic has no TLS.
+async fn start_tls_health_server(
+    cert_pem: String,
+    key_pem: String,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, serving) = (acceptor.clone(), Arc::clone(&serving));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return;
+                }
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let status = if serving.load(std::sync::atomic::Ordering::SeqCst) {
+                        1
+                    } else {
+                        2
+                    };
+                    async move {
+                        assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", 0.into());
+                        let msg = Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+                        let frames = futures_util::stream::iter([
+                            Ok::<_, std::convert::Infallible>(http_body::Frame::data(msg)),
+                            Ok(http_body::Frame::trailers(trailers)),
+                        ]);
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(http_body_util::StreamBody::new(frames))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_check_speaks_h2_over_the_pools_tls() {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut leaf_params = rcgen::CertificateParams::new(vec!["grpc.internal".into()]).unwrap();
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let addr =
+        start_tls_health_server(leaf.pem(), leaf_key.serialize_pem(), Arc::clone(&serving)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let extra = format!(
+        "tls = {{ ca = \"{}\", server_name = \"grpc.internal\" }}\n{}",
+        ca_path.display(),
+        grpc_check("")
+    );
+    // `extra` follows `backends` in [pools.web]: `tls` is the pool's.
+    let b = start_balancer(&config(&[addr], "round_robin", &extra)).await;
+    serving.store(false, std::sync::atomic::Ordering::SeqCst);
+    let limit = Duration::from_secs(10);
+    wait_status(&b, limit, "NOT_SERVING over TLS", |s| {
+        entry(s, addr)["healthy"] == false
+    })
+    .await;
+    serving.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&b, limit, "SERVING over TLS", |s| {
+        entry(s, addr)["healthy"] == true
+    })
+    .await;
+    b.shutdown().await;
+}
+
 // ------------------------------------------------------------------------------------------
 // The health check's config keys
 
