@@ -265,11 +265,6 @@ impl InFlight {
             }
         }
     }
-
-    /// Whether the attempt still waits for its verdict (`settle` not called yet).
-    pub fn unsettled(&self) -> bool {
-        self.admission.is_some()
-    }
 }
 
 impl Drop for InFlight {

@@ -3,7 +3,9 @@
 //! body's size). `ResponseBody` also carries the request's tail end: the in-flight guard
 //! (least-connections and graceful shutdown see the request until its last byte), the pooled
 //! connection (returned only when the exchange completed cleanly) and the access-log entry
-//! (written when the body ends or the client goes away).
+//! (written when the body ends or the client goes away). A gRPC response whose `grpc-status`
+//! comes in its trailers also carries its attempt's verdict: read there, counted, logged, and
+//! settled with the breaker (`InFlight::settle`).
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -258,10 +260,15 @@ fn grpc_status_seen(
     log: Option<&mut LogEntry>,
 ) {
     guard.backend().note_grpc_status(code);
+    let outcome = classify_grpc_status(code);
     if let Some(l) = log {
         l.grpc_status = code;
+        // As a trailers-only answer with that status would have been logged.
+        if let Outcome::Failure(f) = outcome {
+            l.reason = Some(Reason::Failed(f));
+        }
     }
-    guard.settle(classify_grpc_status(code), policy);
+    guard.settle(outcome, policy);
 }
 
 /// A body the backend broke: bytes that are not HTTP (a bad chunk) are a protocol error,
