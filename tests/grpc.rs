@@ -404,6 +404,10 @@ async fn grpc_timeout_is_forwarded_reduced() {
         "the backend is told what is left of 5 s: {:?}",
         s.message()
     );
+    // The longest deadline the header can say is carried without overflow.
+    let g = raw_call(&b, Some("99999999H")).await;
+    assert_eq!(g.headers["grpc-status"], "5", "{:?}", g.headers);
+    assert_eq!(g.headers["grpc-message"], "99999999H");
     // A call that arrives with no time left never reaches a backend.
     let before = backend.calls.load(std::sync::atomic::Ordering::SeqCst);
     let g = raw_call(&b, Some("0n")).await;
