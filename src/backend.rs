@@ -275,3 +275,43 @@ impl Drop for InFlight {
         self.backend.in_flight.fetch_sub(1, Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_settled_after_the_answer_counts_once() {
+        let b = Arc::new(Backend::new(
+            "p",
+            "127.0.0.1:1",
+            "127.0.0.1:1".parse().unwrap(),
+        ));
+        let policy = BreakerPolicy {
+            consecutive_failures: 2,
+            ..BreakerPolicy::default()
+        };
+        for i in 1..=2u64 {
+            let mut g = b
+                .start(&policy, now_ms(), false)
+                .expect("closed breaker admits");
+            g.record_answer(200, Duration::from_millis(1));
+            assert_eq!(b.counters.requests.load(Relaxed), i);
+            assert_eq!(b.breaker.state(), BreakerState::Closed, "not judged yet");
+            g.settle(Outcome::Failure(Failure::UpstreamGrpcStatus), &policy);
+            // A second verdict on the same attempt is ignored.
+            g.settle(Outcome::Failure(Failure::UpstreamGrpcStatus), &policy);
+            assert_eq!(b.counters.failures.load(Relaxed), i);
+        }
+        assert_eq!(b.breaker.state(), BreakerState::Open);
+        assert_eq!(
+            b.counters.status[1].load(Relaxed),
+            2,
+            "both answers were 2xx"
+        );
+        assert_eq!(
+            b.last_error().map(|(f, _)| f),
+            Some(Failure::UpstreamGrpcStatus)
+        );
+    }
+}
