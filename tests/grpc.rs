@@ -4,58 +4,24 @@
 //! the `grpc.health.v1` health check against tonic-health's server.
 
 mod common;
+#[path = "common/grpc_backend.rs"]
+mod grpc_backend;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use common::*;
+use grpc_backend::RawCodec;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Request, Status};
 
 // ------------------------------------------------------------------------------------------
-// A tonic client with raw-bytes messages: no .proto build needed.
-
-#[derive(Clone, Copy, Default)]
-struct Raw;
-struct RawEnc;
-struct RawDec;
-
-impl Encoder for RawEnc {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDec {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n)))
-    }
-}
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawEnc;
-    type Decoder = RawDec;
-    fn encoder(&mut self) -> RawEnc {
-        RawEnc
-    }
-    fn decoder(&mut self) -> RawDec {
-        RawDec
-    }
-}
+// A tonic client with raw-bytes messages (`grpc_backend::RawCodec`): no .proto build needed.
 
 /// One unary call to `/test.Echo/{method}` at `addr` (the balancer), on a fresh channel.
 async fn call(addr: SocketAddr, method: &str, timeout: Option<Duration>) -> Status {
@@ -82,7 +48,7 @@ async fn call_ok(
         req.set_timeout(t);
     }
     let path = http::uri::PathAndQuery::try_from(format!("/test.Echo/{method}")).unwrap();
-    c.unary(req, path, Raw).await.map(|r| r.into_inner())
+    c.unary(req, path, RawCodec).await.map(|r| r.into_inner())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -95,7 +61,6 @@ enum Answer {
     /// is the `grpc-timeout` the backend received (or `none`).
     TrailersOnly(u32),
     /// A message, then `grpc-status` in the trailers (needs HTTP/2 end to end).
-    #[allow(dead_code)]
     InTrailers(u32),
 }
 
@@ -234,7 +199,7 @@ async fn no_route_is_unimplemented_with_the_request_id() {
     c.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
     let s = c
-        .unary(Request::new(Bytes::from_static(b"x")), path, Raw)
+        .unary(Request::new(Bytes::from_static(b"x")), path, RawCodec)
         .await
         .unwrap_err();
     assert_status(&s, Code::Unimplemented, "no_route");
@@ -512,7 +477,7 @@ async fn backend_unavailable_opens_the_breaker_but_not_found_does_not() {
 async fn access_log_has_the_grpc_status_and_the_real_reason() {
     let backend = start_status_backend(Answer::TrailersOnly(7)).await;
     let cfg = format!(
-        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[[listeners]]\nbind = \"{{listen}}\"\n[[routes]]\npath_prefix = \"/test.Echo/\"\npool = \"web\"\n[pools.web]\nbackends = [\"{}\"]\n",
+        "watch = false\n[admin]\nbind = \"{{admin}}\"\n[[listeners]]\nbind = \"{{listen}}\"\n[[routes]]\npath_prefix = \"/test.Echo/\"\npool = \"web\"\n[pools.web]\nprotocol = \"h2c\"\nbackends = [\"{}\"]\n",
         backend.addr
     );
     let mut bin = start_binary(&cfg, std::process::Stdio::piped());
@@ -524,6 +489,15 @@ async fn access_log_has_the_grpc_status_and_the_real_reason() {
     assert_eq!(l["status"], 200, "{l}");
     assert_eq!(l["grpc_status"], 7, "the backend's own status: {l}");
     assert!(l["reason"].is_null(), "{l}");
+
+    // In the trailers, at the end of the body: a failure status is the reason too.
+    backend.set(Answer::InTrailers(13));
+    let g = raw_call_to(bin.addr, "/test.Echo/Sum", None).await;
+    assert_eq!(g.status, 200);
+    let l = log.line_for("/test.Echo/Sum");
+    assert_eq!(l["grpc_status"], 13, "{l}");
+    assert_eq!(l["reason"], "upstream_grpc_error", "{l}");
+    assert_eq!(l["outcome"], "ok", "{l}");
 
     let g = raw_call_to(bin.addr, "/other.Svc/Call", None).await;
     assert_grpc_answer(&g, "12", "no_route");
@@ -540,6 +514,109 @@ async fn access_log_has_the_grpc_status_and_the_real_reason() {
     assert!(l["grpc_status"].is_null(), "{l}");
     bin.signal("TERM");
     assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// An h2c pool: a gRPC status can come in the trailers.
+fn h2c(backends: &[SocketAddr], extra: &str) -> String {
+    config(
+        backends,
+        "round_robin",
+        &format!("protocol = \"h2c\"\n{extra}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_in_trailers_is_relayed_counted_and_judged_at_the_end_of_the_body() {
+    let backend = start_status_backend(Answer::InTrailers(5)).await;
+    let cb = "[pools.web.circuit_breaker]\nconsecutive_failures = 3\nopen_duration = \"1h\"\nmax_ejected_percent = 100\n";
+    let b = start_balancer(&h2c(&[backend.addr], cb)).await;
+    let a = backend.addr.to_string();
+    let labels = |code| [("pool", "web"), ("backend", a.as_str()), ("code", code)];
+    for _ in 0..4 {
+        let s = call(b.addr, "Unary", None).await;
+        assert_status(&s, Code::NotFound, "none");
+    }
+    let e = entry(&status(&b).await, backend.addr);
+    assert_eq!(e["breaker"], "closed", "{e}");
+    assert_eq!(e["failures"], 0, "{e}");
+    assert_eq!(e["requests"], 4, "{e}");
+    assert_eq!(
+        metric(&b, "balancer_grpc_responses_total", &labels("5")).await,
+        4.0
+    );
+
+    backend.set(Answer::InTrailers(14));
+    for i in 1..=3 {
+        let s = call(b.addr, "Unary", None).await;
+        assert_eq!(
+            s.code(),
+            Code::Unavailable,
+            "relayed as the backend said: {s:?}"
+        );
+        // The verdict arrives with the trailers, after the headers were relayed.
+        let want = if i < 3 { "closed" } else { "open" };
+        let e = wait_status(&b, Duration::from_secs(5), "breaker after trailers", |st| {
+            entry(st, backend.addr)["breaker"] == want
+        })
+        .await;
+        assert_eq!(entry(&e, backend.addr)["failures"], i, "{e}");
+    }
+    let e = entry(&status(&b).await, backend.addr);
+    assert_eq!(e["last_error"]["reason"], "upstream_grpc_error", "{e}");
+    assert_eq!(
+        metric(&b, "balancer_grpc_responses_total", &labels("14")).await,
+        3.0
+    );
+    let s = call(b.addr, "Unary", None).await;
+    assert_status(&s, Code::Unavailable, "all_breakers_open");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tonic_servers_stream_status_is_relayed_and_counted() {
+    use tokio_stream::StreamExt;
+    let backend = grpc_backend::start_grpc_backend(100).await;
+    let b = start_balancer(&h2c(&[backend.addr], "")).await;
+    let mut c = grpc_backend::grpc_client(b.addr).await;
+    // OK after three messages.
+    let mut stream = grpc_backend::count(&mut c, Request::new(Bytes::from_static(b"3")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = 0;
+    while let Some(m) = stream.next().await {
+        m.unwrap();
+        got += 1;
+    }
+    assert_eq!(got, 3);
+    // ABORTED in the trailers after two messages, with the backend's trailer metadata.
+    let mut req = Request::new(Bytes::from_static(b"2"));
+    req.metadata_mut()
+        .insert("x-fail", tonic::metadata::MetadataValue::from_static("1"));
+    let mut stream = grpc_backend::count(&mut c, req).await.unwrap().into_inner();
+    let mut msgs = 0;
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(_)) => msgs += 1,
+            Some(Err(s)) => break s,
+            None => panic!("the stream must end with ABORTED"),
+        }
+    };
+    assert_eq!(msgs, 2);
+    assert_status(&end, Code::Aborted, "stopped on request");
+    assert_eq!(end.metadata().get("x-trailer").unwrap(), "present");
+    let a = backend.addr.to_string();
+    for (code, n) in [("0", 1.0), ("10", 1.0)] {
+        let labels = [("pool", "web"), ("backend", a.as_str()), ("code", code)];
+        let want = || async { metric(&b, "balancer_grpc_responses_total", &labels).await == n };
+        assert!(
+            wait_until(Duration::from_secs(5), want).await,
+            "code {code}"
+        );
+    }
+    // ABORTED is the application's answer: no failure.
+    assert_eq!(entry(&status(&b).await, backend.addr)["failures"], 0);
+    b.shutdown().await;
 }
 
 // ------------------------------------------------------------------------------------------
