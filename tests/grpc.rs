@@ -862,3 +862,16 @@ fn health_check_kind_and_service_are_validated_where_written() {
         ["warning: f.toml:7:8: pools.web.health_check.path: ignored with kind = \"grpc\": the probe is grpc.health.v1.Health/Check (name the service with `service`)"]
     );
 }
+
+#[test]
+fn check_diff_names_a_change_of_health_kind_and_service() {
+    let parse = |t: &str| balancer::Config::parse(t, "f.toml", None).unwrap();
+    let old = parse(POOL);
+    let new = parse(&format!("{POOL}kind = \"grpc\"\nservice = \"pkg.Svc\"\n"));
+    let text = balancer::diff::configs(&old, &new).lines().join("\n");
+    assert!(text.contains("health_check.kind http -> grpc"), "{text}");
+    assert!(
+        text.contains("health_check.service \"\" -> \"pkg.Svc\""),
+        "{text}"
+    );
+}
