@@ -62,6 +62,8 @@ enum Answer {
     TrailersOnly(u32),
     /// A message, then `grpc-status` in the trailers (needs HTTP/2 end to end).
     InTrailers(u32),
+    /// Never answers.
+    Hang,
 }
 
 struct StatusBackend {
@@ -101,6 +103,9 @@ async fn start_status_backend(answer: Answer) -> StatusBackend {
                             .map(|v| v.to_str().unwrap_or("?").to_owned())
                             .unwrap_or_else(|| "none".into());
                         let _ = req.into_body().collect().await;
+                        if a == Answer::Hang {
+                            std::future::pending::<()>().await;
+                        }
                         Ok::<_, std::convert::Infallible>(grpc_answer(a, &timeout))
                     }
                 });
@@ -124,6 +129,7 @@ fn grpc_answer(a: Answer, timeout: &str) -> http::Response<AnswerBody> {
         .status(200)
         .header("content-type", "application/grpc");
     match a {
+        Answer::Hang => unreachable!("never answers"),
         Answer::TrailersOnly(code) => b
             .header("grpc-status", code.to_string())
             .header("grpc-message", timeout)
@@ -349,6 +355,17 @@ async fn client_deadline_bounds_the_wait_and_is_not_the_backends_fault() {
     let g = raw_call(&b, Some("20S")).await;
     assert_grpc_answer(&g, "4", "response_timeout");
     assert_eq!(entry(&status(&b).await, hang)["failures"], 1);
+    b.shutdown().await;
+    // The same over an h2c pool, where the call is a stream on a shared connection: the
+    // deadline resets the stream, and the connection serves the next call.
+    let backend = start_status_backend(Answer::Hang).await;
+    let b = start_balancer(&h2c(&[backend.addr], "")).await;
+    let g = raw_call(&b, Some("200m")).await;
+    assert_grpc_answer(&g, "4", "grpc_deadline_exceeded");
+    backend.set(Answer::TrailersOnly(0));
+    let g = raw_call(&b, Some("5S")).await;
+    assert_eq!(g.headers["grpc-status"], "0", "{:?}", g.headers);
+    assert_eq!(entry(&status(&b).await, backend.addr)["failures"], 0);
     b.shutdown().await;
 }
 
