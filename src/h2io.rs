@@ -35,6 +35,9 @@ pub struct H2Io<T> {
     refuse: VecDeque<u32>,
     refused_up_to: u32,
     draining: Arc<AtomicBool>,
+    /// A write failed (reset, broken pipe) after a GOAWAY: the backend has closed. Writes
+    /// are dropped from then on (see `poll_write`).
+    gone: bool,
 }
 
 const FRAME_HEADERS: u8 = 0x1;
@@ -114,6 +117,7 @@ impl<T> H2Io<T> {
             refuse: VecDeque::new(),
             refused_up_to: 0,
             draining,
+            gone: false,
         }
     }
 
@@ -175,6 +179,28 @@ impl<T: AsyncRead + Unpin> AsyncRead for H2Io<T> {
     }
 }
 
+/// The backend closed after its GOAWAY, with our bytes unread: its kernel answers the next
+/// write with a reset. h2 would take that write error as the connection's end and fail every
+/// stream with it, before reading the GOAWAY still waiting in the receive buffer, which tells
+/// which streams were never processed and may be sent again. So once a GOAWAY has come, such a
+/// write error is swallowed: the bytes are counted as written (nobody will read them; streams
+/// they open are refused like any others after the GOAWAY), and the read side goes on to hand
+/// h2 the GOAWAY, then the end of the connection.
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+}
+
+impl<T> H2Io<T> {
+    /// Whether a write that ended in `e` is to be taken as done (see `closed_by_peer`).
+    fn swallow(&mut self, e: &std::io::Error) -> bool {
+        if self.goaway_last.is_some() && closed_by_peer(e) {
+            self.gone = true;
+        }
+        self.gone
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for H2Io<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -182,7 +208,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Io<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        let r = if this.gone {
+            Poll::Ready(Ok(buf.len()))
+        } else {
+            match Pin::new(&mut this.inner).poll_write(cx, buf) {
+                Poll::Ready(Err(e)) if this.swallow(&e) => Poll::Ready(Ok(buf.len())),
+                r => r,
+            }
+        };
         if let Poll::Ready(Ok(n)) = r {
             this.wrote(&buf[..n], cx);
         }
@@ -195,7 +228,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Io<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let all = || bufs.iter().map(|b| b.len()).sum();
+        let r = if this.gone {
+            Poll::Ready(Ok(all()))
+        } else {
+            match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+                Poll::Ready(Err(e)) if this.swallow(&e) => Poll::Ready(Ok(all())),
+                r => r,
+            }
+        };
         if let Poll::Ready(Ok(mut n)) = r {
             for b in bufs {
                 if n == 0 {
@@ -214,11 +255,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Io<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if this.gone {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(Err(e)) if this.swallow(&e) => Poll::Ready(Ok(())),
+            r => r,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.gone {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -253,6 +305,49 @@ mod tests {
             }
             assert_eq!(found, [("goaway", 5), ("headers", 7)], "split {split}");
             assert!(f.at_boundary());
+        }
+    }
+
+    /// A backend that sends GOAWAY(last = 1) and closes with a reset while our bytes are
+    /// unread: writes after that are taken as done, and the streams they open (3, 5) come
+    /// back refused, so h2 sends them again rather than failing them with the reset.
+    #[tokio::test]
+    async fn writes_after_the_backend_left_its_goaway_refuse_their_streams() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut server, _) = accepted.unwrap();
+        let mut goaway = 1u32.to_be_bytes().to_vec();
+        goaway.extend_from_slice(&[0; 4]);
+        server
+            .write_all(&frame(FRAME_GOAWAY, 0, &goaway))
+            .await
+            .unwrap();
+        let mut io = H2Io::new(client.unwrap(), Arc::new(AtomicBool::new(false)));
+        io.preface_left = 0;
+        let mut got = [0u8; 17];
+        io.read_exact(&mut got).await.unwrap();
+        assert!(io.draining.load(Relaxed));
+        // Unread bytes in the backend's buffer make its close a reset.
+        io.inner.write_all(&[0; 9]).await.unwrap();
+        tokio::task::yield_now().await;
+        server.set_zero_linger().unwrap();
+        drop(server);
+        for id in [3u32, 5] {
+            tokio::task::yield_now().await;
+            io.write_all(&frame(FRAME_HEADERS, id, &[0x82]))
+                .await
+                .expect("a write after the GOAWAY and the reset is taken as done");
+            io.flush().await.unwrap();
+        }
+        let mut rst = [0u8; 2 * RST_LEN];
+        io.read_exact(&mut rst).await.unwrap();
+        for (k, id) in [3u32, 5].into_iter().enumerate() {
+            let f = &rst[k * RST_LEN..(k + 1) * RST_LEN];
+            assert_eq!(f[3], FRAME_RST_STREAM);
+            assert_eq!(u32::from_be_bytes([f[5], f[6], f[7], f[8]]), id);
+            assert_eq!(u32::from_be_bytes([f[9], f[10], f[11], f[12]]), REFUSED_STREAM);
         }
     }
 }
