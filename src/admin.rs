@@ -312,6 +312,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     "failures": c.failures.load(Relaxed),
                     "connections_opened": c.connections_opened.load(Relaxed),
                     "idle_connections": b.idle.len(),
+                    // Shared HTTP/2 connections (`protocol = "h2c" | "h2"`), draining ones
+                    // included; 0 on HTTP/1.1 pools.
+                    "h2_connections": b.h2.len(),
                     "last_error": last,
                     // Non-cumulative counts per bucket of `latency_bounds_s`, the last one
                     // +Inf: the dashboard takes p50/p99 over an interval from two readings.
@@ -321,7 +324,11 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             .collect();
         pools.insert(
             p.name.to_string(),
-            json!({ "strategy": p.strategy.as_str(), "backends": backends }),
+            json!({
+                "strategy": p.strategy.as_str(),
+                "protocol": p.dial.protocol.as_str(),
+                "backends": backends,
+            }),
         );
     }
     let listeners: Vec<_> = snap

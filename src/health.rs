@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request};
-use http_body_util::Empty;
+use http_body_util::{Empty, Full};
 use tokio::task::JoinHandle;
 
 use crate::backend::Backend;
-use crate::config::{HealthCheckConfig, HealthKind};
+use crate::config::{HealthCheckConfig, HealthKind, Protocol};
 use crate::health_grpc;
 use crate::state::Snapshot;
 use crate::tls::UpstreamTlsConnector;
@@ -68,6 +68,7 @@ impl HealthTasks {
                             Arc::clone(&m.backend),
                             cfg.clone(),
                             pool.dial.tls.clone(),
+                            pool.dial.protocol,
                         ));
                         keep.insert(
                             key,
@@ -114,6 +115,7 @@ async fn probe_loop(
     backend: Arc<Backend>,
     cfg: HealthCheckConfig,
     tls: Option<UpstreamTlsConnector>,
+    protocol: Protocol,
 ) {
     tokio::time::sleep(jitter(cfg.interval)).await;
     let mut streak = Streak::default();
@@ -130,7 +132,8 @@ async fn probe_loop(
             continue;
         }
         let result =
-            tokio::time::timeout(cfg.timeout, probe(&backend, &cfg, tls.as_ref(), &mut conn)).await;
+            tokio::time::timeout(cfg.timeout, probe(&backend, &cfg, tls.as_ref(), protocol, &mut conn))
+                .await;
         let failure = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
@@ -186,44 +189,61 @@ impl Streak {
 /// The probe's own connection, kept between probes.
 enum Conn {
     None,
-    Http(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
-    Grpc(health_grpc::Sender),
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(health_grpc::Sender),
 }
 
+impl Conn {
+    fn take_h2(&mut self) -> Option<health_grpc::Sender> {
+        match std::mem::replace(self, Conn::None) {
+            Conn::H2(c) => Some(c),
+            Conn::None | Conn::Http1(_) => None,
+        }
+    }
+}
+
+/// One probe over the pool's protocol: an `http` probe of a pool that speaks HTTP/2 to its
+/// backends goes over HTTP/2 too, since its backends may speak nothing else.
 async fn probe(
     backend: &Backend,
     cfg: &HealthCheckConfig,
     tls: Option<&UpstreamTlsConnector>,
+    protocol: Protocol,
     conn: &mut Conn,
 ) -> Result<(), String> {
-    match cfg.kind {
-        HealthKind::Http => {
+    match (cfg.kind, protocol.is_h2()) {
+        (HealthKind::Http, false) => {
             let mut c = match std::mem::replace(conn, Conn::None) {
-                Conn::Http(c) => Some(c),
-                Conn::None | Conn::Grpc(_) => None,
+                Conn::Http1(c) => Some(c),
+                Conn::None | Conn::H2(_) => None,
             };
-            let r = probe_http(backend, cfg, tls, &mut c).await;
+            let r = probe_http1(backend, cfg, tls, &mut c).await;
             if let Some(c) = c {
-                *conn = Conn::Http(c);
+                *conn = Conn::Http1(c);
             }
             r
         }
-        HealthKind::Grpc => {
-            let mut c = match std::mem::replace(conn, Conn::None) {
-                Conn::Grpc(c) => Some(c),
-                Conn::None | Conn::Http(_) => None,
-            };
+        (HealthKind::Http, true) => {
+            let mut c = conn.take_h2();
+            let r = probe_http2(backend, cfg, tls, &mut c).await;
+            if let Some(c) = c {
+                *conn = Conn::H2(c);
+            }
+            r
+        }
+        (HealthKind::Grpc, _) => {
+            let mut c = conn.take_h2();
             let r = health_grpc::probe(backend, &cfg.service, tls, cfg.timeout, USER_AGENT, &mut c)
                 .await;
             if let Some(c) = c {
-                *conn = Conn::Grpc(c);
+                *conn = Conn::H2(c);
             }
             r
         }
     }
 }
 
-async fn probe_http(
+async fn probe_http1(
     backend: &Backend,
     cfg: &HealthCheckConfig,
     tls: Option<&UpstreamTlsConnector>,
@@ -247,8 +267,34 @@ async fn probe_http(
     req.headers_mut()
         .insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
     let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    verdict(resp).await
+}
+
+/// The `http` probe as an HTTP/2 stream: `:authority` is the backend's address, as `Host` is
+/// over HTTP/1.1.
+async fn probe_http2(
+    backend: &Backend,
+    cfg: &HealthCheckConfig,
+    tls: Option<&UpstreamTlsConnector>,
+    conn: &mut Option<health_grpc::Sender>,
+) -> Result<(), String> {
+    let tx = health_grpc::ready(backend, tls, cfg.timeout, conn).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let uri: http::Uri = format!("{scheme}://{}{}", backend.address, cfg.path)
+        .parse()
+        .map_err(|e| format!("bad path: {e}"))?;
+    let mut req = Request::get(uri)
+        .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    *req.version_mut() = http::Version::HTTP_2;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    verdict(resp).await
+}
+
+/// 2xx and 3xx pass. The body is read to the end so the connection can carry the next probe.
+async fn verdict(resp: http::Response<hyper::body::Incoming>) -> Result<(), String> {
     let status = resp.status();
-    // Read the body to the end so the connection can serve the next probe.
     let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     if status.is_success() || status.is_redirection() {
         Ok(())

@@ -29,8 +29,30 @@ const SERVING: u64 = 1;
 /// A health answer is a few bytes; anything past this is not one.
 const MAX_ANSWER: usize = 16 * 1024;
 
-/// One probe; `Ok` when the backend says SERVING for `service`. `conn` is kept between probes
-/// (HTTP/2 carries them all on one connection) and replaced when it has gone.
+/// The probe's HTTP/2 connection: `conn` while it still takes requests, else a new one in its
+/// place. Kept between probes (HTTP/2 carries them all on one connection); also what
+/// `kind = "http"` probes use on pools that speak HTTP/2 to their backends.
+pub async fn ready<'a>(
+    backend: &Backend,
+    tls: Option<&UpstreamTlsConnector>,
+    limit: Duration,
+    conn: &'a mut Option<Sender>,
+) -> Result<&'a mut Sender, String> {
+    if !conn.as_ref().is_some_and(|c| c.is_ready()) {
+        *conn = None;
+    }
+    match conn {
+        Some(tx) => Ok(tx),
+        None => {
+            let tx = connect(backend, tls, limit)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            Ok(conn.insert(tx))
+        }
+    }
+}
+
+/// One probe; `Ok` when the backend says SERVING for `service`.
 pub async fn probe(
     backend: &Backend,
     service: &str,
@@ -39,16 +61,7 @@ pub async fn probe(
     user_agent: &'static str,
     conn: &mut Option<Sender>,
 ) -> Result<(), String> {
-    if !conn.as_ref().is_some_and(|c| c.is_ready()) {
-        *conn = Some(
-            connect(backend, tls, limit)
-                .await
-                .map_err(|e| format!("connect: {e}"))?,
-        );
-    }
-    let Some(tx) = conn.as_mut() else {
-        return Err("no connection".into());
-    };
+    let tx = ready(backend, tls, limit, conn).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let uri: Uri = format!("{scheme}://{}{PATH}", backend.address)
         .parse()

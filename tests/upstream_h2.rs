@@ -155,6 +155,25 @@ async fn h1_and_h2_clients_reach_an_h2c_backend_over_http2() {
     b.shutdown().await;
 }
 
+/// An h2c-only backend (it answers nothing else) stays healthy under `kind = "http"` checks:
+/// the probe speaks the pool's protocol, and each one reaches the backend as an h2 stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_on_an_h2c_pool_probe_over_http2() {
+    let be = start_grpc_backend(100).await;
+    let hc = "[pools.web.health_check]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"500ms\"\nunhealthy_threshold = 1\n";
+    let b = start_balancer(&h2_config(&[be.addr], "h2c", hc)).await;
+    let s = wait_status(&b, Duration::from_secs(10), "probes reached the backend", |s| {
+        s["pools"]["web"]["protocol"] == "h2c" && be.streams() >= 4
+    })
+    .await;
+    assert_eq!(entry(&s, be.addr)["healthy"], true, "{s}");
+    let s = status(&b).await;
+    assert_eq!(entry(&s, be.addr)["healthy"], true, "{s}");
+    // The probes share one connection; no request has been proxied yet.
+    assert_eq!(be.connections(), 1);
+    b.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // gRPC end to end
 
