@@ -115,8 +115,9 @@ async fn status_has_the_contract_shape() {
     ];
     for (pool, strategy) in [("web", "round_robin"), ("other", "least_connections")] {
         let p = &s["pools"][pool];
-        assert_eq!(keys(p), set(&["strategy", "backends"]), "{p:#}");
+        assert_eq!(keys(p), set(&["strategy", "protocol", "backends"]), "{p:#}");
         assert_eq!(p["strategy"], strategy);
+        assert_eq!(p["protocol"], "http1");
         for be in p["backends"].as_array().expect("backends is an array") {
             let k = keys(be);
             for key in contract {
