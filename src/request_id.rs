@@ -65,28 +65,41 @@ fn next_u64() -> u64 {
 
 /// A new ID shaped like a random UUID (RFC 9562 version 4): `xxxxxxxx-xxxx-4xxx-Yxxx-xxxxxxxxxxxx`
 /// in lower-case hex, Y one of 8, 9, a, b.
+///
+/// Marked sensitive, which HTTP/2 encodes as a never-indexed literal (RFC 7541 §7.1.3): a
+/// value seen once would only push reusable headers out of the HPACK tables of the balancer
+/// and of every peer downstream and upstream.
 pub fn generate() -> HeaderValue {
     let mut buf = [0u8; 36];
     format_uuid(next_u64(), next_u64(), &mut buf);
     // Only hex digits and dashes: always a valid header value; the fallback is unreachable
     // and still not a panic.
-    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&buf))
-        .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+    let mut v = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"));
+    v.set_sensitive(true);
+    v
 }
 
 fn format_uuid(hi: u64, lo: u64, out: &mut [u8; 36]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let hi = (hi & !0xf000) | 0x4000; // version 4, in the third group's first digit
     let lo = (lo & !(0b11 << 62)) | (0b10 << 62); // variant 10xx, in the fourth group
-    let bits = (u128::from(hi) << 64) | u128::from(lo);
+    let bytes = {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&hi.to_be_bytes());
+        b[8..].copy_from_slice(&lo.to_be_bytes());
+        b
+    };
+    // Two hex digits per byte, with the dashes after bytes 4, 6, 8 and 10.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut j = 0;
-    for i in 0..32 {
-        if matches!(i, 8 | 12 | 16 | 20) {
+    for (i, byte) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
             out[j] = b'-';
             j += 1;
         }
-        out[j] = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
-        j += 1;
+        out[j] = HEX[usize::from(byte >> 4)];
+        out[j + 1] = HEX[usize::from(byte & 0xf)];
+        j += 2;
     }
 }
 
