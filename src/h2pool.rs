@@ -4,7 +4,7 @@
 //! Requests share a connection up to the backend's SETTINGS_MAX_CONCURRENT_STREAMS; a new one
 //! is dialled only when every connection is saturated (one dial at a time: the requests that
 //! wait for it share its outcome, so a burst of 64 requests opens one connection, not 64),
-//! and never more than `MAX_CONNS_PER_BACKEND`, beyond which hyper queues streams on the
+//! and never more than `MAX_CONNS_PER_BACKEND`, beyond which h2 queues streams on the
 //! least-loaded connection until one frees.
 //!
 //! Who touches what: the request path reserves a stream slot (`reserve`, a CAS on the
@@ -16,7 +16,7 @@
 //! holding anything but its own `Arc`s.
 //!
 //! Draining: `h2io::H2Io` watches the frames for a GOAWAY and flags the connection at once,
-//! before hyper has even parsed it, so no new stream is put on a connection the backend is
+//! before h2 has even parsed it, so no new stream is put on a connection the backend is
 //! leaving; streams h2 still opens there are refused on the spot.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -24,15 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::client::conn::http2;
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
 use crate::reason::Failure;
-use crate::replay::ReplayBody;
 
-/// A multiplexed connection's request handle, as hyper's client gives it.
-pub type H2Sender = http2::SendRequest<ReplayBody>;
+/// A multiplexed connection's request handle (the h2 crate's; clones share the connection).
+pub type H2Sender = h2::client::SendRequest<Bytes>;
 
 /// Connections dialled per backend before streams queue on existing ones instead.
 const MAX_CONNS_PER_BACKEND: usize = 8;
@@ -44,11 +43,13 @@ pub struct H2Conn {
     transport: u64,
     /// Streams reserved on it (requests in flight, response bodies still streaming).
     active: AtomicUsize,
-    /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS as hyper last saw it (the connection
-    /// task publishes it after every poll: hyper only tells it to the connection's owner).
+    /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS as h2 last saw it (the connection
+    /// task publishes it after every poll: h2 only tells it to the connection's owner).
     max_streams: Arc<AtomicUsize>,
     /// Set when a GOAWAY arrived: no new stream goes here.
     draining: Arc<AtomicBool>,
+    /// Set by the connection's task when the connection has ended.
+    closed: Arc<AtomicBool>,
     /// When the last stream ended (ms, `clock::now_ms`), for the idle reaper.
     idle_since_ms: AtomicU64,
 }
@@ -59,6 +60,7 @@ impl H2Conn {
         transport: u64,
         max_streams: Arc<AtomicUsize>,
         draining: Arc<AtomicBool>,
+        closed: Arc<AtomicBool>,
     ) -> H2Conn {
         H2Conn {
             tx,
@@ -66,12 +68,13 @@ impl H2Conn {
             active: AtomicUsize::new(0),
             max_streams,
             draining,
+            closed,
             idle_since_ms: AtomicU64::new(now_ms()),
         }
     }
 
     fn usable(&self, transport: u64) -> bool {
-        self.transport == transport && !self.draining.load(Relaxed) && !self.tx.is_closed()
+        self.transport == transport && !self.draining.load(Relaxed) && !self.is_closed()
     }
 
     /// Takes a stream slot if the backend allows one more concurrent stream.
@@ -85,12 +88,16 @@ impl H2Conn {
         })
     }
 
-    /// Takes a slot whatever the backend's limit: hyper queues the stream until one frees.
+    /// Takes a slot whatever the backend's limit: h2 queues the stream until one frees.
     fn reserve_anyway(self: &Arc<Self>) -> Stream {
         self.active.fetch_add(1, Relaxed);
         Stream {
             conn: Arc::clone(self),
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
     }
 
     /// Whether a GOAWAY arrived on this connection.
@@ -106,8 +113,7 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// A handle to send this stream's request on (hyper's handles are cheap clones of one
-    /// channel to the connection task).
+    /// A handle to send this stream's request on (a cheap clone: a few reference counts).
     pub fn sender(&self) -> H2Sender {
         self.conn.tx.clone()
     }
@@ -244,7 +250,7 @@ impl H2Conns {
                 let slot = conn.reserve_anyway();
                 self.conns.rcu(|list| {
                     let mut next: Vec<Arc<H2Conn>> = Vec::with_capacity(list.len() + 1);
-                    next.extend(list.iter().filter(|c| !c.tx.is_closed()).cloned());
+                    next.extend(list.iter().filter(|c| !c.is_closed()).cloned());
                     next.push(Arc::clone(&conn));
                     next
                 });
@@ -295,7 +301,7 @@ impl H2Conns {
         self.conns
             .load()
             .iter()
-            .filter(|c| !c.tx.is_closed())
+            .filter(|c| !c.is_closed())
             .count()
     }
 
@@ -303,14 +309,14 @@ impl H2Conns {
         self.len() == 0
     }
 
-    /// Closes (by dropping the pool's handle; hyper then ends the connection with a GOAWAY
+    /// Closes (by dropping the pool's handle; h2 then ends the connection with a GOAWAY
     /// of its own once no stream is left) every connection without a stream that is idle for
     /// `idle` or more, draining, closed, or speaking another transport than `transport`.
     pub fn reap(&self, transport: u64, idle: Duration) {
         let now = now_ms();
         let idle_ms = idle.as_millis() as u64;
         let keep = |c: &Arc<H2Conn>| {
-            if c.tx.is_closed() {
+            if c.is_closed() {
                 return false;
             }
             if c.active.load(Relaxed) > 0 {

@@ -35,7 +35,7 @@ use crate::request_id;
 use crate::response_body::ResponseBody;
 use crate::state::{Shared, Snapshot};
 use crate::tunnel;
-use crate::upstream::{self, Cause, SendError, Sent};
+use crate::upstream::{self, Cause, SendError, Sent, UpstreamBody};
 
 /// Writes the access-log entry if the request's future is dropped (client gone) before it
 /// produced a response, so no request disappears from the log.
@@ -490,13 +490,16 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ResponseBody> {
     let upgrade_asked = client_upgrade.is_some();
-    if let (Some(on_client), true) = (
-        client_upgrade,
-        sent.response.status() == http::StatusCode::SWITCHING_PROTOCOLS,
-    ) {
-        return tunnel::tunnel(sent.response, on_client, guard, log, conn);
-    }
+    let switching = sent.response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = sent.response.into_parts();
+    // Only HTTP/1.1 switches protocols (upgrades of an h2 pool go over HTTP/1.1 too).
+    let body = match (client_upgrade, switching, body) {
+        (Some(on_client), true, UpstreamBody::H1(b)) => {
+            let resp = Response::from_parts(parts, b);
+            return tunnel::tunnel(resp, on_client, guard, log, conn);
+        }
+        (_, _, b) => b,
+    };
     strip_hop_by_hop(&mut parts.headers);
     if upgrade_asked {
         // The client asked to switch protocols and was refused: bytes it sends next may be

@@ -7,7 +7,6 @@
 //! comes in its trailers also carries its attempt's verdict: read there, counted, logged, and
 //! settled with the breaker (`InFlight::settle`).
 
-use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::accesslog::{self, Ending, LogEntry};
 use crate::backend::{InFlight, Outcome};
@@ -25,7 +23,7 @@ use crate::config::BreakerPolicy;
 use crate::conn::ConnInfo;
 use crate::grpc;
 use crate::reason::{ClientEvent, Failure, Reason};
-use crate::upstream::Lease;
+use crate::upstream::{BoxError, Lease, UpstreamBody};
 
 /// The response sent to the client: one the balancer made itself, or a backend's, streamed.
 pub struct ResponseBody {
@@ -38,11 +36,11 @@ enum Kind {
     Upstream(Box<Upstream>),
     /// Another module's body around one of these (the cache's tee): the inner one keeps its
     /// guard, connection and log entry.
-    Wrapped(Pin<Box<dyn Body<Data = Bytes, Error = hyper::Error> + Send>>),
+    Wrapped(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
 }
 
 struct Upstream {
-    inner: Incoming,
+    inner: UpstreamBody,
     done: bool,
     /// The backend broke the body: how.
     failed: Option<Failure>,
@@ -77,7 +75,7 @@ impl ResponseBody {
     }
 
     pub fn wrap(
-        body: impl Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+        body: impl Body<Data = Bytes, Error = BoxError> + Send + 'static,
     ) -> ResponseBody {
         ResponseBody {
             kind: Kind::Wrapped(Box::pin(body)),
@@ -118,7 +116,7 @@ impl ResponseBody {
     }
 
     pub fn upstream(
-        inner: Incoming,
+        inner: UpstreamBody,
         conn: Option<Lease>,
         guard: InFlight,
         log: Option<Box<LogEntry>>,
@@ -143,12 +141,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         match &mut this.kind {
             Kind::Local(b) => {
@@ -181,9 +179,9 @@ impl Body for ResponseBody {
                             up.done = true;
                         }
                     }
-                    Some(Err(e)) => up.failed = Some(body_failure(e)),
+                    Some(Err(e)) => up.failed = Some(e.failure()),
                 }
-                Poll::Ready(res)
+                Poll::Ready(res.map(|r| r.map_err(BoxError::from)))
             }
             Kind::Wrapped(b) => b.as_mut().poll_frame(cx),
         }
@@ -269,27 +267,6 @@ fn grpc_status_seen(
         }
     }
     guard.settle(outcome, policy);
-}
-
-/// A body the backend broke: bytes that are not HTTP (a bad chunk) are a protocol error,
-/// a body that stopped short (EOF, reset) is a reset.
-fn body_failure(e: &hyper::Error) -> Failure {
-    if e.is_parse() {
-        return Failure::UpstreamProtocol;
-    }
-    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-            ) {
-                return Failure::UpstreamProtocol;
-            }
-        }
-        src = s.source();
-    }
-    Failure::UpstreamReset
 }
 
 /// How long a finished connection may take to become ready for the next request before it

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::Commit;
 use crate::response_body::ResponseBody;
+use crate::upstream::BoxError;
 
 pub struct Tee {
     inner: ResponseBody,
@@ -54,12 +55,12 @@ impl Tee {
 
 impl Body for Tee {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let res = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &res {

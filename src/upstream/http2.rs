@@ -4,15 +4,17 @@
 //! connection when all are saturated.
 
 use std::error::Error as StdError;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::client::conn::http2;
-use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body::Body;
+use hyper::{Request, Response};
 
-use super::{cause_of, tcp_connect, BoxError, Cause, Dial, Lease, SendError, Sent};
+use super::body::{H2Body, UpstreamBody};
+use super::pipe::{self, ClientFault};
+use super::{tcp_connect, BoxError, Cause, Dial, Lease, SendError, Sent};
 use crate::backend::Backend;
 use crate::h2io::H2Io;
 use crate::h2pool::{Acquired, H2Conn, Stream};
@@ -43,13 +45,22 @@ const H2_CONN_WINDOW: u32 = 64 * H2_STREAM_WINDOW;
 /// Streams assumed allowed before the backend's SETTINGS arrive (hyper's own assumption).
 const H2_INITIAL_MAX_STREAMS: usize = 100;
 
+/// The largest response header block accepted (hyper's client default).
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+
 /// Sends `req` as an HTTP/2 stream, on a connection shared with other requests.
+///
+/// Driven on the h2 crate directly rather than through hyper's client: hyper hands each
+/// request to a connection task over a channel, spawns a task per stream to await its
+/// response and answers through another channel. Here the request's own task opens the
+/// stream and awaits its response; only a request body gets a task of its own (`pipe.rs`).
 pub(super) async fn send_h2(
     backend: &Backend,
     dial: &Dial,
     req: Request<UpBody>,
 ) -> Result<Sent, SendError> {
-    let mut req = to_h2(req, dial.tls.is_some(), &backend.address);
+    let req = to_h2(req, dial.tls.is_some(), &backend.address);
+    let (parts, mut body) = req.into_parts();
     let mut resent = None;
     let mut resends = 0;
     loop {
@@ -57,24 +68,67 @@ pub(super) async fn send_h2(
             Ok(s) => s,
             Err((failure, source)) => {
                 return Err(SendError::NotSent {
-                    req: Box::new(req),
+                    req: Box::new(Request::from_parts(parts, body)),
                     failure,
                     source,
                 })
             }
         };
-        let (parts, body) = req.into_parts();
-        // What a resend needs besides the body: kept only while the request may come back.
-        let head = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        );
-        let (body, rewind) = ReplayBody::new(body);
+        let unsent = |stream: &Stream| {
+            // Closed by a GOAWAY, or closed by the backend as it sat idle: the h2 form of
+            // the stale keep-alive race. Nothing was sent: try another connection.
+            if stream.conn().is_draining() {
+                Note::GoawayRetried
+            } else {
+                Note::StaleConnectionRetried
+            }
+        };
         let mut tx = stream.sender();
+        // Waits while the backend's concurrent-stream limit is reached on this connection.
+        let opened = match poll_fn(|cx| tx.poll_ready(cx)).await {
+            Ok(()) => {
+                // What a resend needs: kept only while the request may come back.
+                let mut head = Request::new(());
+                *head.method_mut() = parts.method.clone();
+                *head.uri_mut() = parts.uri.clone();
+                *head.headers_mut() = parts.headers.clone();
+                *head.version_mut() = http::Version::HTTP_2;
+                set_content_length(&mut head, &body);
+                let eos = body.is_end_stream();
+                tx.send_request(head, eos).map(|(response, send)| (response, send, eos))
+            }
+            Err(e) => Err(e),
+        };
+        let (response, send, eos) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                resent = Some(unsent(&stream));
+                drop(stream);
+                resends += 1;
+                if resends > MAX_RESENDS {
+                    return Err(SendError::NotSent {
+                        req: Box::new(Request::from_parts(parts, body)),
+                        failure: Failure::UpstreamReset,
+                        source: format!(
+                            "h2 connections kept closing before the request was sent: {e}"
+                        )
+                        .into(),
+                    });
+                }
+                continue;
+            }
+        };
+        let fault: ClientFault = Arc::default();
+        let (pipe, rewind) = if eos {
+            drop(send);
+            (None, None)
+        } else {
+            let (replay, rewind) = ReplayBody::new(std::mem::replace(&mut body, UpBody::Empty));
+            let pipe = pipe::spawn(replay, send, Arc::clone(&fault));
+            (Some(pipe), Some(rewind))
+        };
         let limit = dial.timeouts.response;
-        let sending = tx.try_send_request(Request::from_parts(parts, body));
-        let err = match tokio::time::timeout(limit, sending).await {
+        let err = match tokio::time::timeout(limit, response).await {
             Err(_) => {
                 return Err(SendError::Failed {
                     cause: Cause::Backend(Failure::ResponseTimeout),
@@ -83,59 +137,38 @@ pub(super) async fn send_h2(
                 })
             }
             Ok(Ok(response)) => {
-                rewind.commit();
+                if let Some(r) = &rewind {
+                    r.commit();
+                }
+                let (rparts, recv) = response.into_parts();
+                let body = UpstreamBody::H2(H2Body::new(recv, &rparts.headers, pipe));
                 return Ok(Sent {
-                    response,
+                    response: Response::from_parts(rparts, body),
                     conn: Lease::H2(stream),
                     stale_retried: false,
                     resent,
                 });
             }
-            Ok(Err(mut e)) => match e.take_message() {
-                // The connection closed before the stream opened: try another one.
-                Some(r) => {
-                    let (parts, body) = r.into_parts();
-                    req = Request::from_parts(parts, body.into_inner());
-                    // Closed by a GOAWAY, or closed by the backend as it sat idle: the h2
-                    // form of the stale keep-alive race.
-                    resent = Some(if stream.conn().is_draining() {
-                        Note::GoawayRetried
-                    } else {
-                        Note::StaleConnectionRetried
-                    });
-                    drop(stream);
-                    resends += 1;
-                    if resends > MAX_RESENDS {
-                        return Err(SendError::NotSent {
-                            req: Box::new(req),
-                            failure: Failure::UpstreamReset,
-                            source: "h2 connections kept closing before the request was sent"
-                                .into(),
-                        });
-                    }
-                    continue;
-                }
-                None => e.into_error(),
-            },
+            Ok(Err(e)) => e,
         };
         // A stream refused on a connection the backend is leaving was refused because of the
         // GOAWAY (h2pool's `H2Io` refuses what h2 opened after it).
         let draining = stream.conn().is_draining();
         drop(stream);
+        // The pipe stops, and the body it had comes back through `rewind`.
+        drop(pipe);
         if let Some(note) = unprocessed(&err) {
             let note = if draining { Note::GoawayRetried } else { note };
             if resends < MAX_RESENDS {
-                // hyper drops the body once the stream is reset; it hands back what it had
-                // sent, unless that was more than it may keep.
-                let back = tokio::time::timeout(dial.timeouts.connect, rewind.take()).await;
-                if let Ok(Some(body)) = back {
-                    let (method, uri, headers) = head;
-                    let mut r = Request::new(body);
-                    *r.method_mut() = method;
-                    *r.uri_mut() = uri;
-                    *r.headers_mut() = headers;
-                    *r.version_mut() = http::Version::HTTP_2;
-                    req = r;
+                let back = match rewind {
+                    None => Some(UpBody::Empty),
+                    Some(r) => tokio::time::timeout(dial.timeouts.connect, r.take())
+                        .await
+                        .ok()
+                        .flatten(),
+                };
+                if let Some(b) = back {
+                    body = b;
                     resent = Some(note);
                     resends += 1;
                     tracing::debug!(backend = %backend.address, note = note.as_str(), error = %err, "h2 stream not processed; sending again");
@@ -143,30 +176,45 @@ pub(super) async fn send_h2(
                 }
             }
         }
+        let cause = match fault.get() {
+            Some(f) => Cause::Client(*f),
+            None => Cause::Backend(Failure::UpstreamReset),
+        };
         return Err(SendError::Failed {
-            cause: cause_of(&err),
+            cause,
             source: err.into(),
             stale: false,
         });
     }
 }
 
+/// As hyper's client does: a body of known size gets its `Content-Length` when the request
+/// has none, unless it is empty on a method whose requests carry no body by definition.
+fn set_content_length(head: &mut Request<()>, body: &UpBody) {
+    let Some(len) = body.size_hint().exact() else {
+        return;
+    };
+    let payload_method = !matches!(
+        *head.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::CONNECT
+            | http::Method::OPTIONS | http::Method::TRACE
+    );
+    if (len != 0 || payload_method) && !head.headers().contains_key(http::header::CONTENT_LENGTH)
+    {
+        head.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    }
+}
+
 /// The stream was not processed by the backend, by its own word: REFUSED_STREAM (RFC 9113
 /// §8.7), or a GOAWAY whose last-stream-id is below it (§6.8; h2 fails exactly those streams
 /// with the remote GOAWAY error, the others finish or fail on their own).
-fn unprocessed(err: &hyper::Error) -> Option<Note> {
-    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<h2::Error>() {
-            if h.is_go_away() && h.is_remote() {
-                return Some(Note::GoawayRetried);
-            }
-            if h.is_reset() && h.is_remote() && h.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return Some(Note::RefusedStreamRetried);
-            }
-            return None;
-        }
-        src = s.source();
+fn unprocessed(h: &h2::Error) -> Option<Note> {
+    if h.is_go_away() && h.is_remote() {
+        return Some(Note::GoawayRetried);
+    }
+    if h.is_reset() && h.is_remote() && h.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return Some(Note::RefusedStreamRetried);
     }
     None
 }
@@ -296,34 +344,58 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let draining = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(H2Io::new(io, Arc::clone(&draining)));
-    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
+    let io = H2Io::new(io, Arc::clone(&draining));
+    let (tx, mut conn) = h2::client::Builder::new()
+        .initial_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONN_WINDOW)
         .initial_max_send_streams(H2_INITIAL_MAX_STREAMS)
-        .handshake(io)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake::<_, bytes::Bytes>(io)
         .await
         .map_err(|e| (Failure::ConnectError, BoxError::from(e)))?;
     let max_streams = Arc::new(AtomicUsize::new(H2_INITIAL_MAX_STREAMS));
-    let published = Arc::clone(&max_streams);
+    let closed = Arc::new(AtomicBool::new(false));
+    let (published, ended) = (Arc::clone(&max_streams), Arc::clone(&closed));
+    let pings = conn.ping_pong();
     tokio::spawn(async move {
         use std::future::Future;
-        let mut conn = std::pin::pin!(conn);
         // Only the connection's owner can read the backend's SETTINGS_MAX_CONCURRENT_STREAMS;
         // publish it after every poll for the pool's saturation check.
-        let ended = std::future::poll_fn(|cx| {
-            let r = conn.as_mut().poll(cx);
-            published.store(conn.current_max_send_streams(), Relaxed);
+        let drive = poll_fn(|cx| {
+            let r = std::pin::Pin::new(&mut conn).poll(cx);
+            published.store(conn.max_concurrent_send_streams(), Relaxed);
             r
-        })
-        .await;
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "upstream h2 connection ended");
+        });
+        tokio::select! {
+            r = drive => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            }
+            () = keepalive(pings) => {
+                tracing::debug!("upstream h2 connection answered no PING within {H2_KEEPALIVE_TIMEOUT:?}; closed");
+            }
         }
+        ended.store(true, Relaxed);
     });
-    Ok(H2Conn::new(tx, dial.transport, max_streams, draining))
+    Ok(H2Conn::new(tx, dial.transport, max_streams, draining, closed))
+}
+
+/// A PING every `H2_KEEPALIVE_INTERVAL`, idle or not; returns when one goes unanswered for
+/// `H2_KEEPALIVE_TIMEOUT` (the connection is then dropped, failing its streams).
+async fn keepalive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(H2_KEEPALIVE_INTERVAL).await;
+        let pong = tokio::time::timeout(H2_KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
+        match pong.await {
+            Ok(Ok(_)) => {}
+            // The connection is gone already: its own future ends the task.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
 }

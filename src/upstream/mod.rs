@@ -6,7 +6,7 @@
 //! when the exchange completed cleanly. A connection that timed out, was aborted mid-body or
 //! was upgraded is simply dropped, never pooled.
 //!
-//! HTTP/2 pools (`protocol = "h2c" | "h2"`, in `h2.rs`): `send` reserves a stream on one of
+//! HTTP/2 pools (`protocol = "h2c" | "h2"`, in `http2.rs`): `send` reserves a stream on one of
 //! the backend's multiplexed connections (`h2pool.rs`), dialling one when all are saturated;
 //! the response body holds the stream until it ends. A stream the backend did not process
 //! (REFUSED_STREAM, or above a GOAWAY's last-stream-id) is sent again on another connection
@@ -34,9 +34,12 @@ use crate::reason::{Failure, Note};
 use crate::request_body::{BodyError, BodyFault, UpBody};
 use crate::tls::UpstreamTlsConnector;
 
-mod h2;
+mod body;
+mod http2;
+mod pipe;
 
-use h2::send_h2;
+pub use body::{UpstreamBody, UpstreamBodyError};
+use http2::send_h2;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -79,7 +82,7 @@ pub enum Cause {
 }
 
 pub struct Sent {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     /// The connection (or h2 stream), for the response body to release when it ends.
     pub conn: Lease,
     /// A pooled connection was found dead before the request left, and a fresh one was used.
@@ -125,7 +128,7 @@ pub async fn send(
         match exchange(&mut conn.tx, req, dial.timeouts.response, true).await {
             Ok(response) => {
                 return Ok(Sent {
-                    response,
+                    response: response.map(UpstreamBody::H1),
                     conn: Lease::H1(conn),
                     stale_retried,
                     resent: None,
@@ -154,7 +157,7 @@ pub async fn send(
     };
     match exchange(&mut conn.tx, req, dial.timeouts.response, false).await {
         Ok(response) => Ok(Sent {
-            response,
+            response: response.map(UpstreamBody::H1),
             conn: Lease::H1(conn),
             stale_retried,
             resent: None,
