@@ -141,7 +141,9 @@ pub async fn send(
             Err(Exchange::Failed(e)) => return Err(e),
         }
     }
-    let tx = match connect(backend, dial).await {
+    // Boxed: with keep-alive, dialling is the rare path, and its future (TCP, TLS, the
+    // handshake) would otherwise be part of every request's future.
+    let tx = match Box::pin(connect(backend, dial)).await {
         Ok(tx) => tx,
         Err((failure, source)) => {
             return Err(SendError::NotSent {
