@@ -1,7 +1,7 @@
-//! The bytes of an upstream HTTP/2 connection, watched at frame level for what hyper does not
+//! The bytes of an upstream HTTP/2 connection, watched at frame level for what the h2 crate does not
 //! tell: a GOAWAY from the backend (to stop using the connection at once), and streams h2
 //! opens after it, which the backend will ignore (to refuse them on the spot). Written by the
-//! connection's own task only (hyper's h2 codec owns the I/O), so its state needs no sync;
+//! connection's own task only (the h2 codec owns the I/O), so its state needs no sync;
 //! the draining flag is the one thing shared, with `h2pool`.
 
 use std::collections::VecDeque;
