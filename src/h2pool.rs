@@ -100,7 +100,13 @@ impl H2Conn {
         self.closed.load(Relaxed)
     }
 
-    /// Whether a GOAWAY arrived on this connection.
+    /// The connection refused a new stream (it has failed, or is closing): no request is put
+    /// on it again, though its task may not have ended yet.
+    pub fn retire(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Whether a GOAWAY arrived on this connection (or it was retired).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Relaxed)
     }

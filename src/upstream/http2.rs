@@ -103,6 +103,7 @@ pub(super) async fn send_h2(
             Ok(o) => o,
             Err(e) => {
                 resent = Some(unsent(&stream));
+                stream.conn().retire();
                 drop(stream);
                 resends += 1;
                 if resends > MAX_RESENDS {
