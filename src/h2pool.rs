@@ -278,7 +278,7 @@ impl H2Conns {
 
     /// A slot on the oldest usable connection with room (first fit packs streams onto few
     /// connections, leaving the others idle for the reaper; no allocation on this path).
-    fn reserve(&self, transport: u64) -> Option<Stream> {
+    pub fn reserve(&self, transport: u64) -> Option<Stream> {
         self.conns
             .load()
             .iter()

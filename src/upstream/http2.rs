@@ -64,7 +64,14 @@ pub(super) async fn send_h2(
     let mut resent = None;
     let mut resends = 0;
     loop {
-        let stream = match acquire_h2(backend, dial).await {
+        // The common case first, without a future: a connection with room. Waiting for a
+        // dial (or making one) is boxed, so its state is not part of every request's future.
+        let ready = backend.h2.reserve(dial.transport).map(Ok);
+        let stream = match ready {
+            Some(s) => s,
+            None => Box::pin(acquire_h2(backend, dial)).await,
+        };
+        let stream = match stream {
             Ok(s) => s,
             Err((failure, source)) => {
                 return Err(SendError::NotSent {
@@ -273,9 +280,7 @@ async fn acquire_h2(backend: &Backend, dial: &Dial) -> Result<Stream, (Failure, 
             )
             .into(),
         )),
-        // Boxed: dialling is rare, and its future (TCP, TLS, handshake) would otherwise
-        // make every request's future kilobytes larger.
-        Acquired::Dial(turn) => match Box::pin(connect_h2(backend, dial)).await {
+        Acquired::Dial(turn) => match connect_h2(backend, dial).await {
             Ok(conn) => turn
                 .finish(Ok(conn))
                 .ok_or_else(|| (Failure::ConnectError, "h2 dial abandoned".into())),

@@ -333,10 +333,11 @@ pub async fn probe_connect(
 mod tests {
     use super::*;
 
-    /// The listener boxes every request's future and moves it: the h2 branch must fit inside
-    /// the HTTP/1.1 one (its dial boxed), or every request, h1 ones included, pays for it.
+    /// The listener boxes every request's future and moves it, so what `send` holds across
+    /// its awaits is paid by every request: the dials (HTTP/1.1 and h2) are boxed, and the
+    /// h2 branch stays well within the budget rather than setting it.
     #[test]
-    fn the_h2_path_does_not_grow_the_request_future() {
+    fn the_request_future_stays_small() {
         let backend = Backend::new("p", "127.0.0.1:1", "127.0.0.1:1".parse().unwrap());
         let dial = Dial {
             timeouts: Timeouts::default(),
@@ -347,6 +348,8 @@ mod tests {
         let h2 = send_h2(&backend, &dial, Request::new(UpBody::Empty));
         let all = send(&backend, &dial, Request::new(UpBody::Empty));
         let (h2, all) = (std::mem::size_of_val(&h2), std::mem::size_of_val(&all));
-        assert!(h2 * 2 < all, "send_h2's future is {h2} bytes, send's {all}");
+        // 1,448 bytes with Rust 1.9x (3,080 before the HTTP/1.1 dial was boxed).
+        assert!(all <= 2048, "send's future is {all} bytes");
+        assert!(h2 * 4 <= all * 3, "send_h2's future is {h2} bytes, send's {all}");
     }
 }
