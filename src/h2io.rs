@@ -347,7 +347,10 @@ mod tests {
             let f = &rst[k * RST_LEN..(k + 1) * RST_LEN];
             assert_eq!(f[3], FRAME_RST_STREAM);
             assert_eq!(u32::from_be_bytes([f[5], f[6], f[7], f[8]]), id);
-            assert_eq!(u32::from_be_bytes([f[9], f[10], f[11], f[12]]), REFUSED_STREAM);
+            assert_eq!(
+                u32::from_be_bytes([f[9], f[10], f[11], f[12]]),
+                REFUSED_STREAM
+            );
         }
     }
 }

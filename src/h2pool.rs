@@ -304,11 +304,7 @@ impl H2Conns {
 
     /// Connections open (any transport, draining ones included), for tests and `/status`.
     pub fn len(&self) -> usize {
-        self.conns
-            .load()
-            .iter()
-            .filter(|c| !c.is_closed())
-            .count()
+        self.conns.load().iter().filter(|c| !c.is_closed()).count()
     }
 
     pub fn is_empty(&self) -> bool {

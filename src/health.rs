@@ -131,9 +131,11 @@ async fn probe_loop(
             streak = Streak::default();
             continue;
         }
-        let result =
-            tokio::time::timeout(cfg.timeout, probe(&backend, &cfg, tls.as_ref(), protocol, &mut conn))
-                .await;
+        let result = tokio::time::timeout(
+            cfg.timeout,
+            probe(&backend, &cfg, tls.as_ref(), protocol, &mut conn),
+        )
+        .await;
         let failure = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),

@@ -74,9 +74,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn wrap(
-        body: impl Body<Data = Bytes, Error = BoxError> + Send + 'static,
-    ) -> ResponseBody {
+    pub fn wrap(body: impl Body<Data = Bytes, Error = BoxError> + Send + 'static) -> ResponseBody {
         ResponseBody {
             kind: Kind::Wrapped(Box::pin(body)),
             log: None,

@@ -162,9 +162,12 @@ async fn http_health_checks_on_an_h2c_pool_probe_over_http2() {
     let be = start_grpc_backend(100).await;
     let hc = "[pools.web.health_check]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"500ms\"\nunhealthy_threshold = 1\n";
     let b = start_balancer(&h2_config(&[be.addr], "h2c", hc)).await;
-    let s = wait_status(&b, Duration::from_secs(10), "probes reached the backend", |s| {
-        s["pools"]["web"]["protocol"] == "h2c" && be.streams() >= 4
-    })
+    let s = wait_status(
+        &b,
+        Duration::from_secs(10),
+        "probes reached the backend",
+        |s| s["pools"]["web"]["protocol"] == "h2c" && be.streams() >= 4,
+    )
     .await;
     assert_eq!(entry(&s, be.addr)["healthy"], true, "{s}");
     let s = status(&b).await;

@@ -67,9 +67,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         match self.get_mut() {
-            UpstreamBody::H1(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(UpstreamBodyError::H1),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(UpstreamBodyError::H1),
             UpstreamBody::H2(b) => b.poll_frame(cx).map_err(UpstreamBodyError::H2),
         }
     }
@@ -118,7 +116,10 @@ impl H2Body {
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.data_done {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {

@@ -102,7 +102,8 @@ pub(super) async fn send_h2(
                 *head.version_mut() = http::Version::HTTP_2;
                 set_content_length(&mut head, &body);
                 let eos = body.is_end_stream();
-                tx.send_request(head, eos).map(|(response, send)| (response, send, eos))
+                tx.send_request(head, eos)
+                    .map(|(response, send)| (response, send, eos))
             }
             Err(e) => Err(e),
         };
@@ -204,11 +205,14 @@ fn set_content_length(head: &mut Request<()>, body: &UpBody) {
     };
     let payload_method = !matches!(
         *head.method(),
-        http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::CONNECT
-            | http::Method::OPTIONS | http::Method::TRACE
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::DELETE
+            | http::Method::CONNECT
+            | http::Method::OPTIONS
+            | http::Method::TRACE
     );
-    if (len != 0 || payload_method) && !head.headers().contains_key(http::header::CONTENT_LENGTH)
-    {
+    if (len != 0 || payload_method) && !head.headers().contains_key(http::header::CONTENT_LENGTH) {
         head.headers_mut()
             .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     }
@@ -385,7 +389,13 @@ where
         }
         ended.store(true, Relaxed);
     });
-    Ok(H2Conn::new(tx, dial.transport, max_streams, draining, closed))
+    Ok(H2Conn::new(
+        tx,
+        dial.transport,
+        max_streams,
+        draining,
+        closed,
+    ))
 }
 
 /// A PING every `H2_KEEPALIVE_INTERVAL`, idle or not; returns when one goes unanswered for

@@ -350,6 +350,9 @@ mod tests {
         let (h2, all) = (std::mem::size_of_val(&h2), std::mem::size_of_val(&all));
         // 1,448 bytes with Rust 1.9x (3,080 before the HTTP/1.1 dial was boxed).
         assert!(all <= 2048, "send's future is {all} bytes");
-        assert!(h2 * 4 <= all * 3, "send_h2's future is {h2} bytes, send's {all}");
+        assert!(
+            h2 * 4 <= all * 3,
+            "send_h2's future is {h2} bytes, send's {all}"
+        );
     }
 }
