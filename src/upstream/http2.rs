@@ -127,13 +127,14 @@ pub(super) async fn send_h2(
                 continue;
             }
         };
-        let fault: ClientFault = Arc::default();
+        // Only a body can fail on the client's side (and only then is this allocated).
+        let mut fault: Option<ClientFault> = None;
         let (pipe, rewind) = if eos {
             drop(send);
             (None, None)
         } else {
             let (replay, rewind) = ReplayBody::new(std::mem::replace(&mut body, UpBody::Empty));
-            let pipe = pipe::spawn(replay, send, Arc::clone(&fault));
+            let pipe = pipe::spawn(replay, send, Arc::clone(fault.insert(Arc::default())));
             (Some(pipe), Some(rewind))
         };
         let limit = dial.timeouts.response;
@@ -185,7 +186,7 @@ pub(super) async fn send_h2(
                 }
             }
         }
-        let cause = match fault.get() {
+        let cause = match fault.as_ref().and_then(|f| f.get()) {
             Some(f) => Cause::Client(*f),
             None => Cause::Backend(Failure::UpstreamReset),
         };
