@@ -133,6 +133,8 @@ impl Diff {
 pub struct PoolView {
     pub name: String,
     pub strategy: String,
+    /// What the pool speaks to its backends; empty when a `/status` does not say.
+    pub protocol: String,
     /// `(address as written, weight)`, in order.
     pub backends: Vec<(String, u32)>,
 }
@@ -143,6 +145,7 @@ pub fn pool_views(c: &Config) -> Vec<PoolView> {
         .map(|p| PoolView {
             name: p.name.clone(),
             strategy: p.strategy.as_str().to_owned(),
+            protocol: p.protocol.as_str().to_owned(),
             backends: p
                 .backends
                 .iter()
@@ -163,6 +166,11 @@ pub fn status_pools(status: &serde_json::Value) -> Result<Vec<PoolView>, String>
     for (name, p) in pools {
         let strategy = p
             .get("strategy")
+            .and_then(|s| s.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let protocol = p
+            .get("protocol")
             .and_then(|s| s.as_str())
             .unwrap_or("")
             .to_owned();
@@ -187,6 +195,7 @@ pub fn status_pools(status: &serde_json::Value) -> Result<Vec<PoolView>, String>
         out.push(PoolView {
             name: name.clone(),
             strategy,
+            protocol,
             backends,
         });
     }
@@ -222,6 +231,15 @@ fn pools_into(d: &mut Diff, old: &[PoolView], new: &[PoolView]) {
                 '~',
                 Kind::Setting,
                 format!("pool {} strategy {} -> {}", n.name, o.strategy, n.strategy),
+            );
+        }
+        // Compared here rather than with the other pool settings, so that a running
+        // balancer's `/status` shows a protocol switch too.
+        if o.protocol != n.protocol && !o.protocol.is_empty() && !n.protocol.is_empty() {
+            d.push(
+                '~',
+                Kind::Setting,
+                format!("pool {} protocol {} -> {}", n.name, o.protocol, n.protocol),
             );
         }
         for (addr, _) in &o.backends {
@@ -375,9 +393,6 @@ fn pool_settings(d: &mut Diff, o: &PoolConfig, n: &PoolConfig) {
     let key = |k: &str| format!("pool {} {k}", n.name);
     let dur = |v: &Duration| humantime::format_duration(*v).to_string();
     let num = |v: &u32| v.to_string();
-    d.setting(&key("protocol"), o.protocol, n.protocol, |p| {
-        p.as_str().to_owned()
-    });
     d.setting(&key("tls"), &o.tls, &n.tls, |t| match t {
         None => "off".to_owned(),
         Some(t) => match (&t.ca, &t.server_name) {
@@ -583,6 +598,26 @@ mod tests {
             ]
         );
         assert!(status_pools(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn a_protocol_in_status_compares_with_the_config() {
+        let status = serde_json::json!({
+            "pools": { "web": { "strategy": "round_robin", "protocol": "http1", "backends": [
+                { "address": "127.0.0.1:9001", "weight": 1 },
+                { "address": "127.0.0.1:9002", "weight": 1 }
+            ] } }
+        });
+        let running = status_pools(&status).unwrap();
+        let h2c = BASE.replace("[pools.web]\n", "[pools.web]\nprotocol = \"h2c\"\n");
+        assert_ne!(h2c, BASE);
+        let d = pools(&running, &pool_views(&cfg(&h2c)));
+        assert!(
+            d.lines()
+                .contains(&"~ pool web protocol http1 -> h2c".to_owned()),
+            "{:?}",
+            d.lines()
+        );
     }
 
     #[test]
