@@ -177,6 +177,40 @@ async fn http_health_checks_on_an_h2c_pool_probe_over_http2() {
     b.shutdown().await;
 }
 
+/// A client that stalls its upload mid-body, through an h2c pool: the stream to the backend
+/// is reset, the client gets the 408 of a stalled upload, and the backend is not blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_through_an_h2c_pool_is_the_clients_fault() {
+    use http_body_util::BodyExt;
+    let be = start_grpc_backend(100).await;
+    let b = start_balancer(&h2_config(
+        &[be.addr],
+        "h2c",
+        "[limits]\nheader_timeout = \"200ms\"\n",
+    ))
+    .await;
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(1);
+    tokio::spawn(async move {
+        let _ = tx.send_data(Bytes::from_static(b"first part")).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _ = tx.send_data(Bytes::from_static(b"too late")).await;
+    });
+    let req = HttpRequest::post(b.url("/plain/upload"))
+        .header("content-type", "application/octet-stream")
+        .body(body.boxed())
+        .unwrap();
+    let g = send(&client(), req).await;
+    assert_eq!(g.status, 408, "{}", g.body);
+    let s = status(&b).await;
+    let e = entry(&s, be.addr);
+    assert_eq!(
+        e["failures"], 0,
+        "the client's stall is not the backend's failure: {e}"
+    );
+    assert_eq!(e["breaker"], "closed", "{e}");
+    b.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // gRPC end to end
 
