@@ -236,31 +236,22 @@ fn unprocessed(h: &h2::Error) -> Option<Note> {
 /// `:authority` from the pool's transport and the `Host` the client sent (RFC 9113 §8.3.1),
 /// and no `Host` field beside it.
 fn to_h2(mut req: Request<UpBody>, tls: bool, address: &str) -> Request<UpBody> {
-    let authority = req
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or(address)
-        .to_owned();
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let scheme = if tls { "https" } else { "http" };
-    let uri = http::Uri::builder()
-        .scheme(scheme)
-        .authority(authority.as_str())
-        .path_and_query(pq.as_str())
-        .build()
-        .or_else(|_| {
-            http::Uri::builder()
-                .scheme(scheme)
-                .authority(address)
-                .path_and_query(pq.as_str())
-                .build()
-        });
-    if let Ok(uri) = uri {
+    use http::uri::{Authority, Parts, PathAndQuery, Scheme};
+    // Built from parts: the path is shared with the client's request, not parsed again.
+    let host = req.headers().get(hyper::header::HOST);
+    let authority = host
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| Authority::try_from(address).ok());
+    let mut parts = Parts::default();
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = authority;
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    if let Ok(uri) = http::Uri::from_parts(parts) {
         *req.uri_mut() = uri;
         req.headers_mut().remove(hyper::header::HOST);
     }
