@@ -403,36 +403,83 @@ pub fn binary() -> PathBuf {
 }
 
 /// Starts `target/.../balancer --config FILE` and waits until it accepts connections.
+///
+/// The binary binds ports picked by `free_port`, which another test may take in between; a
+/// connection to the port would then reach that test's server. So readiness is the child
+/// itself listening there (read from /proc), and a child that exited at start (its port was
+/// taken) is started again on other ports.
 pub fn start_binary(template: &str, stdout: Stdio) -> BinaryBalancer {
-    let addr = free_port();
-    let admin = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("balancer.toml");
-    let text = template
-        .replace("{listen}", &addr.to_string())
-        .replace("{admin}", &admin.to_string());
-    std::fs::write(&config_path, text).unwrap();
-    let child = Command::new(binary())
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(stdout)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let b = BinaryBalancer {
-        child,
-        addr,
-        admin,
-        dir,
-        config_path,
-    };
-    for _ in 0..500 {
-        if StdTcpStream::connect(addr).is_ok() {
-            return b;
+    let mut stdout = Some(stdout);
+    for _ in 0..5 {
+        let addr = free_port();
+        let admin = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("balancer.toml");
+        let text = template
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.to_string());
+        std::fs::write(&config_path, text).unwrap();
+        let out = stdout.take().unwrap_or_else(Stdio::piped);
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(out)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut b = BinaryBalancer {
+            child,
+            addr,
+            admin,
+            dir,
+            config_path,
+        };
+        for _ in 0..500 {
+            if let Ok(Some(_)) = b.child.try_wait() {
+                break;
+            }
+            if child_listens(b.child.id(), addr) {
+                return b;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        if b.child.try_wait().ok().flatten().is_none() {
+            panic!("balancer binary did not start listening on {addr}");
+        }
+        // Exited at start: most likely a port another test took first. Try other ports.
     }
-    panic!("balancer binary did not start listening on {addr}");
+    panic!("balancer binary kept exiting at start");
+}
+
+/// Whether process `pid` holds a listening TCP socket on `addr` (Linux /proc; elsewhere, or
+/// for IPv6, whether `addr` accepts a connection).
+fn child_listens(pid: u32, addr: SocketAddr) -> bool {
+    let (SocketAddr::V4(v4), Ok(table)) = (addr, std::fs::read_to_string("/proc/net/tcp")) else {
+        return StdTcpStream::connect(addr).is_ok();
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 // ------------------------------------------------------------------------------------------
