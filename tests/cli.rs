@@ -657,51 +657,61 @@ fn start_logged(template: &str) -> (common::BinaryBalancer, Stderr) {
     start_logged_env(template, &[])
 }
 
-/// `start_logged` with environment variables added.
+/// `start_logged` with environment variables added. Like `common::start_binary`, ready means
+/// the child itself listens on its port; one that exits at start (a port another test took
+/// first) is started again on other ports.
 fn start_logged_env(template: &str, env: &[(&str, &str)]) -> (common::BinaryBalancer, Stderr) {
-    let addr = common::free_port();
-    let admin = common::free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("balancer.toml");
-    let text = template
-        .replace("{listen}", &addr.to_string())
-        .replace("{admin}", &admin.to_string());
-    std::fs::write(&config_path, text).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config_path)
-        .env_remove("RUST_LOG")
-        .env_remove("NO_COLOR")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Stderr::default();
-    let pipe = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(pipe).lines() {
-            let Ok(line) = line else { return };
-            let mut s = sink.0.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
+    for _ in 0..5 {
+        let addr = common::free_port();
+        let admin = common::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("balancer.toml");
+        let text = template
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.to_string());
+        std::fs::write(&config_path, text).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Stderr::default();
+        let pipe = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                let mut s = sink.0.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut b = common::BinaryBalancer {
+            child,
+            addr,
+            admin,
+            dir,
+            config_path,
+        };
+        for _ in 0..500 {
+            if let Ok(Some(_)) = b.child.try_wait() {
+                break;
+            }
+            if common::child_listens(b.child.id(), addr) {
+                return (b, log);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-    });
-    let b = common::BinaryBalancer {
-        child,
-        addr,
-        admin,
-        dir,
-        config_path,
-    };
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return (b, log);
+        if b.child.try_wait().ok().flatten().is_none() {
+            panic!("balancer did not listen on {addr}:\n{}", log.text());
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("balancer did not listen on {addr}:\n{}", log.text());
+    panic!("balancer kept exiting at start");
 }
 
 /// `[log] level` set to `level`; `/` is routed nowhere (a 404 the balancer logs at debug),

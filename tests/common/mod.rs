@@ -453,7 +453,7 @@ pub fn start_binary(template: &str, stdout: Stdio) -> BinaryBalancer {
 
 /// Whether process `pid` holds a listening TCP socket on `addr` (Linux /proc; elsewhere, or
 /// for IPv6, whether `addr` accepts a connection).
-fn child_listens(pid: u32, addr: SocketAddr) -> bool {
+pub fn child_listens(pid: u32, addr: SocketAddr) -> bool {
     let (SocketAddr::V4(v4), Ok(table)) = (addr, std::fs::read_to_string("/proc/net/tcp")) else {
         return StdTcpStream::connect(addr).is_ok();
     };
