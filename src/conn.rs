@@ -80,6 +80,9 @@ pub const ASK_IDLE: u8 = 1;
 pub const ASK_FINISH: u8 = 2;
 /// `asked`: the h2 client floods with cancelled streams (`flood.rs`): GOAWAY and close.
 pub const ASK_ABUSE: u8 = 4;
+/// `asked`: idle for `conns::PARK_AFTER`: an HTTP/1 connection lets go of its hyper connection
+/// and buffers until its client's next bytes (`listener::serve_h1`); others ignore it.
+pub const ASK_PARK: u8 = 8;
 
 /// `io_state`: a write to the client is blocked.
 pub const IO_WRITE_BLOCKED: u8 = 1;
@@ -188,6 +191,12 @@ impl ConnInfo {
     pub fn ask(&self, why: u8) {
         self.asked.fetch_or(why, Relaxed);
         self.close.notify_one();
+    }
+
+    /// Clears `ASK_PARK`; true when nothing else is asked (the wake-up was only to park),
+    /// false when something else was, which stays for the caller to act on.
+    pub fn take_park(&self) -> bool {
+        self.asked.fetch_and(!ASK_PARK, Relaxed) & !ASK_PARK == 0
     }
 
     /// Whether no request or stream is in flight.

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::clock::now_ms;
 use crate::config::{Limits, MIN_HEADER_BUFFER};
 use crate::conn::{Active, ConnInfo, DrainGuard, Tracked, ASK_ABUSE, ASK_FINISH};
-use crate::conns::{Conns, Slot};
+use crate::conns::{Conns, Slot, PARK_AFTER};
 use crate::flood::{self, ConnWatch, Penalties};
 use crate::framing::Sniffer;
 use crate::preface::{self, Opening, Replay};
@@ -156,10 +156,10 @@ async fn admit(conns: &Conns, stop: &mut watch::Receiver<bool>) -> Option<Slot> 
     }
 }
 
-/// Closes the listener's connections idle for `limits.idle_timeout`, looking a few times per
-/// timeout (at most once a second), so a connection closes within a quarter of the timeout
-/// (or a second) after it: a coarse clock instead of a timer re-armed per request. Also tells
-/// every connection when draining starts.
+/// Closes the listener's connections idle for `limits.idle_timeout` and parks HTTP/1 ones idle
+/// for `conns::PARK_AFTER`, looking every `PARK_AFTER` (or a quarter of a shorter timeout), so
+/// a connection closes within that after its timeout: a coarse clock instead of a timer re-armed
+/// per request. Also tells every connection when draining starts.
 async fn sweep(
     conns: Arc<Conns>,
     shared: Arc<Shared>,
@@ -169,7 +169,7 @@ async fn sweep(
     let mut drained = false;
     loop {
         let idle = shared.snapshot.load().limits.idle_timeout;
-        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let tick = (idle / 4).clamp(Duration::from_millis(10), PARK_AFTER);
         tokio::select! {
             _ = stopped(&mut stop) => return,
             _ = stopped(&mut drain), if !drained => {
@@ -366,22 +366,14 @@ async fn serve_tls(
     }
 }
 
-/// Idle HTTP/1 connections are parked only while the balancer holds more client connections
-/// than this. Parking costs a new hyper connection per request (a few thousand instructions:
-/// callgrind, h2load --h1 -c64: 43.9k instructions per request without, 51.2k with); below
-/// this the buffers of every connection fit in cache and memory anyway (256 x 16 KiB = 4 MiB),
-/// above it they would not (10,000 idle connections: 17 KB each held, 5.7 KB parked).
-const PARK_ABOVE: usize = 256;
-
 /// How a parked HTTP/1 connection waits for its client's next bytes without hyper.
 type WaitReadable<I> = fn(&I, &mut Context<'_>) -> Poll<std::io::Result<()>>;
 
-/// Serves HTTP/1. With `park`, a keep-alive connection between requests is parked: its hyper
-/// connection (read and write buffers of 8 KiB each, its state) is taken apart and freed, and
-/// only the socket waits for the next request, which gets a new one, as nginx's keep-alive
-/// handler does. 10,000 idle connections then cost their sockets and a few hundred bytes
-/// each, and a busy connection's buffers are the ones the previous request just freed, still
-/// in cache.
+/// Serves HTTP/1. With `park`, a keep-alive connection idle between requests for
+/// `conns::PARK_AFTER` is parked: its hyper connection (read and write buffers of 8 KiB each,
+/// its state) is taken apart and freed, and only the socket waits for the next request, which
+/// gets a new one, as nginx's keep-alive handler does. 10,000 idle connections then cost their
+/// sockets and a few hundred bytes each.
 async fn serve_h1<I>(io: Replay<I>, mut s: Session, park: Option<WaitReadable<I>>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -411,12 +403,14 @@ where
         if io.has_prefix() {
             continue;
         }
-        let readable = std::future::poll_fn(|cx| wait(io.get_ref(), cx));
+        let mut readable = std::future::poll_fn(|cx| wait(io.get_ref(), cx));
         let _parked = Parked::new(&s.shared);
-        tokio::select! {
-            r = readable => if r.is_err() { return },
-            // Idle past idle_timeout, making room for a new client, draining: close.
-            _ = s.info.close.notified() => return,
+        loop {
+            tokio::select! {
+                r = &mut readable => if r.is_err() { return } else { break },
+                // Idle past idle_timeout, making room for a new client, draining: close.
+                _ = s.info.close.notified() => if !s.info.take_park() { return },
+            }
         }
     }
 }
@@ -521,30 +515,27 @@ where
     if *s.signals.drain.borrow() || *s.signals.stop.borrow() {
         graceful_shutdown(conn.as_mut());
     }
-    let shared = &s.shared;
-    let serving = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-        Poll::Ready(r) => Poll::Ready(Some(r)),
-        Poll::Pending
-            if park.is_some_and(|since| info.parkable(since))
-                && shared.open_connections.load(Relaxed) > PARK_ABOVE =>
-        {
-            Poll::Ready(None)
-        }
-        Poll::Pending => Poll::Pending,
-    });
-    let asked = tokio::select! {
-        r = serving => {
-            match r {
-                Some(Err(e)) => {
+    let asked = loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
                     if flood::is_calm_down(&e) {
                         s.penalties.penalize(peer.ip());
                     }
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
-                Some(Ok(())) => {}
+                return None;
+            }
+            // Asked to close: idle past idle_timeout or making room, draining, the listener
+            // removed by a reload, or an h2 flood (`ConnInfo::ask`). Or to park.
+            _ = info.close.notified() => {
+                if !info.take_park() {
+                    break info.asked.load(Relaxed);
+                }
                 // Idle between requests: hyper closes its side at once (nothing is in
-                // flight), leaving the socket open.
-                None => {
+                // flight), leaving the socket open. A request that started meanwhile, or a
+                // connection that cannot park, goes on.
+                if park.is_some_and(|since| info.parkable(since)) {
                     graceful_shutdown(conn.as_mut());
                     return match conn.as_mut().await {
                         Ok(()) => Some(conn),
@@ -552,11 +543,7 @@ where
                     };
                 }
             }
-            return None;
         }
-        // Asked to close: idle past idle_timeout or making room, draining, the listener
-        // removed by a reload, or an h2 flood (`ConnInfo::ask`).
-        _ = info.close.notified() => info.asked.load(Relaxed),
     };
     if asked & ASK_ABUSE != 0 {
         // Too many streams cancelled as soon as opened: GOAWAY, a moment to flush it, close.
