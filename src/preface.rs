@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -51,15 +51,17 @@ pub async fn read_opening<I>(mut io: I, limit: Option<Duration>) -> Opening<I>
 where
     I: AsyncRead + Unpin,
 {
-    let mut buf = [0u8; OPENING_READ];
-    let mut n = 0;
+    // On the heap and never zeroed: a buffer inside this future would be copied with it into
+    // every connection's task, and cleared, for the few hundred bytes a request head needs.
+    let mut buf = BytesMut::with_capacity(OPENING_READ);
     let read = async {
         loop {
-            let k = io.read(&mut buf[n..]).await.ok()?;
+            let room = OPENING_READ - buf.len();
+            let k = io.read_buf(&mut (&mut buf).limit(room)).await.ok()?;
             if k == 0 {
                 return None;
             }
-            n += k;
+            let n = buf.len();
             let seen = n.min(PREFACE.len());
             if buf[..seen] != PREFACE[..seen] {
                 return Some(false);
@@ -75,7 +77,7 @@ where
     };
     let replay = |io| Replay {
         inner: io,
-        prefix: Bytes::copy_from_slice(&buf[..n]),
+        prefix: buf.freeze(),
     };
     match read {
         Some(true) => Opening::H2(replay(io)),
