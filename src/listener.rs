@@ -116,8 +116,11 @@ pub async fn run(
         let signals = signals.clone();
         let conns = Arc::clone(&conns);
         let penalties = Arc::clone(&penalties);
+        // Boxed: the task's own state is then a pointer, which tokio moves and overwrites as
+        // the task starts and ends, rather than the connection's whole future three times.
+        let conn = Box::pin(serve(stream, peer, bind, shared, signals, conns, penalties));
         tokio::spawn(async move {
-            serve(stream, peer, bind, shared, signals, conns, penalties).await;
+            conn.await;
             drop(slot);
         });
     }
