@@ -168,8 +168,7 @@ impl ConnInfo {
             peer,
             tls: tls_log.is_some(),
             tls_log,
-            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
-                .unwrap_or(HeaderValue::from_static("unknown")),
+            peer_ip: ip_value(peer.ip()),
             drain,
             body_timeout,
             requests: AtomicU64::new(0),
@@ -231,6 +230,37 @@ impl ConnInfo {
     }
 }
 
+/// An address as a header value (X-Forwarded-For). IPv4 is written by hand: `Ipv4Addr`'s
+/// `Display` goes through the formatting machinery, ~2,500 instructions per connection, about
+/// 5% of a `Connection: close` request.
+fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    let value = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut buf = [0u8; 15];
+            let mut n = 0;
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if o >= 100 {
+                    buf[n] = b'0' + o / 100;
+                    n += 1;
+                }
+                if o >= 10 {
+                    buf[n] = b'0' + o / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + o % 10;
+                n += 1;
+            }
+            HeaderValue::from_bytes(&buf[..n])
+        }
+        std::net::IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()),
+    };
+    value.unwrap_or(HeaderValue::from_static("unknown"))
+}
+
 /// The access log's `tls` value for a handshake: `{"version":"TLSv1.3","sni":"a.example"}`
 /// (`sni` null when the client sent none).
 pub fn tls_json(version: Option<rustls::ProtocolVersion>, sni: Option<&str>) -> Box<str> {
@@ -275,5 +305,28 @@ impl ConnInfo {
             }
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_as_header_values_read_as_their_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.0.100.9",
+            "192.168.10.255",
+            "255.255.255.255",
+            "1.20.3.40",
+            "::1",
+            "2001:db8::1",
+            "::ffff:10.1.2.3",
+        ] {
+            let addr: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(addr).to_str().unwrap(), addr.to_string(), "{ip}");
+        }
     }
 }
