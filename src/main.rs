@@ -208,11 +208,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Keeps the heap in 4 KiB pages. mimalloc asks for transparent huge pages on its arena, so a
-/// connection's few KiB of buffers and state made the kernel back whole 2 MiB pages: 1000
-/// keep-alive connections under load peaked at 104 MB resident with them and 72 MB without,
-/// for no measurable CPU per request (`benches/compare.sh` c1000 row). Set before anything
-/// touches the heap's memory, and it holds for every mapping made later.
+/// Keeps the heap in 4 KiB pages. mimalloc asks for transparent huge pages on its arena, so
+/// buffers that are allocated but barely touched (hyper reserves 8 KiB to read and 8 KiB to
+/// write on every connection, both ways) become resident in whole 2 MiB pages: 1000 keep-alive
+/// connections under load peak at 101 MB resident with them, 77 MB without (HAProxy: 38 MB).
+/// The price, at 1000 connections only, is TLB misses: 8-12% more CPU per request there (four
+/// paired runs); none measurable at 64. Memory is what a connection count costs an operator,
+/// so it is kept. Set before anything touches the heap's memory; it holds for every mapping
+/// made later.
 fn small_pages() {
     // SAFETY: prctl(PR_SET_THP_DISABLE) reads no memory of ours; failure (an old kernel) only
     // leaves huge pages allowed.
