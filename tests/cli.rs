@@ -622,34 +622,9 @@ fn table_headers_with_comments_are_named_cleanly() {
 
 mod common;
 
-use std::io::BufRead;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// What the binary wrote to stderr so far, collected by a thread as it arrives.
-#[derive(Clone, Default)]
-struct Stderr(Arc<Mutex<String>>);
-
-impl Stderr {
-    fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
-    }
-    fn count(&self, needle: &str) -> usize {
-        self.text().matches(needle).count()
-    }
-    /// Waits until `needle` has appeared `n` times; panics with the log after 10 s.
-    fn wait_for(&self, needle: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.count(needle) < n {
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} did not appear {n} time(s) on stderr:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+use common::Stderr;
 
 /// Like `common::start_binary`, with stderr piped to the returned collector, and with
 /// `RUST_LOG` and `NO_COLOR` removed so that only the config decides.
@@ -657,61 +632,15 @@ fn start_logged(template: &str) -> (common::BinaryBalancer, Stderr) {
     start_logged_env(template, &[])
 }
 
-/// `start_logged` with environment variables added. Like `common::start_binary`, ready means
-/// the child itself listens on its port; one that exits at start (a port another test took
-/// first) is started again on other ports.
+/// `start_logged` with environment variables added.
 fn start_logged_env(template: &str, env: &[(&str, &str)]) -> (common::BinaryBalancer, Stderr) {
-    for _ in 0..5 {
-        let addr = common::free_port();
-        let admin = common::free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("balancer.toml");
-        let text = template
-            .replace("{listen}", &addr.to_string())
-            .replace("{admin}", &admin.to_string());
-        std::fs::write(&config_path, text).unwrap();
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config_path)
-            .env_remove("RUST_LOG")
+    common::start_binary_with(template, |c| {
+        c.env_remove("RUST_LOG")
             .env_remove("NO_COLOR")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Stderr::default();
-        let pipe = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(pipe).lines() {
-                let Ok(line) = line else { return };
-                let mut s = sink.0.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut b = common::BinaryBalancer {
-            child,
-            addr,
-            admin,
-            dir,
-            config_path,
-        };
-        for _ in 0..500 {
-            if let Ok(Some(_)) = b.child.try_wait() {
-                break;
-            }
-            if common::child_listens(b.child.id(), addr) {
-                return (b, log);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if b.child.try_wait().ok().flatten().is_none() {
-            panic!("balancer did not listen on {addr}:\n{}", log.text());
-        }
-    }
-    panic!("balancer kept exiting at start");
+            .stderr(std::process::Stdio::piped());
+    })
 }
 
 /// `[log] level` set to `level`; `/` is routed nowhere (a 404 the balancer logs at debug),

@@ -9,11 +9,10 @@ mod common;
 use common::*;
 
 use std::collections::HashSet;
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -618,24 +617,6 @@ fn unwritable_access_file_fails_at_start() {
 // ------------------------------------------------------------------------------------------
 // RUST_LOG=debug
 
-/// The binary's stderr, collected on a thread.
-#[derive(Clone, Default)]
-struct Stderr(Arc<Mutex<String>>);
-
-impl Stderr {
-    fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
-    }
-    /// Lines containing every one of `needles`.
-    fn lines_with(&self, needles: &[&str]) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 /// With RUST_LOG=debug, every request's decisions are on stderr with its request ID: the
 /// route (and pool), the backend picked, and a retry with the reason; health lines about a
 /// backend name its pool.
@@ -653,44 +634,12 @@ async fn debug_log_shows_route_pick_and_retry() {
          [pools.checked.health_check]\ninterval = \"100ms\"\nunhealthy_threshold = 1\n",
         web.addr
     );
-    let addr = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("b.toml");
-    std::fs::write(&cfg, tmpl.replace("{listen}", &addr.to_string())).unwrap();
-    let mut child = Command::new(binary())
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "debug")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = Stderr::default();
-    let pipe = child.stderr.take().unwrap();
-    let sink = err.clone();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(pipe).lines() {
-            let Ok(line) = line else { return };
-            let mut s = sink.0.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
+    let (bin, err) = start_binary_with(&tmpl, |c| {
+        c.env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
     });
-    let bin = BinaryBalancer {
-        child,
-        addr,
-        admin: free_port(),
-        dir,
-        config_path: cfg,
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
-            addr
-        )
-        .is_ok())
-        .await
-    );
     let c = client();
     // Round robin over [dead, live]: two requests, one of them tries the dead one first.
     for i in 0..2 {

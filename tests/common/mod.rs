@@ -403,13 +403,27 @@ pub fn binary() -> PathBuf {
 }
 
 /// Starts `target/.../balancer --config FILE` and waits until it accepts connections.
+pub fn start_binary(template: &str, stdout: Stdio) -> BinaryBalancer {
+    let mut stdout = Some(stdout);
+    start_binary_with(template, |c| {
+        c.stdout(stdout.take().unwrap_or_else(Stdio::piped))
+            .stderr(Stdio::inherit());
+    })
+    .0
+}
+
+/// Starts the binary on `template` (`{listen}` and `{admin}` filled with free ports), `set`
+/// choosing its stdio and environment, and waits until it listens. A piped stderr is collected
+/// into the returned `Stderr`.
 ///
 /// The binary binds ports picked by `free_port`, which another test may take in between; a
 /// connection to the port would then reach that test's server. So readiness is the child
 /// itself listening there (read from /proc), and a child that exited at start (its port was
 /// taken) is started again on other ports.
-pub fn start_binary(template: &str, stdout: Stdio) -> BinaryBalancer {
-    let mut stdout = Some(stdout);
+pub fn start_binary_with(
+    template: &str,
+    mut set: impl FnMut(&mut Command),
+) -> (BinaryBalancer, Stderr) {
     for _ in 0..5 {
         let addr = free_port();
         let admin = free_port();
@@ -419,14 +433,11 @@ pub fn start_binary(template: &str, stdout: Stdio) -> BinaryBalancer {
             .replace("{listen}", &addr.to_string())
             .replace("{admin}", &admin.to_string());
         std::fs::write(&config_path, text).unwrap();
-        let out = stdout.take().unwrap_or_else(Stdio::piped);
-        let child = Command::new(binary())
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(out)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(binary());
+        command.arg("--config").arg(&config_path);
+        set(&mut command);
+        let mut child = command.spawn().unwrap();
+        let log = Stderr::collect(&mut child);
         let mut b = BinaryBalancer {
             child,
             addr,
@@ -439,16 +450,69 @@ pub fn start_binary(template: &str, stdout: Stdio) -> BinaryBalancer {
                 break;
             }
             if child_listens(b.child.id(), addr) {
-                return b;
+                return (b, log);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         if b.child.try_wait().ok().flatten().is_none() {
-            panic!("balancer binary did not start listening on {addr}");
+            panic!("balancer did not listen on {addr}:\n{}", log.text());
         }
         // Exited at start: most likely a port another test took first. Try other ports.
     }
     panic!("balancer binary kept exiting at start");
+}
+
+/// A child's stderr, collected line by line on a thread (empty if it was not piped).
+#[derive(Clone, Default)]
+pub struct Stderr(Arc<Mutex<String>>);
+
+impl Stderr {
+    pub fn collect(child: &mut Child) -> Stderr {
+        let log = Stderr::default();
+        if let Some(pipe) = child.stderr.take() {
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { return };
+                    let mut s = sink.0.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        log
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+
+    /// Lines containing every one of `needles`.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `needle` has appeared `n` times; panics with the log after 10 s.
+    pub fn wait_for(&self, needle: &str, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.count(needle) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} did not appear {n} time(s) on stderr:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Whether process `pid` holds a listening TCP socket on `addr` (Linux /proc; elsewhere, or
