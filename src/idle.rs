@@ -11,20 +11,16 @@
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1;
 
+use crate::backend_io::BackendIo;
 use crate::clock::now_ms;
-use crate::request_body::UpBody;
-
-/// A connection to a backend, as hyper's client gives it.
-pub type Sender = http1::SendRequest<UpBody>;
 
 /// Idle keep-alive connections kept per backend; beyond it a finished connection is closed.
 const MAX_IDLE_PER_BACKEND: usize = 512;
 
 /// A connection together with what it speaks; the response body carries it back.
 pub struct Conn {
-    pub tx: Sender,
+    pub io: BackendIo,
     /// The pool's transport id when this connection was dialled.
     pub transport: u64,
 }
@@ -61,7 +57,7 @@ impl IdleConns {
         while let Some(c) = self.q.pop() {
             if c.conn.transport == transport
                 && now.saturating_sub(c.since_ms) < idle_ms
-                && c.conn.tx.is_ready()
+                && c.conn.io.is_open()
             {
                 return Some(c.conn);
             }
@@ -69,16 +65,12 @@ impl IdleConns {
         None
     }
 
-    /// Returns a connection whose last exchange completed. One that is not ready yet (its
-    /// request body is still being written) is dropped: waiting for it would cost a task per
-    /// request, and a fresh connection is cheaper than a stuck one.
+    /// Returns a connection whose last exchange completed cleanly (the exchange decides).
     pub fn put(&self, conn: Conn) {
-        if conn.tx.is_ready() {
-            let _ = self.q.push(Idle {
-                conn,
-                since_ms: now_ms(),
-            });
-        }
+        let _ = self.q.push(Idle {
+            conn,
+            since_ms: now_ms(),
+        });
     }
 
     /// Closes connections idle for `idle` or more, those the backend closed, and those that
@@ -90,7 +82,7 @@ impl IdleConns {
             let Some(c) = self.q.pop() else { break };
             if c.conn.transport == transport
                 && now.saturating_sub(c.since_ms) < idle_ms
-                && !c.conn.tx.is_closed()
+                && c.conn.io.is_open()
             {
                 let _ = self.q.push(c);
             }

@@ -13,7 +13,7 @@
 //! state       snap.route(host, path)     -> 404              (same Arc<Backend> per pool+address)
 //! cache       lookup: hit -> answer; miss -> store step around the relay (cache = true routes)
 //! balance     pool.pick(now, tried)      -> 503      listeners: bind added
-//! upstream    send (pooled h1 conn | h2 stream)      reload::swap (one store)
+//! upstream    send (own h1 exchange | h2 stream)     reload::swap (one store)
 //! classify    classify(result) -> Verdict            listeners: stop removed, resize the rest
 //! backend     guard.record(outcome)  breaker+counters health: sync tasks
 //! answer      ProxyError -> status, close, log       idle conns of removed backends closed
@@ -28,6 +28,7 @@ pub mod admin_state;
 pub(crate) mod answer;
 pub mod auth;
 pub mod backend;
+pub mod backend_io;
 pub mod balance;
 pub mod breaker;
 pub(crate) mod cache;

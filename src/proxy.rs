@@ -494,9 +494,9 @@ fn respond(
     let (mut parts, body) = sent.response.into_parts();
     // Only HTTP/1.1 switches protocols (upgrades of an h2 pool go over HTTP/1.1 too).
     let body = match (client_upgrade, switching, body) {
-        (Some(on_client), true, UpstreamBody::H1(b)) => {
-            let resp = Response::from_parts(parts, b);
-            return tunnel::tunnel(resp, on_client, guard, log, conn);
+        (Some(on_client), true, UpstreamBody::H1(x)) if x.is_upgrade() => {
+            let upstream = x.into_upgraded();
+            return tunnel::tunnel(parts, upstream, on_client, guard, log, conn);
         }
         (_, _, b) => b,
     };
@@ -510,6 +510,6 @@ fn respond(
     }
     Response::from_parts(
         parts,
-        ResponseBody::upstream(body, Some(sent.conn), guard, log, Arc::clone(conn)),
+        ResponseBody::upstream(body, guard, log, Arc::clone(conn)),
     )
 }

@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -23,7 +22,7 @@ use crate::config::BreakerPolicy;
 use crate::conn::ConnInfo;
 use crate::grpc;
 use crate::reason::{ClientEvent, Failure, Reason};
-use crate::upstream::{BoxError, Lease, UpstreamBody};
+use crate::upstream::{BoxError, UpstreamBody};
 
 /// The response sent to the client: one the balancer made itself, or a backend's, streamed.
 pub struct ResponseBody {
@@ -50,7 +49,6 @@ struct Upstream {
     /// The last data frame handed to hyper, counted once hyper comes back or the body ends:
     /// an h2 stream without window holds it unsent.
     pending: u64,
-    conn: Option<Lease>,
     guard: InFlight,
     client: Arc<ConnInfo>,
     /// A gRPC response whose `grpc-status` is still to come in the trailers: the pool's
@@ -115,7 +113,6 @@ impl ResponseBody {
 
     pub fn upstream(
         inner: UpstreamBody,
-        conn: Option<Lease>,
         guard: InFlight,
         log: Option<Box<LogEntry>>,
         client: Arc<ConnInfo>,
@@ -127,7 +124,6 @@ impl ResponseBody {
                 failed: None,
                 bytes: 0,
                 pending: 0,
-                conn,
                 guard,
                 client,
                 grpc: None,
@@ -210,11 +206,6 @@ impl Drop for ResponseBody {
             // Ours, not the client's: an h2 stream the watchdog resets, or a connection whose
             // writes stayed blocked past the send timeout.
             let reset = crate::stall::resetting() || up.client.stalled.load(Relaxed);
-            if let Some(conn) = up.conn.take() {
-                if complete {
-                    return_conn(&up.guard, conn);
-                }
-            }
             match (up.failed, up.grpc.take()) {
                 // The verdict was waiting for the end of the body, which broke: that is it.
                 (Some(f), Some(policy)) => up.guard.settle(Outcome::Failure(f), &policy),
@@ -245,6 +236,18 @@ impl Drop for ResponseBody {
         if let Some(l) = self.log.take() {
             accesslog::write(l);
         }
+        // Last: the in-flight guard still counts this request while the connection goes
+        // back, so least-connections never sees the backend idle before its socket is.
+        if let Kind::Upstream(up) = std::mem::replace(&mut self.kind, Kind::Local(None)) {
+            let Upstream {
+                inner, done, guard, ..
+            } = *up;
+            if done || inner.is_end_stream() {
+                if let Some(conn) = inner.into_idle() {
+                    guard.backend().idle.put(conn);
+                }
+            }
+        }
     }
 }
 
@@ -265,29 +268,4 @@ fn grpc_status_seen(
         }
     }
     guard.settle(outcome, policy);
-}
-
-/// How long a finished connection may take to become ready for the next request before it
-/// is given up on (its request body still being written, typically).
-const READY_WAIT: Duration = Duration::from_secs(5);
-
-fn return_conn(guard: &InFlight, lease: Lease) {
-    // An h2 stream's slot frees as the lease drops; only HTTP/1.1 connections go back.
-    let Lease::H1(mut conn) = lease else {
-        return;
-    };
-    if conn.tx.is_ready() {
-        guard.backend().idle.put(conn);
-    } else if !conn.tx.is_closed() {
-        // hyper flips the connection back to ready on its own task, a moment after the last
-        // body byte; waiting for that is cheaper than a new connection.
-        let backend = guard.backend().clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, conn.tx.ready()).await {
-                    backend.idle.put(conn);
-                }
-            });
-        }
-    }
 }

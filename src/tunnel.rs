@@ -5,10 +5,10 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Response, Version};
-use hyper::body::Incoming;
 
 use crate::accesslog::{self, Ending, LogEntry};
 use crate::backend::InFlight;
+use crate::backend_io::Upgraded;
 use crate::conn::ConnInfo;
 use crate::headers::{has_token, strip_hop_by_hop};
 use crate::response_body::ResponseBody;
@@ -31,14 +31,13 @@ pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
 /// drain guard (graceful shutdown waits for it); it belongs to no config generation, so a
 /// reload never touches it.
 pub fn tunnel(
-    mut resp: Response<Incoming>,
+    mut parts: http::response::Parts,
+    upstream: Upgraded,
     on_client: hyper::upgrade::OnUpgrade,
     guard: InFlight,
     log: Option<Box<LogEntry>>,
     conn: &ConnInfo,
 ) -> Response<ResponseBody> {
-    let on_upstream = hyper::upgrade::on(&mut resp);
-    let (mut parts, _) = resp.into_parts();
     let upgrade = parts.headers.remove(header::UPGRADE);
     strip_hop_by_hop(&mut parts.headers);
     if let Some(u) = upgrade {
@@ -54,10 +53,9 @@ pub fn tunnel(
         let _drain = drain;
         let _guard = guard;
         let mut log = log;
-        match tokio::try_join!(on_client, on_upstream) {
-            Ok((client, upstream)) => {
+        match on_client.await {
+            Ok(client) => {
                 let client = hyper_util::rt::TokioIo::new(client);
-                let upstream = hyper_util::rt::TokioIo::new(upstream);
                 let (to_client, err) = splice(client, upstream).await;
                 if let Some(e) = err {
                     tracing::debug!(%peer, error = %e, "tunnel ended with an error");

@@ -105,16 +105,13 @@ pub(super) fn spawn(
             );
             let status = result.as_ref().ok().map(|s| s.response.status().as_u16());
             guard.record(verdict.outcome, status, sent_at.elapsed(), &pool.breaker);
-            let Ok(Sent {
-                response, conn: up, ..
-            }) = result
-            else {
+            let Ok(Sent { response, .. }) = result else {
                 return;
             };
             if response.status().is_server_error() {
                 return;
             }
-            let resp = response.map(|b| ResponseBody::upstream(b, Some(up), guard, None, conn));
+            let resp = response.map(|b| ResponseBody::upstream(b, guard, None, conn));
             let mut body = miss.finish(resp).into_body();
             // Nobody reads this but the tee: drain it so that it stores on the last frame.
             while let Some(frame) = body.frame().await {

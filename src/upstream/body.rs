@@ -1,28 +1,40 @@
-//! A backend's response body, whichever protocol carried it: hyper's `Incoming` for
-//! HTTP/1.1, the h2 stream itself for HTTP/2 (driven here directly, without hyper's client
-//! layer: see `http2.rs`).
+//! A backend's response body, whichever protocol carried it: the HTTP/1.1 exchange itself
+//! (`http1.rs`), the h2 stream for HTTP/2 (`http2.rs`). Either holds its connection: the h1
+//! socket, given back to the pool when the body ended cleanly (`into_idle`), or the h2
+//! stream's slot, freed when the body is dropped.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use super::http1::{Exchange, H1Error};
+use super::pipe::PipeTask;
+use crate::h2pool::Stream;
+use crate::idle::Conn;
+use crate::reason::Failure;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-
-use super::pipe::PipeTask;
-use crate::reason::Failure;
 
 pub enum UpstreamBody {
-    H1(Incoming),
+    H1(Exchange),
     H2(H2Body),
+}
+
+impl UpstreamBody {
+    /// The HTTP/1.1 connection, if this body ended cleanly and it can carry another request.
+    pub fn into_idle(self) -> Option<Conn> {
+        match self {
+            UpstreamBody::H1(x) => x.into_idle(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
 }
 
 /// How a backend's body broke.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBodyError {
     #[error(transparent)]
-    H1(hyper::Error),
+    H1(H1Error),
     #[error(transparent)]
     H2(h2::Error),
 }
@@ -32,30 +44,10 @@ impl UpstreamBodyError {
     /// (EOF, reset) is a reset.
     pub fn failure(&self) -> Failure {
         match self {
-            UpstreamBodyError::H1(e) => h1_failure(e),
+            UpstreamBodyError::H1(e) => e.failure(),
             UpstreamBodyError::H2(_) => Failure::UpstreamReset,
         }
     }
-}
-
-fn h1_failure(e: &hyper::Error) -> Failure {
-    use std::error::Error as _;
-    if e.is_parse() {
-        return Failure::UpstreamProtocol;
-    }
-    let mut src = e.source();
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-            ) {
-                return Failure::UpstreamProtocol;
-            }
-        }
-        src = s.source();
-    }
-    Failure::UpstreamReset
 }
 
 impl Body for UpstreamBody {
@@ -99,10 +91,17 @@ pub struct H2Body {
     /// The request body still being sent: stopped when the response ends or is dropped, since
     /// the stream is then over (a held send half would keep it open).
     _pipe: Option<PipeTask>,
+    /// The stream's slot on its connection, freed when the body is dropped.
+    _stream: Stream,
 }
 
 impl H2Body {
-    pub fn new(recv: h2::RecvStream, headers: &HeaderMap, pipe: Option<PipeTask>) -> H2Body {
+    pub fn new(
+        recv: h2::RecvStream,
+        headers: &HeaderMap,
+        pipe: Option<PipeTask>,
+        stream: Stream,
+    ) -> H2Body {
         let mut all = headers.get_all(http::header::CONTENT_LENGTH).iter();
         let length = match (all.next(), all.next()) {
             (Some(v), None) => v.to_str().ok().and_then(|s| s.parse().ok()),
@@ -113,6 +112,7 @@ impl H2Body {
             data_done: false,
             length,
             _pipe: pipe,
+            _stream: stream,
         }
     }
 

@@ -14,7 +14,7 @@ use hyper::{Request, Response};
 
 use super::body::{H2Body, UpstreamBody};
 use super::pipe::{self, ClientFault};
-use super::{tcp_connect, BoxError, Cause, Dial, Lease, SendError, Sent};
+use super::{tcp_connect, BoxError, Cause, Dial, SendError, Sent};
 use crate::backend::Backend;
 use crate::h2io::H2Io;
 use crate::h2pool::{Acquired, H2Conn, Stream};
@@ -151,10 +151,9 @@ pub(super) async fn send_h2(
                     r.commit();
                 }
                 let (rparts, recv) = response.into_parts();
-                let body = UpstreamBody::H2(H2Body::new(recv, &rparts.headers, pipe));
+                let body = UpstreamBody::H2(H2Body::new(recv, &rparts.headers, pipe, stream));
                 return Ok(Sent {
                     response: Response::from_parts(rparts, body),
-                    conn: Lease::H2(stream),
                     stale_retried: false,
                     resent,
                 });

@@ -1,10 +1,11 @@
 //! Connections to backends: connect (TCP, optionally TLS) with a timeout, keep-alive reuse, and
 //! sending one request with a response timeout.
 //!
-//! HTTP/1.1 pools: `send` pops one of the backend's idle connections (`idle.rs`) or dials a
-//! new one, sends on it, and hands the connection to the response body, which puts it back
-//! when the exchange completed cleanly. A connection that timed out, was aborted mid-body or
-//! was upgraded is simply dropped, never pooled.
+//! HTTP/1.1 pools (`http1.rs`): `send` pops one of the backend's idle connections (`idle.rs`)
+//! or dials a new one and runs the exchange on it in the request's own task; the response
+//! body is the exchange, and puts the connection back when both messages completed cleanly.
+//! A connection that timed out, was aborted mid-body or was upgraded is simply dropped,
+//! never pooled.
 //!
 //! HTTP/2 pools (`protocol = "h2c" | "h2"`, in `http2.rs`): `send` reserves a stream on one of
 //! the backend's multiplexed connections (`h2pool.rs`), dialling one when all are saturated;
@@ -20,21 +21,21 @@ use std::error::Error as StdError;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::http1 as hyper_h1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
+use crate::backend_io::BackendIo;
 use crate::config::{Protocol, Timeouts};
-use crate::h2pool::Stream;
-use crate::idle::{Conn, Sender};
+use crate::idle::Conn;
 use crate::reason::{Failure, Note};
-use crate::request_body::{BodyError, BodyFault, UpBody};
+use crate::request_body::{BodyFault, UpBody};
 use crate::tls::UpstreamTlsConnector;
 
 mod body;
+mod http1;
 mod http2;
 mod pipe;
 
@@ -52,8 +53,6 @@ pub struct Dial {
     /// Changes whenever the pool's TLS settings or protocol change (see `idle.rs`).
     pub transport: u64,
 }
-
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 /// Why a send failed, and whether the request can be tried elsewhere.
 pub enum SendError {
@@ -82,22 +81,13 @@ pub enum Cause {
 }
 
 pub struct Sent {
+    /// Its body holds the connection (or h2 stream) until it ends.
     pub response: Response<UpstreamBody>,
-    /// The connection (or h2 stream), for the response body to release when it ends.
-    pub conn: Lease,
     /// A pooled connection was found dead before the request left, and a fresh one was used.
     pub stale_retried: bool,
     /// An h2 backend did not process the request the first time (GOAWAY or REFUSED_STREAM)
     /// and it was sent again: which of the two, last.
     pub resent: Option<Note>,
-}
-
-/// What the response body holds on to until it ends.
-pub enum Lease {
-    /// An HTTP/1.1 connection, pooled again when the exchange completed cleanly.
-    H1(Conn),
-    /// A stream slot on a shared HTTP/2 connection, freed when dropped.
-    H2(Stream),
 }
 
 /// Sends `req` to `backend` over the pool's protocol: HTTP/2 as a stream on a shared
@@ -123,13 +113,13 @@ pub async fn send(
             req.headers_mut().insert(hyper::header::HOST, v);
         }
     }
+    let limit = dial.timeouts.response;
     let mut stale_retried = false;
-    if let Some(mut conn) = backend.idle.pop(dial.transport, dial.timeouts.idle) {
-        match exchange(&mut conn.tx, req, dial.timeouts.response, true).await {
+    if let Some(conn) = backend.idle.pop(dial.transport, dial.timeouts.idle) {
+        match exchange(conn, req, limit, true).await {
             Ok(response) => {
                 return Ok(Sent {
-                    response: response.map(UpstreamBody::H1),
-                    conn: Lease::H1(conn),
+                    response,
                     stale_retried,
                     resent: None,
                 })
@@ -141,10 +131,10 @@ pub async fn send(
             Err(Exchange::Failed(e)) => return Err(e),
         }
     }
-    // Boxed: with keep-alive, dialling is the rare path, and its future (TCP, TLS, the
-    // handshake) would otherwise be part of every request's future.
-    let tx = match Box::pin(connect(backend, dial)).await {
-        Ok(tx) => tx,
+    // Boxed: with keep-alive, dialling is the rare path, and its future (TCP, TLS) would
+    // otherwise be part of every request's future.
+    let io = match Box::pin(connect(backend, dial)).await {
+        Ok(io) => io,
         Err((failure, source)) => {
             return Err(SendError::NotSent {
                 req: Box::new(req),
@@ -153,14 +143,13 @@ pub async fn send(
             })
         }
     };
-    let mut conn = Conn {
-        tx,
+    let conn = Conn {
+        io,
         transport: dial.transport,
     };
-    match exchange(&mut conn.tx, req, dial.timeouts.response, false).await {
+    match exchange(conn, req, limit, false).await {
         Ok(response) => Ok(Sent {
-            response: response.map(UpstreamBody::H1),
-            conn: Lease::H1(conn),
+            response,
             stale_retried,
             resent: None,
         }),
@@ -180,65 +169,31 @@ enum Exchange {
 }
 
 async fn exchange(
-    tx: &mut Sender,
+    conn: Conn,
     req: Request<UpBody>,
     limit: Duration,
     reused: bool,
-) -> Result<Response<Incoming>, Exchange> {
-    match tokio::time::timeout(limit, tx.try_send_request(req)).await {
+) -> Result<Response<UpstreamBody>, Exchange> {
+    match tokio::time::timeout(limit, http1::exchange(conn, req, reused)).await {
         Err(_) => Err(Exchange::Failed(SendError::Failed {
             cause: Cause::Backend(Failure::ResponseTimeout),
             source: format!("no response within {limit:?}").into(),
             stale: false,
         })),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(mut e)) => match e.take_message() {
-            Some(req) => Err(Exchange::NotSent(Box::new(req))),
-            None => {
-                let err = e.into_error();
-                let cause = cause_of(&err);
-                // The backend closed the pooled connection as we reused it: EOF (FIN) or a
-                // reset, before any response. Not the backend's sickness: replayable once.
-                let stale = reused
-                    && cause == Cause::Backend(Failure::UpstreamReset)
-                    && (err.is_incomplete_message() || is_reset(&err));
-                Err(Exchange::Failed(SendError::Failed {
-                    cause,
-                    source: err.into(),
-                    stale,
-                }))
-            }
-        },
-    }
-}
-
-/// A connection reset (or a write into a socket the peer already closed) under a hyper error.
-fn is_reset(err: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::H1)),
+        Ok(Err(http1::ExchangeError::NotSent(req))) => Err(Exchange::NotSent(req)),
+        Ok(Err(http1::ExchangeError::Failed { error, stale })) => {
+            let cause = match &error {
+                http1::H1Error::Body(b) => Cause::Client(b.fault()),
+                e => Cause::Backend(e.failure()),
+            };
+            Err(Exchange::Failed(SendError::Failed {
+                cause,
+                source: error.into(),
+                stale,
+            }))
         }
-        src = s.source();
     }
-    false
-}
-
-/// Tells a failure of the client's own request body (carried up through hyper's error) from
-/// the backend's.
-fn cause_of(err: &hyper::Error) -> Cause {
-    let mut src: Option<&(dyn StdError + 'static)> = StdError::source(err);
-    while let Some(s) = src {
-        if let Some(b) = s.downcast_ref::<BodyError>() {
-            return Cause::Client(b.fault());
-        }
-        src = s.source();
-    }
-    if err.is_parse() {
-        return Cause::Backend(Failure::UpstreamProtocol);
-    }
-    Cause::Backend(Failure::UpstreamReset)
 }
 
 async fn tcp_connect(backend: &Backend) -> Result<TcpStream, (Failure, BoxError)> {
@@ -254,20 +209,17 @@ async fn tcp_connect(backend: &Backend) -> Result<TcpStream, (Failure, BoxError)
     Ok(tcp)
 }
 
-async fn connect(backend: &Backend, dial: &Dial) -> Result<Sender, (Failure, BoxError)> {
+async fn connect(backend: &Backend, dial: &Dial) -> Result<BackendIo, (Failure, BoxError)> {
     backend.counters.connections_opened.fetch_add(1, Relaxed);
     let limit = dial.timeouts.connect;
     let fut = async {
         let tcp = tcp_connect(backend).await?;
         match &dial.tls {
-            None => handshake(TokioIo::new(tcp)).await,
-            Some(tls) => {
-                let stream = tls
-                    .connect(&backend.address, tcp)
-                    .await
-                    .map_err(|e| (Failure::TlsError, e))?;
-                handshake(TokioIo::new(stream)).await
-            }
+            None => Ok(BackendIo::Plain(tcp)),
+            Some(tls) => match tls.connect(&backend.address, tcp).await {
+                Ok(stream) => Ok(BackendIo::Tls(Box::new(stream))),
+                Err(e) => Err((Failure::TlsError, e)),
+            },
         }
     };
     match tokio::time::timeout(limit, fut).await {
@@ -279,36 +231,16 @@ async fn connect(backend: &Backend, dial: &Dial) -> Result<Sender, (Failure, Box
     }
 }
 
-async fn handshake<T>(io: T) -> Result<Sender, (Failure, BoxError)>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (tx, conn) = http1::Builder::new()
-        // hyper's default lets the read buffer grow to ~400 KiB per connection while a large
-        // response streams to a slower client; 64 KiB keeps a 1 MiB response in flight from
-        // costing most of a MiB of memory, and is still plenty for any response head.
-        .max_buf_size(UPSTREAM_READ_BUFFER)
-        .handshake(io)
-        .await
-        .map_err(|e| (Failure::ConnectError, BoxError::from(e)))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended");
-        }
-    });
-    Ok(tx)
-}
-
 /// A standalone connection for the health checker: never pooled, never shared with clients.
 pub async fn probe_connect(
     backend: &Backend,
     tls: Option<&UpstreamTlsConnector>,
     limit: Duration,
-) -> Result<http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, BoxError> {
+) -> Result<hyper_h1::SendRequest<http_body_util::Empty<bytes::Bytes>>, BoxError> {
     let fut = async {
         let tcp = TcpStream::connect(backend.addr).await?;
         let _ = tcp.set_nodelay(true);
-        let builder = http1::Builder::new();
+        let builder = hyper_h1::Builder::new();
         let tx = match tls {
             None => {
                 let (tx, conn) = builder.handshake(TokioIo::new(tcp)).await?;
