@@ -1229,6 +1229,30 @@ async fn request_body_with_content_length_arrives_with_its_length() {
     bal.shutdown().await;
 }
 
+/// RFC 9110 §8.6: a method that defines a meaning for content gets `content-length: 0` when
+/// its body is empty (some servers answer such a POST without a length with `411`); a GET
+/// does not.
+#[tokio::test]
+async fn empty_post_says_content_length_zero_and_get_says_nothing() {
+    let (b, bal) = setup(|_, _| answer(ok_response("ok"))).await;
+    let mut c = RawClient::connect(bal.addr).await;
+    let r = c
+        .exchange(b"POST /empty HTTP/1.1\r\nHost: t.test\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    assert_eq!(r.status, 200);
+    let s = b.last();
+    assert_eq!(s.all("content-length"), ["0"], "{}", s.head);
+    assert!(!s.chunked(), "{}", s.head);
+    let r = c
+        .exchange(b"GET /plain HTTP/1.1\r\nHost: t.test\r\n\r\n")
+        .await;
+    assert_eq!(r.status, 200);
+    let s = b.last();
+    assert!(s.header("content-length").is_none(), "{}", s.head);
+    assert!(!s.chunked(), "{}", s.head);
+    bal.shutdown().await;
+}
+
 #[tokio::test]
 async fn chunked_request_body_arrives_chunked() {
     let (b, bal) = setup(|_, _| answer(ok_response("got it"))).await;

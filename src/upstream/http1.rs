@@ -8,10 +8,9 @@
 //! alone: the read buffer is allocated when a request goes out and freed with its response.
 //!
 //! What goes out (RFC 9112), as hyper's client sent it: `METHOD target HTTP/1.1`, the headers
-//! as the proxy left them (lower-case names), and the framing the body asks for:
-//! `content-length` when its length is known, else `transfer-encoding: chunked` (a GET, HEAD
-//! or CONNECT body of unknown length is not sent). Client trailers are dropped: the proxy
-//! strips `Trailer`, so no backend was told to expect them.
+//! as the proxy left them (lower-case names), and the framing the body asks for (`framing`).
+//! Client trailers are dropped: the proxy strips `Trailer`, so no backend was told to expect
+//! them.
 //!
 //! What comes back: 1xx answers other than `101` are skipped. The body is framed by
 //! `Transfer-Encoding: chunked` (trailers become a trailers frame), else `Content-Length`,
@@ -161,11 +160,15 @@ enum Framing {
     Chunked,
 }
 
-/// As hyper's client framed it: nothing for an empty body, the length when it is known,
-/// else chunked (not for GET, HEAD and CONNECT, whose bodies of unknown length are dropped).
+/// As hyper's client framed it: the length when it is known, else chunked (not for GET,
+/// HEAD and CONNECT, whose bodies of unknown length are dropped). An empty body is sent
+/// without framing, except that POST, PUT and PATCH say `content-length: 0`, as RFC 9110
+/// §8.6 asks of a method that defines a meaning for content (hyper's client sent nothing,
+/// and some servers answer a POST without a length with `411`).
 fn framing(method: &Method, body: &UpBody) -> Option<Framing> {
     if body.is_end_stream() {
-        return None;
+        let payload = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+        return payload.then_some(Framing::Length(0));
     }
     if let Some(n) = body.size_hint().exact() {
         return Some(Framing::Length(n));
