@@ -71,17 +71,35 @@ fn is_hop_by_hop_str(token: &str) -> bool {
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
 pub fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    h.get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    // On bytes: checked on every backend response (`Connection`), where going through
+    // `to_str` and `str::split` cost ~470 instructions (callgrind).
+    let token = token.as_bytes();
+    h.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn tokens_are_found_in_any_field_whatever_their_case_and_spacing() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(!has_token(&h, header::CONNECTION, "close"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade ,\tCLOSE"),
+        );
+        assert!(has_token(&h, header::CONNECTION, "close"));
+        assert!(has_token(&h, header::CONNECTION, "upgrade"));
+        assert!(!has_token(&h, header::CONNECTION, "clos"));
+        assert!(!has_token(&h, header::UPGRADE, "upgrade"));
+    }
 
     #[test]
     fn connection_named_headers_go() {
