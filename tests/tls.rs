@@ -827,6 +827,9 @@ async fn upstream_tls_with_private_ca_and_server_name() {
     let b = status_backend(&st, "web", backend.addr).unwrap();
     assert_eq!(b["failures"], 0, "{b}");
     assert_eq!(b["requests"], 5, "{b}");
+    // Sequential requests reuse the one TLS connection: the pool's liveness peek must not
+    // take the session's own records (tickets) for a backend that went away.
+    assert_eq!(b["connections_opened"], 1, "{b}");
     bal.shutdown().await;
 }
 
