@@ -364,6 +364,10 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<HeaderValue>
             h.remove(n);
         }
     }
+    // Room for the X-Forwarded-* fields and Host at once: on a connection's first request
+    // hyper sized the map to the fields parsed, and inserting one by one grew it twice
+    // (~1,000 instructions per `Connection: close` request, callgrind).
+    h.reserve(4);
     // X-Forwarded-For: the client's chain, then the peer we saw.
     let forwarded = match h.entry(&XFF) {
         Entry::Vacant(_) => conn.peer_ip.clone(),
