@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::raw_http::{find, RawConn};
 use common::*;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -20,99 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 // ------------------------------------------------------------------------------------------
 // Local helpers
-
-/// One HTTP/1.1 response read off a raw connection.
-#[derive(Debug)]
-struct RawResp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn body_str(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// A raw client connection that can read responses one at a time (Content-Length, chunked,
-/// or until close).
-struct RawConn {
-    s: TcpStream,
-    buf: Vec<u8>,
-    eof: bool,
-}
-
-impl RawConn {
-    async fn connect(addr: SocketAddr) -> RawConn {
-        RawConn {
-            s: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-            eof: false,
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).await.unwrap();
-    }
-
-    async fn fill(&mut self) -> bool {
-        if self.eof {
-            return false;
-        }
-        let mut tmp = [0u8; 16384];
-        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                self.eof = true;
-                false
-            }
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                true
-            }
-            Err(_) => panic!(
-                "raw read timed out; have {:?}",
-                String::from_utf8_lossy(&self.buf)
-            ),
-        }
-    }
-
-    /// The next response, or None when the peer closed before a complete one.
-    async fn read_response(&mut self) -> Option<RawResp> {
-        loop {
-            if let Some((resp, used)) = parse_response(&self.buf, self.eof) {
-                self.buf.drain(..used);
-                if resp.status >= 100 && resp.status < 200 {
-                    continue;
-                }
-                return Some(resp);
-            }
-            if !self.fill().await {
-                if let Some((resp, used)) = parse_response(&self.buf, true) {
-                    self.buf.drain(..used);
-                    return Some(resp);
-                }
-                return None;
-            }
-        }
-    }
-
-    /// True when the peer closes (EOF or reset) within `limit` without sending anything more.
-    async fn closed_within(&mut self, limit: Duration) -> bool {
-        let mut tmp = [0u8; 1024];
-        match tokio::time::timeout(limit, self.s.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => true,
-            Ok(Ok(_)) => false,
-            Err(_) => false,
-        }
-    }
-}
 
 /// Writes `bytes` on a new connection and reads until the peer closes or `limit` passes (the
 /// async twin of `common::raw`, which would block the in-process balancer's runtime).
@@ -131,95 +39,6 @@ async fn raw_async(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
     })
     .await;
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn parse_response(buf: &[u8], eof: bool) -> Option<(RawResp, usize)> {
-    let head_end = find(buf, b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).expect("non-UTF-8 response head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let status: u16 = status_line.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (n, v) = l.split_once(':').expect("header line without colon");
-            (n.trim().to_owned(), v.trim().to_owned())
-        })
-        .collect();
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let rest = &buf[head_end..];
-    if status < 200 || status == 204 || status == 304 {
-        return Some((
-            RawResp {
-                status,
-                headers,
-                body: Vec::new(),
-            },
-            head_end,
-        ));
-    }
-    if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        let mut body = Vec::new();
-        let mut pos = 0;
-        loop {
-            let line_end = find(&rest[pos..], b"\r\n")?;
-            let size_str = std::str::from_utf8(&rest[pos..pos + line_end]).ok()?;
-            let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
-            pos += line_end + 2;
-            if size == 0 {
-                // Trailers (none expected), then the final CRLF.
-                let end = find(&rest[pos..], b"\r\n")?;
-                pos += end + 2;
-                return Some((
-                    RawResp {
-                        status,
-                        headers,
-                        body,
-                    },
-                    head_end + pos,
-                ));
-            }
-            if rest.len() < pos + size + 2 {
-                return None;
-            }
-            body.extend_from_slice(&rest[pos..pos + size]);
-            pos += size + 2;
-        }
-    }
-    if let Some(cl) = get("content-length") {
-        let n: usize = cl.parse().ok()?;
-        if rest.len() < n {
-            return None;
-        }
-        return Some((
-            RawResp {
-                status,
-                headers,
-                body: rest[..n].to_vec(),
-            },
-            head_end + n,
-        ));
-    }
-    if eof {
-        return Some((
-            RawResp {
-                status,
-                headers,
-                body: rest.to_vec(),
-            },
-            buf.len(),
-        ));
-    }
-    None
 }
 
 /// A backend that reads the whole request body before answering with its length; it counts

@@ -15,6 +15,7 @@
 //! (`upstream.rs`, `stale_pooled_connection_*`).
 
 mod common;
+use common::raw_http::{find, parse_response, RawConn, RawResp, LIMIT};
 use common::*;
 
 use std::net::SocketAddr;
@@ -27,10 +28,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 // ------------------------------------------------------------------------------------------
 // A scripted raw backend
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
 
 /// One request as a backend read it off the wire.
 #[derive(Clone, Debug, Default)]
@@ -337,7 +334,7 @@ async fn wait_idle(bal: &Balancer, addr: SocketAddr, n: u64) {
 
 /// Once the backend connection is back in the pool, the next plain GET on the same client
 /// connection is answered whole: nothing of the previous answer was left behind.
-async fn plain_still_works(c: &mut RawClient, bal: &Balancer, backend: SocketAddr, after: &str) {
+async fn plain_still_works(c: &mut RawConn, bal: &Balancer, backend: SocketAddr, after: &str) {
     wait_idle(bal, backend, 1).await;
     let r = c
         .exchange(b"GET /plain HTTP/1.1\r\nHost: t.test\r\n\r\n")
@@ -354,190 +351,9 @@ async fn idle_now(bal: &Balancer, addr: SocketAddr) -> u64 {
 // ------------------------------------------------------------------------------------------
 // A raw client
 
-const LIMIT: Duration = Duration::from_secs(5);
-
-#[derive(Debug)]
-struct Resp {
-    status_line: String,
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// Trailer fields after the last chunk.
-    trailers: Vec<(String, String)>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn body_str(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn parse_fields(text: &str) -> Vec<(String, String)> {
-    text.split("\r\n")
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (n, v) = l.split_once(':').expect("field line without a colon");
-            (n.trim().to_owned(), v.trim().to_owned())
-        })
-        .collect()
-}
-
-/// One response at the start of `buf` (any status, 1xx included): the response and the bytes
-/// it took, or None while incomplete. `head_request`: the response has no body.
-fn parse_response(buf: &[u8], eof: bool, head_request: bool) -> Option<(Resp, usize)> {
-    let head_end = find(buf, b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).expect("non-UTF-8 response head");
-    let (status_line, fields) = head.split_once("\r\n").unwrap();
-    let status: u16 = status_line.split(' ').nth(1)?.parse().ok()?;
-    let headers = parse_fields(fields);
-    let resp = |body: Vec<u8>, trailers| Resp {
-        status_line: status_line.to_owned(),
-        status,
-        headers: headers.clone(),
-        body,
-        trailers,
-    };
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let rest = &buf[head_end..];
-    if head_request || status < 200 || status == 204 || status == 304 {
-        return Some((resp(Vec::new(), Vec::new()), head_end));
-    }
-    if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        let mut body = Vec::new();
-        let mut pos = 0;
-        loop {
-            let line_end = pos + find(&rest[pos..], b"\r\n")?;
-            let line = std::str::from_utf8(&rest[pos..line_end]).expect("chunk size line");
-            let size = usize::from_str_radix(line.split(';').next()?.trim(), 16)
-                .unwrap_or_else(|_| panic!("bad chunk size line from the balancer: {line:?}"));
-            pos = line_end + 2;
-            if size == 0 {
-                let end = if rest[pos..].starts_with(b"\r\n") {
-                    pos
-                } else {
-                    pos + find(&rest[pos..], b"\r\n\r\n")? + 2
-                };
-                let trailers = parse_fields(std::str::from_utf8(&rest[pos..end]).unwrap());
-                return Some((resp(body, trailers), head_end + end + 2));
-            }
-            if rest.len() < pos + size + 2 {
-                return None;
-            }
-            body.extend_from_slice(&rest[pos..pos + size]);
-            pos += size + 2;
-        }
-    }
-    if let Some(cl) = get("content-length") {
-        let n: usize = cl.parse().ok()?;
-        if rest.len() < n {
-            return None;
-        }
-        return Some((resp(rest[..n].to_vec(), Vec::new()), head_end + n));
-    }
-    if eof {
-        return Some((resp(rest.to_vec(), Vec::new()), buf.len()));
-    }
-    None
-}
-
-struct RawClient {
-    s: TcpStream,
-    buf: Vec<u8>,
-    eof: bool,
-}
-
-impl RawClient {
-    async fn connect(addr: SocketAddr) -> RawClient {
-        RawClient {
-            s: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-            eof: false,
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).await.unwrap();
-    }
-
-    async fn fill(&mut self) -> bool {
-        if self.eof {
-            return false;
-        }
-        let mut tmp = [0u8; 16384];
-        match tokio::time::timeout(LIMIT, self.s.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                self.eof = true;
-                false
-            }
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                true
-            }
-            Err(_) => panic!(
-                "no bytes from the balancer within {LIMIT:?}; have {:?}",
-                String::from_utf8_lossy(&self.buf)
-            ),
-        }
-    }
-
-    /// The next response (1xx ones included), or None when the connection ended first (what
-    /// did arrive stays in `buf`).
-    async fn response(&mut self, head_request: bool) -> Option<Resp> {
-        loop {
-            if let Some((r, used)) = parse_response(&self.buf, self.eof, head_request) {
-                self.buf.drain(..used);
-                return Some(r);
-            }
-            if !self.fill().await {
-                let r = parse_response(&self.buf, true, head_request);
-                return r.map(|(r, used)| {
-                    self.buf.drain(..used);
-                    r
-                });
-            }
-        }
-    }
-
-    /// Sends `req` and reads its response, which must come.
-    async fn exchange(&mut self, req: &[u8]) -> Resp {
-        self.send(req).await;
-        let head = req.starts_with(b"HEAD ");
-        self.response(head).await.unwrap_or_else(|| {
-            panic!(
-                "no complete response to {:?}; got {:?}",
-                String::from_utf8_lossy(req),
-                String::from_utf8_lossy(&self.buf)
-            )
-        })
-    }
-
-    /// True when the peer closes within `limit` without sending anything more.
-    async fn closed_within(&mut self, limit: Duration) -> bool {
-        if self.eof {
-            return self.buf.is_empty();
-        }
-        let mut tmp = [0u8; 1024];
-        match tokio::time::timeout(limit, self.s.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => true,
-            Ok(Ok(_)) | Err(_) => false,
-        }
-    }
-}
-
 /// A GET of `path` on a new client connection.
-async fn get_once(bal: &Balancer, path: &str) -> Resp {
-    let mut c = RawClient::connect(bal.addr).await;
+async fn get_once(bal: &Balancer, path: &str) -> RawResp {
+    let mut c = RawConn::connect(bal.addr).await;
     c.exchange(format!("GET {path} HTTP/1.1\r\nHost: t.test\r\n\r\n").as_bytes())
         .await
 }
@@ -597,7 +413,7 @@ async fn chunked_response_in_tiny_writes_reaches_the_client_intact() {
     })
     .await;
     let want = split_chunked_pieces().1;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c
         .exchange(b"GET /split HTTP/1.1\r\nHost: t.test\r\n\r\n")
         .await;
@@ -635,7 +451,7 @@ async fn chunk_extensions_leave_the_body_intact_and_the_connection_reusable() {
         _ => answer(ok_response("after")),
     })
     .await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c
         .exchange(b"GET /ext HTTP/1.1\r\nHost: t.test\r\n\r\n")
         .await;
@@ -666,7 +482,7 @@ async fn trailers_after_the_last_chunk_leave_the_body_intact_and_are_not_relayed
     .await;
     // A client that says it accepts trailers, and one that does not.
     for te in ["TE: trailers\r\n", ""] {
-        let mut c = RawClient::connect(bal.addr).await;
+        let mut c = RawConn::connect(bal.addr).await;
         let req = format!("GET /trailers HTTP/1.1\r\nHost: t.test\r\n{te}\r\n");
         let r = c.exchange(req.as_bytes()).await;
         assert_eq!(r.status, 200, "{r:?}");
@@ -734,7 +550,7 @@ async fn close_delimited_bodies_reach_the_client_whole() {
             _ => answer(ok_response("after")),
         })
         .await;
-        let mut c = RawClient::connect(bal.addr).await;
+        let mut c = RawConn::connect(bal.addr).await;
         let r = c
             .exchange(b"GET /eof HTTP/1.1\r\nHost: t.test\r\n\r\n")
             .await;
@@ -788,7 +604,7 @@ async fn bodiless_responses_head_204_304_keep_the_backend_connection() {
     })
     .await;
     // One client connection for all: any stray body byte would break the next response.
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let plain = b"GET /plain HTTP/1.1\r\nHost: t.test\r\n\r\n";
     let r = c.exchange(plain).await;
     assert_eq!((r.status, r.body_str().as_str()), (200, "plain"));
@@ -978,12 +794,12 @@ async fn pooled_connection_closed_by_the_backend_while_idle_is_not_used() {
 /// reading the bytes can tell the balancer they are broken), and anything else `200 ok`: the
 /// client's view of `/bad`, which must come at once; the balancer then serves the next
 /// request.
-async fn broken_case(what: &str, bad: Vec<u8>) -> Resp {
+async fn broken_case(what: &str, bad: Vec<u8>) -> RawResp {
     broken_case_in(what, bad, usize::MAX).await
 }
 
 /// `broken_case`, the answer written in pieces of `piece` bytes 1 ms apart.
-async fn broken_case_in(what: &str, bad: Vec<u8>, piece: usize) -> Resp {
+async fn broken_case_in(what: &str, bad: Vec<u8>, piece: usize) -> RawResp {
     let (b, bal) = setup(move |req, _| match req.path() {
         "/bad" => Reply {
             read_body: true,
@@ -996,7 +812,7 @@ async fn broken_case_in(what: &str, bad: Vec<u8>, piece: usize) -> Resp {
     })
     .await;
     let t0 = Instant::now();
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     c.send(b"GET /bad HTTP/1.1\r\nHost: t.test\r\n\r\n").await;
     let r = c.response(false).await;
     let r = r.unwrap_or_else(|| {
@@ -1102,7 +918,7 @@ async fn invalid_first_chunk_size_gives_no_complete_response() {
         _ => answer(ok_response("ok")),
     })
     .await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     c.send(b"GET /bad HTTP/1.1\r\nHost: t.test\r\n\r\n").await;
     let r = c.response(false).await;
     let got = String::from_utf8_lossy(&c.buf).into_owned();
@@ -1131,7 +947,7 @@ async fn body_cut_short_by_the_backend_is_not_a_complete_response() {
         _ => answer(ok_response("ok")),
     })
     .await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     c.send(b"GET /cut HTTP/1.1\r\nHost: t.test\r\n\r\n").await;
     let r = c.response(false).await;
     // Current behaviour: the head goes out with the backend's length, then the 10 bytes, then
@@ -1177,7 +993,7 @@ async fn interim_100_continue_before_the_answer_is_skipped() {
     })
     .await;
     for (path, want) in [("/apart", "after 100"), ("/together", "all at once")] {
-        let mut c = RawClient::connect(bal.addr).await;
+        let mut c = RawConn::connect(bal.addr).await;
         let r = c
             .exchange(format!("GET {path} HTTP/1.1\r\nHost: t.test\r\n\r\n").as_bytes())
             .await;
@@ -1208,7 +1024,7 @@ async fn interim_100_continue_before_the_answer_is_skipped() {
 async fn request_body_with_content_length_arrives_with_its_length() {
     let (b, bal) =
         setup(|req, _| answer(ok_response(&format!("{} {}", req.method(), req.path())))).await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c
         .exchange(b"POST /up HTTP/1.1\r\nHost: t.test\r\nContent-Length: 10\r\n\r\n0123456789")
         .await;
@@ -1227,7 +1043,7 @@ async fn request_body_with_content_length_arrives_with_its_length() {
 #[tokio::test]
 async fn empty_post_says_content_length_zero_and_get_says_nothing() {
     let (b, bal) = setup(|_, _| answer(ok_response("ok"))).await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c
         .exchange(b"POST /empty HTTP/1.1\r\nHost: t.test\r\nContent-Length: 0\r\n\r\n")
         .await;
@@ -1248,7 +1064,7 @@ async fn empty_post_says_content_length_zero_and_get_says_nothing() {
 #[tokio::test]
 async fn chunked_request_body_arrives_chunked() {
     let (b, bal) = setup(|_, _| answer(ok_response("got it"))).await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c
         .exchange(
             b"POST /up HTTP/1.1\r\nHost: t.test\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -1272,7 +1088,7 @@ async fn one_mib_upload_arrives_intact() {
         .collect();
     let (b, bal) = setup(|req, _| answer(ok_response(&req.body.len().to_string()))).await;
     // With a Content-Length...
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let mut req =
         format!("PUT /big HTTP/1.1\r\nHost: t.test\r\nContent-Length: {N}\r\n\r\n").into_bytes();
     req.extend_from_slice(&body);
@@ -1306,7 +1122,7 @@ async fn one_mib_upload_arrives_intact() {
 #[tokio::test]
 async fn request_head_the_backend_receives() {
     let (b, bal) = setup(|_, _| answer(ok_response("ok"))).await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c
         .exchange(
             b"GET /path?q=1 HTTP/1.1\r\nHost: Example.Test:8080\r\nX-Custom-Header: Value One\r\n\
@@ -1341,7 +1157,7 @@ async fn request_head_the_backend_receives() {
 
     // An HTTP/1.0 request without Host reaches the backend as HTTP/1.1 with the backend's
     // address as Host.
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     let r = c.exchange(b"GET /old HTTP/1.0\r\n\r\n").await;
     assert_eq!(r.status, 200);
     let s = b.last();
@@ -1372,7 +1188,7 @@ async fn early_413_during_a_slow_upload() {
     })
     .await;
     let t0 = Instant::now();
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     c.send(
         format!("POST /upload HTTP/1.1\r\nHost: t.test\r\nContent-Length: {TOTAL}\r\n\r\n")
             .as_bytes(),
@@ -1444,7 +1260,7 @@ async fn websocket_101_with_bytes_in_the_same_write_then_echo() {
         None => answer(ok_response("ok")),
     })
     .await;
-    let mut c = RawClient::connect(bal.addr).await;
+    let mut c = RawConn::connect(bal.addr).await;
     c.send(
         b"GET /chat HTTP/1.1\r\nHost: t.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",

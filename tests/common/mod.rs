@@ -22,6 +22,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+pub mod raw_http;
+
 pub type TestBody = BoxBody<Bytes, hyper::Error>;
 
 pub fn full(s: impl Into<Bytes>) -> TestBody {
