@@ -259,10 +259,10 @@ async fn forward(
             }
         }
     }
-    // A copy to replay only exists for requests that may be sent twice after reaching a
-    // backend: bodiless and idempotent. Even with `attempts = 1` it serves the one free replay
-    // after a stale pooled connection.
-    let replay = (bodiless && IDEMPOTENT.contains(&method)).then(|| parts.headers.clone());
+    // Only bodiless idempotent requests may be sent twice after reaching a backend; their
+    // head comes back with the failure (`SendError::Failed`). Even with `attempts = 1` that
+    // serves the one free replay after a stale pooled connection.
+    let replayable = bodiless && IDEMPOTENT.contains(&method);
     // Only counted when it will be logged: a shared counter is an allocation.
     let received = match log.as_deref_mut() {
         Some(l) if !bodiless => {
@@ -363,7 +363,7 @@ async fn forward(
         let verdict = classify(
             &result,
             &Context {
-                replayable: replay.is_some(),
+                replayable,
                 free_replay_left: budget.free_replay_left(),
                 upgrade: client_upgrade.is_some(),
                 policy: &pool.breaker,
@@ -416,7 +416,7 @@ async fn forward(
                 });
             }
             (next_step, Err(e)) if budget.allows(pick.index, next_step) => {
-                let (back, err) = split(e);
+                let (back, err) = split(e, replayable);
                 tracing::debug!(
                     request_id = id(),
                     pool = %pool.name,
@@ -426,11 +426,7 @@ async fn forward(
                     note = verdict.note.map_or("-", Reason::as_str),
                     "retry: attempt failed; trying again"
                 );
-                let replayed = || {
-                    let headers = replay.as_ref()?.clone();
-                    Some(build(&method, &upstream_uri, headers, UpBody::Empty))
-                };
-                next = match back.or_else(replayed) {
+                next = match back {
                     Some(r) => r,
                     None => return Err(err),
                 };
@@ -446,13 +442,13 @@ async fn forward(
                     source: "backend broke HTTP framing or switched protocols unasked".into(),
                 })
             }
-            (_, Err(e)) => return Err(split(e).1),
+            (_, Err(e)) => return Err(split(e, false).1),
         }
     }
 }
 
 /// The request back (when it never left) and the error the client would get for `e`.
-fn split(e: SendError) -> (Option<Request<UpBody>>, ProxyError) {
+fn split(e: SendError, replayable: bool) -> (Option<Request<UpBody>>, ProxyError) {
     match e {
         SendError::NotSent {
             req,
@@ -462,8 +458,13 @@ fn split(e: SendError) -> (Option<Request<UpBody>>, ProxyError) {
         SendError::Failed {
             cause: Cause::Backend(failure),
             source,
+            head,
             ..
-        } => (None, ProxyError::Upstream { failure, source }),
+        } => (
+            head.filter(|_| replayable)
+                .map(|h| Request::from_parts(*h, UpBody::Empty)),
+            ProxyError::Upstream { failure, source },
+        ),
         SendError::Failed {
             cause: Cause::Client(fault),
             ..

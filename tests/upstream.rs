@@ -1,6 +1,7 @@
 //! Upstream connections: keep-alive reuse, connect and response timeouts, retries (which
 //! requests may be sent twice), stale pooled connections, and closing idle ones.
 mod common;
+use common::raw_http::RawConn;
 use common::*;
 
 use std::net::SocketAddr;
@@ -294,6 +295,53 @@ async fn get_is_retried_after_the_backend_closed() {
     assert!(a.requests() >= 1);
     assert_eq!(b.requests(), 4);
     bal.shutdown().await;
+}
+
+/// The last request `b` answered: its `Host` and `x-mine` headers.
+fn seen(b: &TestBackend) -> (Option<String>, Option<String>) {
+    let h = b
+        .state
+        .last_headers
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_default();
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    (get("host"), get("x-mine"))
+}
+
+/// A retried GET is sent again as the client sent it, without a copy kept beforehand: the
+/// head comes back with the failure. The Host the first backend was given for a request that
+/// had none must not follow it to the next one.
+#[tokio::test]
+async fn a_retried_get_carries_the_clients_head_to_the_next_backend() {
+    let a = start_backend("a").await;
+    let b = start_backend("b").await;
+    a.set_mode(Mode::Close);
+    let bal = start_balancer(&config(&[a.addr, b.addr], "round_robin", "")).await;
+    // Round-robin starts with `a`, which closes: the GET goes on to `b`.
+    let mut conn = RawConn::connect(bal.addr).await;
+    let r = within(
+        T,
+        conn.exchange(b"GET /x HTTP/1.1\r\nhost: app.example\r\nx-mine: 1\r\n\r\n"),
+    )
+    .await;
+    assert_eq!((r.status, r.body_str().as_str()), (200, "b"));
+    assert_eq!(a.requests(), 1, "the first attempt did not go to `a`");
+    assert_eq!(seen(&b), (Some("app.example".into()), Some("1".into())));
+    // HTTP/1.0 without Host: whichever backend answers is sent its own address.
+    let before = a.requests();
+    for i in 0..4 {
+        let mut conn = RawConn::connect(bal.addr).await;
+        let r = within(T, conn.exchange(b"GET /y HTTP/1.0\r\nx-mine: 2\r\n\r\n")).await;
+        assert_eq!((r.status, r.body_str().as_str()), (200, "b"), "request {i}");
+        assert_eq!(seen(&b), (Some(b.addr.to_string()), Some("2".into())));
+        if a.requests() > before {
+            bal.shutdown().await;
+            return;
+        }
+    }
+    panic!("no HTTP/1.0 request was tried on `a` first");
 }
 
 #[tokio::test]

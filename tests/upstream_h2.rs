@@ -495,6 +495,36 @@ async fn refused_streams_are_resent_for_any_method() {
     assert_eq!(n as u64, refused, "{lines:?}");
 }
 
+/// A GET whose stream the first backend reset (maybe processed) is retried on the next one
+/// as the client sent it: its own authority, not the one the first backend was given, and
+/// not the next backend's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_reset_by_one_h2_backend_is_retried_on_the_next_with_its_authority() {
+    let bad = start_faulty_backend(Fault::ResetAll).await;
+    let good = start_faulty_backend(Fault::None).await;
+    let cfg = format!(
+        "watch = false\n[[listeners]]\nbind = \"{{listen}}\"\n[pools.web]\nbackends = [\"{}\", \"{}\"]\nprotocol = \"h2c\"\n",
+        bad.addr, good.addr
+    );
+    let bin = start_binary(&cfg, std::process::Stdio::null());
+    let c = client();
+    for i in 0..4 {
+        let req = HttpRequest::get(format!("http://{}/again", bin.addr))
+            .header("host", "app.example")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let g = send(&c, req).await;
+        assert_eq!(
+            (g.status.as_u16(), g.body.as_str()),
+            (200, "ok:GET"),
+            "request {i}"
+        );
+    }
+    assert!(bad.connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let seen = good.authorities.lock().unwrap().clone();
+    assert_eq!(seen, vec!["app.example"; 4]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_goaway_mid_load_fails_no_call() {
     let be = start_grpc_backend(100).await;

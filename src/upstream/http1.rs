@@ -31,7 +31,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
@@ -95,8 +95,9 @@ impl H1Error {
 
 /// Why `exchange` returned no response.
 pub enum ExchangeError {
-    /// Not one byte of the request was written: it can go anywhere else, as it is.
-    NotSent(Box<Request<UpBody>>),
+    /// Not one byte of the request was written: its body comes back, and the request can go
+    /// anywhere else as it is.
+    NotSent(UpBody),
     Failed {
         error: H1Error,
         /// A pooled connection that the backend closed as we reused it.
@@ -107,14 +108,18 @@ pub enum ExchangeError {
 /// Sends `req` on `conn` and reads the response head. The response's body is the exchange
 /// itself, which reads the rest and gives the connection back (`into_idle`) if it can carry
 /// another request.
+///
+/// The head is borrowed: the caller keeps it, so that a bodiless request that fails before
+/// its answer can be sent again without a copy made in advance for every request.
 pub async fn exchange(
     conn: Conn,
-    req: Request<UpBody>,
+    head: &request::Parts,
+    body: UpBody,
     reused: bool,
 ) -> Result<Response<Exchange>, ExchangeError> {
-    let framing = framing(req.method(), req.body());
+    let framing = framing(&head.method, &body);
     let mut out = Out {
-        buf: encode_head(&req, framing),
+        buf: encode_head(head, framing),
         ..Out::default()
     };
     let Conn { mut io, transport } = conn;
@@ -122,10 +127,10 @@ pub async fn exchange(
     // still whole and goes elsewhere.
     match poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &out.buf)).await {
         Ok(n) if n > 0 => out.buf.advance(n),
-        _ => return Err(ExchangeError::NotSent(Box::new(req))),
+        _ => return Err(ExchangeError::NotSent(body)),
     }
-    let head_only = req.method() == Method::HEAD;
-    let body = framing.map(|f| (req.into_body(), f));
+    let head_only = head.method == Method::HEAD;
+    let body = framing.map(|f| (body, f));
     let mut x = Exchange {
         io,
         transport,
@@ -180,15 +185,15 @@ fn framing(method: &Method, body: &UpBody) -> Option<Framing> {
     Some(Framing::Chunked)
 }
 
-fn encode_head(req: &Request<UpBody>, framing: Option<Framing>) -> BytesMut {
-    let uri = req.uri();
+fn encode_head(head: &request::Parts, framing: Option<Framing>) -> BytesMut {
+    let uri = &head.uri;
     let origin = match (uri.scheme(), uri.path_and_query()) {
         (None, Some(pq)) => Some(pq.as_str()),
         _ => None,
     };
-    let method = req.method().as_str();
+    let method = head.method.as_str();
     let mut len = method.len() + origin.map_or(64, str::len) + 64;
-    for (k, v) in req.headers() {
+    for (k, v) in &head.headers {
         len += k.as_str().len() + v.len() + 4;
     }
     let mut b = BytesMut::with_capacity(len);
@@ -200,7 +205,7 @@ fn encode_head(req: &Request<UpBody>, framing: Option<Framing>) -> BytesMut {
         None => b.put_slice(uri.to_string().as_bytes()),
     }
     b.put_slice(b" HTTP/1.1\r\n");
-    for (k, v) in req.headers() {
+    for (k, v) in &head.headers {
         b.put_slice(k.as_str().as_bytes());
         b.put_slice(b": ");
         b.put_slice(v.as_bytes());

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HOST;
+use http::request;
 use http_body::Body;
 use hyper::{Request, Response};
 
@@ -59,6 +61,18 @@ pub(super) async fn send_h2(
     dial: &Dial,
     req: Request<UpBody>,
 ) -> Result<Sent, SendError> {
+    // A request handed back for another try (not sent, or bodiless and failed before its
+    // answer) goes back to the form it came in, Host included: the next backend must see
+    // what the client sent, not the authority this one was given.
+    let (uri, host) = (req.uri().clone(), req.headers().get(HOST).cloned());
+    let back = move |mut parts: request::Parts| {
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        if let Some(h) = host {
+            parts.headers.insert(HOST, h);
+        }
+        parts
+    };
     let req = to_h2(req, dial.tls.is_some(), &backend.address);
     let (parts, mut body) = req.into_parts();
     let mut resent = None;
@@ -75,7 +89,7 @@ pub(super) async fn send_h2(
             Ok(s) => s,
             Err((failure, source)) => {
                 return Err(SendError::NotSent {
-                    req: Box::new(Request::from_parts(parts, body)),
+                    req: Box::new(Request::from_parts(back(parts), body)),
                     failure,
                     source,
                 })
@@ -116,7 +130,7 @@ pub(super) async fn send_h2(
                 resends += 1;
                 if resends > MAX_RESENDS {
                     return Err(SendError::NotSent {
-                        req: Box::new(Request::from_parts(parts, body)),
+                        req: Box::new(Request::from_parts(back(parts), body)),
                         failure: Failure::UpstreamReset,
                         source: format!(
                             "h2 connections kept closing before the request was sent: {e}"
@@ -144,6 +158,7 @@ pub(super) async fn send_h2(
                     cause: Cause::Backend(Failure::ResponseTimeout),
                     source: format!("no response within {limit:?}").into(),
                     stale: false,
+                    head: eos.then(|| Box::new(back(parts))),
                 })
             }
             Ok(Ok(response)) => {
@@ -193,6 +208,7 @@ pub(super) async fn send_h2(
             cause,
             source: err.into(),
             stale: false,
+            head: eos.then(|| Box::new(back(parts))),
         });
     }
 }

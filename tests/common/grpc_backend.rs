@@ -372,6 +372,9 @@ pub enum Fault {
     /// The first `n` connections send GOAWAY with last-stream-id 0 right after the
     /// handshake: no stream on them is processed (RFC 9113 §6.8), every one may be retried.
     GoawayFirstConnections(u64),
+    /// Resets every stream with INTERNAL_ERROR once its head is in: maybe processed, so only
+    /// an idempotent request may be tried elsewhere.
+    ResetAll,
 }
 
 pub struct FaultyBackend {
@@ -383,6 +386,8 @@ pub struct FaultyBackend {
     pub refused: Arc<AtomicU64>,
     /// Bodies of the answered POST requests, in arrival order.
     pub bodies: Arc<Mutex<Vec<Bytes>>>,
+    /// `:authority` of the answered requests, in arrival order.
+    pub authorities: Arc<Mutex<Vec<String>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -403,13 +408,15 @@ pub async fn start_faulty_backend(fault: Fault) -> FaultyBackend {
     let answered = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let authorities = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::new(AtomicU64::new(0));
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (c, a, r, b) = (
+    let (c, a, r, b, au) = (
         Arc::clone(&connections),
         Arc::clone(&answered),
         Arc::clone(&refused),
         Arc::clone(&bodies),
+        Arc::clone(&authorities),
     );
     tokio::spawn(async move {
         loop {
@@ -418,10 +425,11 @@ pub async fn start_faulty_backend(fault: Fault) -> FaultyBackend {
                 _ = &mut stop_rx => return,
             };
             let nth = c.fetch_add(1, SeqCst) + 1;
-            let (a, r, b, seen) = (
+            let (a, r, b, au, seen) = (
                 Arc::clone(&a),
                 Arc::clone(&r),
                 Arc::clone(&b),
+                Arc::clone(&au),
                 Arc::clone(&seen),
             );
             tokio::spawn(async move {
@@ -442,6 +450,12 @@ pub async fn start_faulty_backend(fault: Fault) -> FaultyBackend {
                             continue;
                         }
                     }
+                    if fault == Fault::ResetAll {
+                        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                        continue;
+                    }
+                    let authority = req.uri().authority().map(|a| a.to_string());
+                    au.lock().unwrap().extend(authority);
                     let (a, b) = (Arc::clone(&a), Arc::clone(&b));
                     tokio::spawn(async move {
                         let method = req.method().clone();
@@ -471,6 +485,7 @@ pub async fn start_faulty_backend(fault: Fault) -> FaultyBackend {
         answered,
         refused,
         bodies,
+        authorities,
         stop: Some(stop_tx),
     }
 }
