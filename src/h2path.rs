@@ -125,7 +125,7 @@ impl Follower {
             }
             self.block.clear();
             for f in fragments {
-                info.h2_fragments.push(f);
+                info.report_h2_fragment(f);
             }
         }
     }
