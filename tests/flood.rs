@@ -134,6 +134,15 @@ impl Raw {
     }
 }
 
+/// Waits until the peer sent GOAWAY or closed the connection, up to `limit`.
+async fn gone_within(raw: &Raw, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !raw.gone() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    raw.gone()
+}
+
 /// Waits until the peer closed the connection (EOF or reset), up to `limit`.
 async fn closed_within(raw: &Raw, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -274,7 +283,10 @@ async fn h2_flood_from_many_connections_leaves_other_clients_served() {
                         {
                             refused.fetch_add(1, SeqCst);
                         }
-                    } else if raw.gone() {
+                    } else if gone_within(&raw, Duration::from_secs(2)).await {
+                        // Waited for: a write can fail on the closed socket before the reader
+                        // task has seen the GOAWAY or the close, and the connection would not
+                        // count as cut off (all 20 did that in a failed run under load).
                         cut_off.fetch_add(1, SeqCst);
                     }
                     // A refused reconnect is cheap for both sides, but not free for the test.
