@@ -111,15 +111,21 @@ pub enum ExchangeError {
 ///
 /// The head is borrowed: the caller keeps it, so that a bodiless request that fails before
 /// its answer can be sent again without a copy made in advance for every request.
+///
+/// HTTP/1.1 requires Host: a request that came without one (HTTP/1.0, or h2 without
+/// `:authority`) is sent `default_host` (the backend's address, like nginx's `$proxy_host`),
+/// on the wire only, so a head handed back for a retry is still the client's.
 pub async fn exchange(
     conn: Conn,
     head: &request::Parts,
+    default_host: &str,
     body: UpBody,
     reused: bool,
 ) -> Result<Response<Exchange>, ExchangeError> {
     let framing = framing(&head.method, &body);
+    let host = (!head.headers.contains_key(header::HOST)).then_some(default_host);
     let mut out = Out {
-        buf: encode_head(head, framing),
+        buf: encode_head(head, host, framing),
         ..Out::default()
     };
     let Conn { mut io, transport } = conn;
@@ -185,14 +191,16 @@ fn framing(method: &Method, body: &UpBody) -> Option<Framing> {
     Some(Framing::Chunked)
 }
 
-fn encode_head(head: &request::Parts, framing: Option<Framing>) -> BytesMut {
+fn encode_head(head: &request::Parts, host: Option<&str>, framing: Option<Framing>) -> BytesMut {
+    // A configured address, but never a byte that would end the field early.
+    let host = host.filter(|h| h.bytes().all(|b| b >= 0x20 && b != 0x7f));
     let uri = &head.uri;
     let origin = match (uri.scheme(), uri.path_and_query()) {
         (None, Some(pq)) => Some(pq.as_str()),
         _ => None,
     };
     let method = head.method.as_str();
-    let mut len = method.len() + origin.map_or(64, str::len) + 64;
+    let mut len = method.len() + origin.map_or(64, str::len) + host.map_or(0, str::len) + 64;
     for (k, v) in &head.headers {
         len += k.as_str().len() + v.len() + 4;
     }
@@ -205,6 +213,11 @@ fn encode_head(head: &request::Parts, framing: Option<Framing>) -> BytesMut {
         None => b.put_slice(uri.to_string().as_bytes()),
     }
     b.put_slice(b" HTTP/1.1\r\n");
+    if let Some(h) = host {
+        b.put_slice(b"host: ");
+        b.put_slice(h.as_bytes());
+        b.put_slice(b"\r\n");
+    }
     for (k, v) in &head.headers {
         b.put_slice(k.as_str().as_bytes());
         b.put_slice(b": ");

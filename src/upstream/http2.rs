@@ -61,20 +61,11 @@ pub(super) async fn send_h2(
     dial: &Dial,
     req: Request<UpBody>,
 ) -> Result<Sent, SendError> {
-    // A request handed back for another try (not sent, or bodiless and failed before its
-    // answer) goes back to the form it came in, Host included: the next backend must see
-    // what the client sent, not the authority this one was given.
-    let (uri, host) = (req.uri().clone(), req.headers().get(HOST).cloned());
-    let back = move |mut parts: request::Parts| {
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
-        if let Some(h) = host {
-            parts.headers.insert(HOST, h);
-        }
-        parts
-    };
-    let req = to_h2(req, dial.tls.is_some(), &backend.address);
     let (parts, mut body) = req.into_parts();
+    // The h2 form goes on each stream's own copy of the head; `parts` stay as the client sent
+    // them, so a request handed back for another try (not sent, or bodiless and failed before
+    // its answer) reaches the next backend with its own Host, not this one's authority.
+    let uri = h2_uri(&parts, dial.tls.is_some(), &backend.address);
     let mut resent = None;
     let mut resends = 0;
     loop {
@@ -89,7 +80,7 @@ pub(super) async fn send_h2(
             Ok(s) => s,
             Err((failure, source)) => {
                 return Err(SendError::NotSent {
-                    req: Box::new(Request::from_parts(back(parts), body)),
+                    req: Box::new(Request::from_parts(parts, body)),
                     failure,
                     source,
                 })
@@ -111,8 +102,11 @@ pub(super) async fn send_h2(
                 // What a resend needs: kept only while the request may come back.
                 let mut head = Request::new(());
                 *head.method_mut() = parts.method.clone();
-                *head.uri_mut() = parts.uri.clone();
+                *head.uri_mut() = uri.clone();
                 *head.headers_mut() = parts.headers.clone();
+                if uri.authority().is_some() {
+                    head.headers_mut().remove(HOST);
+                }
                 *head.version_mut() = http::Version::HTTP_2;
                 set_content_length(&mut head, &body);
                 let eos = body.is_end_stream();
@@ -130,7 +124,7 @@ pub(super) async fn send_h2(
                 resends += 1;
                 if resends > MAX_RESENDS {
                     return Err(SendError::NotSent {
-                        req: Box::new(Request::from_parts(back(parts), body)),
+                        req: Box::new(Request::from_parts(parts, body)),
                         failure: Failure::UpstreamReset,
                         source: format!(
                             "h2 connections kept closing before the request was sent: {e}"
@@ -158,7 +152,7 @@ pub(super) async fn send_h2(
                     cause: Cause::Backend(Failure::ResponseTimeout),
                     source: format!("no response within {limit:?}").into(),
                     stale: false,
-                    head: eos.then(|| Box::new(back(parts))),
+                    head: eos.then(|| Box::new(parts)),
                 })
             }
             Ok(Ok(response)) => {
@@ -208,7 +202,7 @@ pub(super) async fn send_h2(
             cause,
             source: err.into(),
             stale: false,
-            head: eos.then(|| Box::new(back(parts))),
+            head: eos.then(|| Box::new(parts)),
         });
     }
 }
@@ -250,28 +244,27 @@ fn unprocessed(h: &h2::Error) -> Option<Note> {
 /// An HTTP/1.1-shaped request (origin-form target, `Host`) as an h2 stream: `:scheme` and
 /// `:authority` from the pool's transport and the `Host` the client sent (RFC 9113 §8.3.1),
 /// and no `Host` field beside it.
-fn to_h2(mut req: Request<UpBody>, tls: bool, address: &str) -> Request<UpBody> {
+/// The request's URI in h2 form: scheme and authority (from Host, else the backend's
+/// address) in front of the client's path. The path is shared with the client's request, not
+/// parsed again. As given when no authority can be formed; Host then stays a header.
+fn h2_uri(parts: &request::Parts, tls: bool, address: &str) -> http::Uri {
     use http::uri::{Authority, Parts, PathAndQuery, Scheme};
-    // Built from parts: the path is shared with the client's request, not parsed again.
-    let host = req.headers().get(hyper::header::HOST);
-    let authority = host
+    let authority = parts
+        .headers
+        .get(HOST)
         .and_then(|h| Authority::try_from(h.as_bytes()).ok())
         .or_else(|| Authority::try_from(address).ok());
-    let mut parts = Parts::default();
-    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
-    parts.authority = authority;
-    parts.path_and_query = Some(
-        req.uri()
+    let mut uri = Parts::default();
+    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    uri.authority = authority;
+    uri.path_and_query = Some(
+        parts
+            .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-        req.headers_mut().remove(hyper::header::HOST);
-    }
-    *req.version_mut() = http::Version::HTTP_2;
-    req
+    http::Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone())
 }
 
 /// A stream slot on one of the backend's h2 connections; when every one is saturated, this

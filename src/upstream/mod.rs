@@ -111,20 +111,10 @@ pub async fn send(
     if dial.protocol.is_h2() && !req.headers().contains_key(hyper::header::UPGRADE) {
         return send_h2(backend, dial, req).await;
     }
-    // Upstream is HTTP/1.1, where Host is mandatory: a request that came without one (HTTP/1.0,
-    // or h2 without :authority) gets the backend's address, like nginx's $proxy_host. A head
-    // handed back for a retry loses it again: the retry may go to another backend.
-    let mut host_added = false;
-    if !req.headers().contains_key(hyper::header::HOST) {
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&backend.address) {
-            req.headers_mut().insert(hyper::header::HOST, v);
-            host_added = true;
-        }
-    }
     let limit = dial.timeouts.response;
     let mut stale_retried = false;
     if let Some(conn) = backend.idle.pop(dial.transport, dial.timeouts.idle) {
-        match exchange(conn, req, limit, true).await {
+        match exchange(conn, req, &backend.address, limit, true).await {
             Ok(response) => {
                 return Ok(Sent {
                     response,
@@ -136,7 +126,7 @@ pub async fn send(
                 req = *r;
                 stale_retried = true;
             }
-            Err(Exchange::Failed(e)) => return Err(without_host(e, host_added)),
+            Err(Exchange::Failed(e)) => return Err(e),
         }
     }
     // Boxed: with keep-alive, dialling is the rare path, and its future (TCP, TLS) would
@@ -155,7 +145,7 @@ pub async fn send(
         io,
         transport: dial.transport,
     };
-    match exchange(conn, req, limit, false).await {
+    match exchange(conn, req, &backend.address, limit, false).await {
         Ok(response) => Ok(Sent {
             response,
             stale_retried,
@@ -166,21 +156,8 @@ pub async fn send(
             failure: Failure::UpstreamReset,
             source: "new connection closed before the request was sent".into(),
         }),
-        Err(Exchange::Failed(e)) => Err(without_host(e, host_added)),
+        Err(Exchange::Failed(e)) => Err(e),
     }
-}
-
-/// The head handed back for a retry, without the Host `send` gave it for this backend.
-fn without_host(mut e: SendError, host_added: bool) -> SendError {
-    if let SendError::Failed {
-        head: Some(head), ..
-    } = &mut e
-    {
-        if host_added {
-            head.headers.remove(hyper::header::HOST);
-        }
-    }
-    e
 }
 
 enum Exchange {
@@ -192,30 +169,35 @@ enum Exchange {
 async fn exchange(
     conn: Conn,
     req: Request<UpBody>,
+    default_host: &str,
     limit: Duration,
     reused: bool,
 ) -> Result<Response<UpstreamBody>, Exchange> {
     let (head, body) = req.into_parts();
     let bodiless = matches!(body, UpBody::Empty);
-    let (cause, source, stale) =
-        match tokio::time::timeout(limit, http1::exchange(conn, &head, body, reused)).await {
-            Ok(Ok(resp)) => return Ok(resp.map(UpstreamBody::H1)),
-            Ok(Err(http1::ExchangeError::NotSent(body))) => {
-                return Err(Exchange::NotSent(Box::new(Request::from_parts(head, body))))
-            }
-            Err(_) => (
-                Cause::Backend(Failure::ResponseTimeout),
-                format!("no response within {limit:?}").into(),
-                false,
-            ),
-            Ok(Err(http1::ExchangeError::Failed { error, stale })) => {
-                let cause = match &error {
-                    http1::H1Error::Body(b) => Cause::Client(b.fault()),
-                    e => Cause::Backend(e.failure()),
-                };
-                (cause, error.into(), stale)
-            }
-        };
+    let (cause, source, stale) = match tokio::time::timeout(
+        limit,
+        http1::exchange(conn, &head, default_host, body, reused),
+    )
+    .await
+    {
+        Ok(Ok(resp)) => return Ok(resp.map(UpstreamBody::H1)),
+        Ok(Err(http1::ExchangeError::NotSent(body))) => {
+            return Err(Exchange::NotSent(Box::new(Request::from_parts(head, body))))
+        }
+        Err(_) => (
+            Cause::Backend(Failure::ResponseTimeout),
+            format!("no response within {limit:?}").into(),
+            false,
+        ),
+        Ok(Err(http1::ExchangeError::Failed { error, stale })) => {
+            let cause = match &error {
+                http1::H1Error::Body(b) => Cause::Client(b.fault()),
+                e => Cause::Backend(e.failure()),
+            };
+            (cause, error.into(), stale)
+        }
+    };
     Err(Exchange::Failed(SendError::Failed {
         cause,
         source,
