@@ -23,6 +23,7 @@
 //! or echo); a backend that answers and stops reading is not an error: what is left of the
 //! body is dropped and the connection is not reused.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -39,7 +40,7 @@ use crate::backend_io::{BackendIo, Upgraded};
 use crate::headers::has_token;
 use crate::idle::Conn;
 use crate::reason::Failure;
-use crate::request_body::{BodyError, UpBody};
+use crate::request_body::{BodyError, Replayed, UpBody};
 
 /// The largest response head accepted; a longer one is a protocol error (502).
 const MAX_HEAD: usize = 64 * 1024;
@@ -124,35 +125,49 @@ pub async fn exchange(
 ) -> Result<Response<Exchange>, ExchangeError> {
     let framing = framing(&head.method, &body);
     let host = (!head.headers.contains_key(header::HOST)).then_some(default_host);
-    let mut out = Out {
-        buf: encode_head(head, host, framing),
-        ..Out::default()
-    };
-    let Conn { mut io, transport } = conn;
-    // The first write shows a connection the backend already reset; the request is then
-    // still whole and goes elsewhere.
-    match poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &out.buf)).await {
-        Ok(n) if n > 0 => out.buf.advance(n),
-        _ => return Err(ExchangeError::NotSent(body)),
-    }
-    let head_only = head.method == Method::HEAD;
-    let body = framing.map(|f| (body, f));
+    let Conn { io, transport } = conn;
     let mut x = Exchange {
         io,
         transport,
         rbuf: BytesMut::new(),
         read_size: FIRST_READ,
-        out,
-        body,
+        out: Out {
+            buf: encode_head(head, host, framing),
+            ..Out::default()
+        },
+        body: None,
         flushed: false,
         write_error: None,
         decoder: Decoder::Done,
-        head_only,
+        head_only: head.method == Method::HEAD,
         reusable: true,
         answered: false,
         streaming: false,
         broken: None,
     };
+    // A body that is not framed (GET of unknown length) is not sent, but a retry gets it back.
+    let mut unframed = None;
+    match framing {
+        Some(f) => x.body = Some((body, f)),
+        None => unframed = Some(body),
+    }
+    // A body frame that is already here (the client's head and body came in one read) goes
+    // out in the head's write: one system call and one segment instead of two.
+    let early = match poll_fn(|cx| Poll::Ready(x.take_ready(cx))).await {
+        Ok(early) => early,
+        Err(error) => {
+            return Err(ExchangeError::Failed {
+                error,
+                stale: false,
+            })
+        }
+    };
+    // The first write shows a connection the backend already reset; the request is then
+    // still whole and goes elsewhere.
+    match poll_fn(|cx| x.out.poll_write_once(&mut x.io, cx)).await {
+        Ok(n) if n > 0 => x.out.advance(n),
+        _ => return Err(ExchangeError::NotSent(x.give_back(early, unframed))),
+    }
     let head = poll_fn(|cx| x.poll_head(cx)).await;
     let head = match head.and_then(|h| x.start_body(&h).map(|()| h)) {
         Ok(h) => h,
@@ -281,22 +296,56 @@ impl Out {
 
     fn poll_write(&mut self, io: &mut BackendIo, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.is_empty() {
-            let n = if self.data.is_empty() && self.tail.is_empty() {
-                ready!(Pin::new(&mut *io).poll_write(cx, &self.buf))?
-            } else {
-                let parts = [
-                    io::IoSlice::new(&self.buf),
-                    io::IoSlice::new(&self.data),
-                    io::IoSlice::new(self.tail),
-                ];
-                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &parts))?
-            };
+            let n = ready!(self.poll_write_once(io, cx))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.advance(n);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// One write of what is queued; the caller advances by what it took.
+    fn poll_write_once(&self, io: &mut BackendIo, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.data.is_empty() && self.tail.is_empty() {
+            return Pin::new(&mut *io).poll_write(cx, &self.buf);
+        }
+        let parts = [
+            io::IoSlice::new(&self.buf),
+            io::IoSlice::new(&self.data),
+            io::IoSlice::new(self.tail),
+        ];
+        Pin::new(&mut *io).poll_write_vectored(cx, &parts)
+    }
+
+    /// Queues one data frame in its framing; false when it overruns the declared length.
+    fn queue(&mut self, framing: &mut Framing, data: Bytes) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        let tail: &'static [u8] = match framing {
+            Framing::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return false;
+                }
+                *left -= n;
+                b""
+            }
+            Framing::Chunked => {
+                put_hex(&mut self.buf, data.len() as u64);
+                self.buf.put_slice(b"\r\n");
+                b"\r\n"
+            }
+        };
+        if data.len() < COPY_BELOW {
+            self.buf.put_slice(&data);
+            self.buf.put_slice(tail);
+        } else {
+            self.data = data;
+            self.tail = tail;
+        }
+        true
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -381,7 +430,7 @@ impl Exchange {
                     Poll::Ready(Ok(())) => {}
                 }
             }
-            let Some((body, framing)) = self.body.as_mut() else {
+            let Some((body, _)) = self.body.as_mut() else {
                 if !self.flushed {
                     if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
                         self.write_failed(e);
@@ -390,68 +439,78 @@ impl Exchange {
                 }
                 return Poll::Ready(Ok(()));
             };
-            match ready!(Pin::new(body).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    // Trailers are dropped (see the module's comment).
-                    if let Ok(data) = frame.into_data() {
-                        if !self.queue(data) {
-                            // More than the declared length: the request cannot be framed.
-                            self.body = None;
-                            self.reusable = false;
-                            return Poll::Ready(Err(H1Error::Closed));
-                        }
-                    }
-                }
-                None => {
-                    match framing {
-                        Framing::Chunked => self.out.buf.put_slice(b"0\r\n\r\n"),
-                        // Shorter than declared: hyper's own decoder reports a client that
-                        // stopped early before this; never reuse a connection left mid-body.
-                        Framing::Length(left) if *left != 0 => self.reusable = false,
-                        Framing::Length(_) => {}
-                    }
-                    self.body = None;
-                }
-                Some(Err(e)) => {
-                    self.body = None;
-                    self.reusable = false;
-                    return Poll::Ready(Err(H1Error::Body(e)));
-                }
+            let frame = ready!(Pin::new(body).poll_frame(cx));
+            if let Err(e) = self.take(frame) {
+                return Poll::Ready(Err(e));
             }
         }
     }
 
-    /// Queues one data frame in its framing; false when it overruns the declared length.
-    fn queue(&mut self, data: Bytes) -> bool {
+    /// Takes what the client's body gave into `out`: a data frame in its framing, or the end.
+    fn take(&mut self, frame: Option<Result<Frame<Bytes>, BodyError>>) -> Result<(), H1Error> {
         let Some((_, framing)) = self.body.as_mut() else {
-            return false;
+            return Ok(());
         };
-        if data.is_empty() {
-            return true;
-        }
-        let tail: &'static [u8] = match framing {
-            Framing::Length(left) => {
-                let n = data.len() as u64;
-                if n > *left {
-                    return false;
+        match frame {
+            Some(Ok(frame)) => {
+                // Trailers are dropped (see the module's comment).
+                if let Ok(data) = frame.into_data() {
+                    if !self.out.queue(framing, data) {
+                        // More than the declared length: the request cannot be framed.
+                        self.body = None;
+                        self.reusable = false;
+                        return Err(H1Error::Closed);
+                    }
                 }
-                *left -= n;
-                b""
             }
-            Framing::Chunked => {
-                put_hex(&mut self.out.buf, data.len() as u64);
-                self.out.buf.put_slice(b"\r\n");
-                b"\r\n"
+            None => {
+                match framing {
+                    Framing::Chunked => self.out.buf.put_slice(b"0\r\n\r\n"),
+                    // Shorter than declared: hyper's own decoder reports a client that
+                    // stopped early before this; never reuse a connection left mid-body.
+                    Framing::Length(left) if *left != 0 => self.reusable = false,
+                    Framing::Length(_) => {}
+                }
+                self.body = None;
             }
-        };
-        if data.len() < COPY_BELOW {
-            self.out.buf.put_slice(&data);
-            self.out.buf.put_slice(tail);
-        } else {
-            self.out.data = data;
-            self.out.tail = tail;
+            Some(Err(e)) => {
+                self.body = None;
+                self.reusable = false;
+                return Err(H1Error::Body(e));
+            }
         }
-        true
+        Ok(())
+    }
+
+    /// Takes a body frame that is ready now, without waiting; returns its data (a cheap
+    /// copy of the handle) so that a request that was never sent can have it back.
+    fn take_ready(&mut self, cx: &mut Context<'_>) -> Result<Option<Bytes>, H1Error> {
+        let Some((body, _)) = self.body.as_mut() else {
+            return Ok(None);
+        };
+        let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) else {
+            return Ok(None);
+        };
+        let data = match &frame {
+            Some(Ok(f)) => f.data_ref().cloned(),
+            _ => None,
+        };
+        self.take(frame)?;
+        Ok(data)
+    }
+
+    /// The client's body as it was before this exchange: what `take_ready` took, then the
+    /// rest.
+    fn give_back(mut self, early: Option<Bytes>, unframed: Option<UpBody>) -> UpBody {
+        let rest = self.body.take().map(|(b, _)| b).or(unframed);
+        match early {
+            None => rest.unwrap_or(UpBody::Empty),
+            Some(data) => UpBody::Replayed(Box::new(Replayed {
+                sent: VecDeque::from([data]),
+                rest,
+                trailers: None,
+            })),
+        }
     }
 
     fn write_failed(&mut self, e: io::Error) {
@@ -923,5 +982,57 @@ mod tests {
             HeaderValue::from_static("chunked, gzip"),
         );
         assert!(!is_chunked(&h));
+    }
+
+    fn replayed(frames: &[&'static [u8]]) -> UpBody {
+        UpBody::Replayed(Box::new(Replayed {
+            sent: frames.iter().map(|f| Bytes::from_static(f)).collect(),
+            rest: None,
+            trailers: None,
+        }))
+    }
+
+    async fn collect(mut body: UpBody) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(f) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if let Some(d) = f.ok().and_then(|f| f.into_data().ok()) {
+                all.extend_from_slice(&d);
+            }
+        }
+        all
+    }
+
+    /// A connection the backend reset before the request: the first write fails, and the
+    /// body, whose first frame went into that write, comes back whole for the next attempt.
+    #[tokio::test]
+    async fn a_request_never_sent_gets_its_whole_body_back() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&theirs)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(theirs);
+        // The reset has arrived once the socket reads as ready.
+        ours.readable().await.unwrap();
+        let (head, ()) = http::Request::post("/upload")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let conn = Conn {
+            io: BackendIo::Plain(ours),
+            transport: 0,
+        };
+        let body = replayed(&[b"first frame ", b"second frame"]);
+        match exchange(conn, &head, "backend", body, true).await {
+            Err(ExchangeError::NotSent(back)) => {
+                assert_eq!(back.size_hint().exact(), Some(24));
+                assert_eq!(collect(back).await, b"first frame second frame");
+            }
+            Err(ExchangeError::Failed { error, .. }) => panic!("sent part of it: {error}"),
+            Ok(_) => panic!("a reset connection answered"),
+        }
     }
 }
