@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
-use crate::config::{Limits, MIN_HEADER_BUFFER};
+use crate::config::Limits;
 use crate::conn::{Active, ConnInfo, DrainGuard, Tracked, ASK_ABUSE, ASK_FINISH};
 use crate::conns::{Conns, Slot, PARK_AFTER};
 use crate::flood::{self, ConnWatch, Penalties};
@@ -199,6 +199,10 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// The largest read of a request (head and body) on an HTTP/1 connection; at least hyper's
+/// minimum of 8 KiB.
+const BODY_READ_MAX: usize = 128 * 1024;
+
 fn is_per_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
@@ -209,12 +213,16 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
 
 fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
-    let buf = limits.max_header_bytes.max(MIN_HEADER_BUFFER);
+    let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
     // hyper's head timer starts when it waits for the next request, so it would cut idle
     // keep-alive connections at header_timeout: heads are timed from their first byte by
     // StallTimeout instead, and idle waits are idle_timeout's.
     b.header_read_timeout(None)
-        .max_buf_size(usize::try_from(buf).unwrap_or(usize::MAX))
+        .max_header_size(head)
+        // hyper's reads grow while they fill its buffer, up to this: a 64 KiB upload then
+        // comes in one read and goes to the backend in one write. An idle connection is
+        // parked without its buffer.
+        .max_buf_size(head.max(BODY_READ_MAX))
         // half_close stays off: a client's FIN while its request is in flight means it went
         // away (nginx's 499), so the request is abandoned at once and never counted against
         // the backend. The price: `printf ... | nc -N` gets no answer; use curl.

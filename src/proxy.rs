@@ -196,7 +196,7 @@ async fn forward(
         return Err(ProxyError::BadRequest("a fragment in :path"));
     }
     let (mut parts, body) = req.into_parts();
-    request::check_request(snap, &parts)?;
+    request::check_request(&parts)?;
     let authority = request::authority(&parts)?;
     let path = request::normalize_path(parts.uri.path());
     let (pool, cache) = snap

@@ -12,7 +12,6 @@ use crate::answer::ProxyError;
 use crate::conn::ConnInfo;
 use crate::headers::{has_token, strip_hop_by_hop, NOT_FORWARDED};
 use crate::request_body::UpBody;
-use crate::state::Snapshot;
 
 pub fn build(method: &Method, uri: &Uri, headers: HeaderMap, body: UpBody) -> Request<UpBody> {
     let mut r = Request::new(body);
@@ -27,7 +26,7 @@ pub fn build(method: &Method, uri: &Uri, headers: HeaderMap, body: UpBody) -> Re
 const MAX_HEADER_FIELDS: usize = 100;
 
 /// Requests the proxy refuses before routing.
-pub fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<(), ProxyError> {
+pub fn check_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed("CONNECT is not proxied"));
     }
@@ -37,19 +36,6 @@ pub fn check_request(snap: &Snapshot, parts: &http::request::Parts) -> Result<()
         return Err(ProxyError::HeadersTooLarge);
     }
     check_transfer_codings(&parts.headers)?;
-    let max = snap.limits.max_header_bytes;
-    // hyper enforces the limit itself from MIN_HEADER_BUFFER up; below that, count here.
-    if max < crate::config::MIN_HEADER_BUFFER {
-        let total: usize = parts
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            + parts.uri.to_string().len();
-        if total as u64 > max {
-            return Err(ProxyError::HeadersTooLarge);
-        }
-    }
     Ok(())
 }
 

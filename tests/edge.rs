@@ -458,7 +458,7 @@ async fn one_pool_without_routes_takes_everything() {
 #[tokio::test]
 async fn oversized_headers_get_431_and_are_not_forwarded() {
     let a = start_backend("a").await;
-    // Below hyper's minimum buffer (the proxy counts) and above it (hyper enforces).
+    // Below hyper's minimum read buffer (8 KiB) and above it: the limit is the head's own.
     for (limit, big) in [(4096usize, 6000usize), (16384, 20000)] {
         let bal = start_balancer(&config(
             &[a.addr],

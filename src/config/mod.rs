@@ -89,8 +89,6 @@ pub(crate) const MAX_ATTEMPTS: u32 = 10;
 /// Weights above this would make the precomputed round-robin sequence needlessly long;
 /// HAProxy caps at 256, so 1000 leaves room without surprising anyone.
 pub(crate) const MAX_WEIGHT: u32 = 1000;
-/// hyper refuses an h1 read buffer smaller than this.
-pub(crate) const MIN_HEADER_BUFFER: u64 = 8192;
 
 // ---------------------------------------------------------------------------------------------
 // Typed configuration: what the rest of the program reads.
