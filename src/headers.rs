@@ -40,16 +40,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // CONNECTION is HOP_BY_HOP[0].
-    if present & 1 != 0 {
-        let named: Vec<String> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // `close` is a connection option, not a field anyone sends.
-            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("close") && !is_hop_by_hop_str(t))
+    // CONNECTION is HOP_BY_HOP[0]. Its tokens are nearly always `close` or `keep-alive`,
+    // which name no field: on bytes, nothing is collected or allocated for them.
+    if present & 1 != 0 && connection_names(h).next().is_some() {
+        let named: Vec<String> = connection_names(h)
+            .filter_map(|t| std::str::from_utf8(t).ok())
             .map(str::to_owned)
             .collect();
         for n in &named {
@@ -63,10 +58,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn is_hop_by_hop_str(token: &str) -> bool {
+/// The fields `Connection` names, other than the hop-by-hop ones removed anyway (`close` is a
+/// connection option, not a field anyone sends).
+fn connection_names(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !is_hop_by_hop(t))
+}
+
+fn is_hop_by_hop(token: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
-        .any(|n| n.as_str().eq_ignore_ascii_case(token))
+        .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(token))
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
@@ -138,5 +143,19 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn a_named_field_goes_even_beside_a_token_that_is_not_ascii() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, caf\xc3\xa9").unwrap(),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 }
