@@ -133,29 +133,58 @@ pub fn valid_host(h: &[u8]) -> bool {
         }
     };
     if let Some(p) = port {
-        if p.is_empty()
-            || p.len() > 5
-            || !p.iter().all(u8::is_ascii_digit)
-            || std::str::from_utf8(p)
-                .ok()
-                .and_then(|p| p.parse::<u32>().ok())
-                .is_none_or(|n| n > 65535)
-        {
+        let n = p.iter().try_fold(0u32, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+        });
+        if p.is_empty() || p.len() > 5 || n.is_none_or(|n| n > 65535) {
             return false;
         }
     }
     let Some(host) = host else {
         return true;
     };
+    // One pass with a table: this runs on every request.
     let host = host.strip_suffix(b".").unwrap_or(host);
-    !host.is_empty()
-        && host.split(|b| *b == b'.').all(|label| {
-            !label.is_empty()
-                && label
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_~%!$&'()*+,;=".contains(b))
-        })
+    let mut label = 0usize;
+    for &b in host {
+        match b {
+            b'.' if label == 0 => return false,
+            b'.' => label = 0,
+            _ if LABEL_BYTE[usize::from(b)] => label += 1,
+            _ => return false,
+        }
+    }
+    label > 0
 }
+
+/// Bytes a reg-name label may hold: RFC 3986's unreserved characters, sub-delims and `%`.
+const LABEL_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
 
 pub fn declared_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
