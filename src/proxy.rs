@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Version};
 use hyper::body::{Body, Incoming};
 
@@ -165,6 +165,22 @@ fn log_entry(
     e
 }
 
+/// The request's headers as a backend gets them: hop-by-hop fields out, the X-Forwarded-*
+/// fields in, and the request ID the log has. After the rewrite, which may have dropped the
+/// client's copy of the ID (named in `Connection`, or with a '_'), so that the backend always
+/// gets the ID the log has.
+fn upstream_headers(
+    h: &mut HeaderMap,
+    authority: Option<HeaderValue>,
+    conn: &ConnInfo,
+    rid: Option<&RequestId<'_>>,
+) {
+    request::rewrite_request_headers(h, authority, conn);
+    if let Some((name, value)) = rid {
+        h.insert(*name, value.clone());
+    }
+}
+
 const IDEMPOTENT: [Method; 6] = [
     Method::GET,
     Method::HEAD,
@@ -226,21 +242,12 @@ async fn forward(
     if !snap.limits.allow_underscores_in_headers {
         request::drop_underscored(&mut parts.headers);
     }
-    request::rewrite_request_headers(&mut parts.headers, authority, conn);
-    // After the rewrite, which may have dropped the client's copy (named in Connection, or
-    // with a '_'): the backend always gets the ID the log has.
-    if let Some((name, value)) = rid {
-        parts.headers.insert(*name, value.clone());
-    }
-    if let Some(proto) = &upgrade {
-        parts.headers.insert(header::UPGRADE, proto.clone());
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
     let method = parts.method;
     // The cache's lookup step: a hit is answered here; a miss may have waited for another
-    // request's flight, and carries what to revalidate and what to store.
+    // request's flight, and carries what to revalidate and what to store. It comes before
+    // the upstream rewrite, which a hit never needs (~1,900 of a hit's 20,300 instructions,
+    // callgrind); so Vary is matched on the headers the client sent (RFC 9111 §4.1), and a
+    // background refresh applies the rewrite to its own copy.
     let mut miss = None;
     if let (Some(cache), Some(cfg)) = (cache, &snap.config.cache) {
         let asking = cache::Asking {
@@ -250,7 +257,12 @@ async fn forward(
             plain: bodiless && upgrade.is_none(),
             wait: pool.dial.timeouts.response,
         };
-        let refresher = Refresher { pool, conn };
+        let prepare = |h: &mut HeaderMap| upstream_headers(h, authority.clone(), conn, rid);
+        let refresher = Refresher {
+            pool,
+            conn,
+            prepare: &prepare,
+        };
         match cache::lookup(cache, cfg, asking, &refresher).await {
             Step::Serve(hit) => return Ok(hit.respond(log.take())),
             Step::Fetch(m) => {
@@ -258,6 +270,13 @@ async fn forward(
                 miss = Some(m);
             }
         }
+    }
+    upstream_headers(&mut parts.headers, authority, conn, rid);
+    if let Some(proto) = &upgrade {
+        parts.headers.insert(header::UPGRADE, proto.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // Only bodiless idempotent requests may be sent twice after reaching a backend; their
     // head comes back with the failure (`SendError::Failed`). Even with `attempts = 1` that

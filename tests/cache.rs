@@ -531,6 +531,12 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
         wait_until(Duration::from_secs(10), || async { o.count("/swr") == 2 }).await,
         "one background refresh"
     );
+    // The lookup runs before the upstream rewrite: the refresh applies it to its own copy,
+    // so the backend sees what any forwarded request carries.
+    let seen = o.last_seen("/swr");
+    assert_eq!(seen.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    assert_eq!(seen.get("x-forwarded-proto").unwrap(), "http");
+    assert!(seen.contains_key("x-request-id"), "{seen:?}");
     assert!(
         wait_until(Duration::from_secs(10), || async {
             get(&c, &b.url("/swr")).await.body == "hello n=2"

@@ -238,13 +238,14 @@ pub fn not_modified(req: &HeaderMap, res: &HeaderMap) -> bool {
                 .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
         });
     }
-    let (Some(ims), Some(lm)) = (
-        req.get(header::IF_MODIFIED_SINCE).and_then(date),
-        res.get(header::LAST_MODIFIED).and_then(date),
-    ) else {
+    // The stored date is parsed only when the client sent one to compare it with: on every
+    // hit otherwise (~900 instructions, callgrind).
+    let Some(ims) = req.get(header::IF_MODIFIED_SINCE).and_then(date) else {
         return false;
     };
-    lm <= ims
+    res.get(header::LAST_MODIFIED)
+        .and_then(date)
+        .is_some_and(|lm| lm <= ims)
 }
 
 fn date(v: &HeaderValue) -> Option<std::time::SystemTime> {

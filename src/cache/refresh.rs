@@ -28,6 +28,9 @@ use crate::upstream::{self, Sent};
 pub struct Refresher<'a> {
     pub pool: &'a Arc<Pool>,
     pub conn: &'a Arc<ConnInfo>,
+    /// Turns the client's headers into what a backend gets (hop-by-hop fields out,
+    /// X-Forwarded-* and the request ID in): the lookup sees them before that rewrite.
+    pub prepare: &'a (dyn Fn(&mut HeaderMap) + Sync),
 }
 
 /// Longest a background refresh may take, body included, beyond the response timeout.
@@ -42,6 +45,7 @@ pub(super) fn spawn(
     (key, entry): (String, Arc<Entry>),
     leader: Leader,
 ) {
+    (r.prepare)(&mut headers);
     let pool = Arc::clone(r.pool);
     let conn = Arc::clone(r.conn);
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
