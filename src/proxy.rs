@@ -23,7 +23,7 @@ use crate::answer::{self, ProxyError};
 use crate::backend::{InFlight, Outcome};
 use crate::cache::{self, Fallback, Refresher, Step};
 use crate::classify::{self, classify, Context, Next, RetryBudget};
-use crate::clock::now_ms;
+use crate::clock;
 use crate::config::MAX_DURATION;
 use crate::conn::ConnInfo;
 use crate::grpc;
@@ -59,6 +59,8 @@ type RequestId<'a> = (&'a HeaderName, HeaderValue);
 /// What `handle` learnt about the request before it moved into `forward`.
 struct Call<'a> {
     rid: Option<&'a RequestId<'a>>,
+    /// When the request arrived: also when its first attempt starts.
+    start: Instant,
     /// A gRPC call (`content-type: application/grpc...`).
     grpc: bool,
     /// When the gRPC call's `grpc-timeout`, counted from its arrival, runs out.
@@ -94,6 +96,7 @@ pub async fn handle(
         false => None,
     };
     let call = Call {
+        start,
         grpc,
         deadline,
         rid: rid.as_ref(),
@@ -320,13 +323,17 @@ async fn forward(
     // was sent again: the log says `retried` although no attempt was spent.
     // (`ejection_capped` alone is not a retry.)
     let mut stale_replayed = false;
+    // The first attempt is timed from the request's arrival, microseconds back: one clock
+    // read where there were three (the pick's, the send's and the arrival's).
+    let mut arrival = Some(call.start);
     loop {
+        let sent_at = arrival.take().unwrap_or_else(Instant::now);
         // A retry never starts past the client's deadline (nor does a call that arrived
         // with none left).
-        if call.deadline.is_some_and(|d| Instant::now() >= d) {
+        if call.deadline.is_some_and(|d| sent_at >= d) {
             return Err(ProxyError::GrpcDeadline);
         }
-        let now = now_ms();
+        let now = clock::ms_at(sent_at);
         let pick = match pool.pick(now, budget.tried()) {
             Ok(p) => p,
             Err(r) => return Err(last_err.unwrap_or(ProxyError::NoBackend(r))),
@@ -357,7 +364,6 @@ async fn forward(
             l.backend = Some(member.backend.address.clone());
             l.attempts = budget.spent();
         }
-        let sent_at = Instant::now();
         let result = match call.deadline {
             None => upstream::send(&member.backend, &pool.dial, next).await,
             Some(deadline) => {
@@ -365,7 +371,7 @@ async fn forward(
                 // proxies), and the wait ends with it, whatever `timeouts.response` says.
                 next.headers_mut().insert(
                     grpc::GRPC_TIMEOUT,
-                    grpc::format_timeout(deadline.saturating_duration_since(sent_at)),
+                    grpc::format_timeout(deadline.saturating_duration_since(Instant::now())),
                 );
                 let send = upstream::send(&member.backend, &pool.dial, next);
                 match tokio::time::timeout_at(deadline.into(), send).await {
