@@ -383,20 +383,26 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, authority: Option<HeaderValue>
     // hyper sized the map to the fields parsed, and inserting one by one grew it twice
     // (~1,000 instructions per `Connection: close` request, callgrind).
     h.reserve(4);
-    // X-Forwarded-For: the client's chain, then the peer we saw.
-    let forwarded = match h.entry(&XFF) {
-        Entry::Vacant(_) => conn.peer_ip.clone(),
-        Entry::Occupied(e) => {
+    // X-Forwarded-For: the client's chain, then the peer we saw. Set through the entry: a
+    // second lookup would hash the name again.
+    match h.entry(&XFF) {
+        Entry::Vacant(e) => {
+            e.insert(conn.peer_ip.clone());
+        }
+        Entry::Occupied(mut e) => {
             let mut xff = BytesMut::with_capacity(64);
             for v in e.iter() {
                 xff.extend_from_slice(v.as_bytes());
                 xff.extend_from_slice(b", ");
             }
             xff.extend_from_slice(conn.peer_ip.as_bytes());
-            HeaderValue::from_maybe_shared(xff.freeze()).unwrap_or_else(|_| conn.peer_ip.clone())
+            // Replaces every value the client sent with the one joined list.
+            e.insert(
+                HeaderValue::from_maybe_shared(xff.freeze())
+                    .unwrap_or_else(|_| conn.peer_ip.clone()),
+            );
         }
-    };
-    h.insert(XFF.clone(), forwarded);
+    }
     h.insert(
         XFP.clone(),
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
