@@ -42,6 +42,7 @@ pub(crate) mod control;
 pub mod diff;
 pub(crate) mod events;
 pub(crate) mod flood;
+pub mod forwarded;
 pub(crate) mod framing;
 pub mod grpc;
 pub mod h2io;

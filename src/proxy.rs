@@ -26,6 +26,7 @@ use crate::classify::{self, classify, Context, Next, RetryBudget};
 use crate::clock;
 use crate::config::MAX_DURATION;
 use crate::conn::ConnInfo;
+use crate::forwarded::Forwarded;
 use crate::grpc;
 use crate::headers::strip_hop_by_hop;
 use crate::reason::{ClientEvent, Failure, Note, Reason};
@@ -168,20 +169,21 @@ fn log_entry(
     e
 }
 
-/// The request's headers as a backend gets them: hop-by-hop fields out, the X-Forwarded-*
-/// fields in, and the request ID the log has. After the rewrite, which may have dropped the
-/// client's copy of the ID (named in `Connection`, or with a '_'), so that the backend always
-/// gets the ID the log has.
+/// The request's headers as a backend gets them: hop-by-hop fields out, the request ID the
+/// log has in, and the X-Forwarded-* fields to send with them. The ID goes in after the
+/// rewrite, which may have dropped the client's copy (named in `Connection`, or with a '_'),
+/// so that the backend always gets the ID the log has.
 fn upstream_headers(
     h: &mut HeaderMap,
     authority: Option<HeaderValue>,
     conn: &ConnInfo,
     rid: Option<&RequestId<'_>>,
-) {
-    request::rewrite_request_headers(h, authority, conn);
+) -> Forwarded {
+    let fwd = request::rewrite_request_headers(h, authority, conn);
     if let Some((name, value)) = rid {
         h.insert(*name, value.clone());
     }
+    fwd
 }
 
 const IDEMPOTENT: [Method; 6] = [
@@ -274,7 +276,7 @@ async fn forward(
             }
         }
     }
-    upstream_headers(&mut parts.headers, authority, conn, rid);
+    let fwd = upstream_headers(&mut parts.headers, authority, conn, rid);
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::UPGRADE, proto.clone());
         parts
@@ -365,7 +367,7 @@ async fn forward(
             l.attempts = budget.spent();
         }
         let result = match call.deadline {
-            None => upstream::send(&member.backend, &pool.dial, next).await,
+            None => upstream::send(&member.backend, &pool.dial, next, Some(&fwd)).await,
             Some(deadline) => {
                 // The backend gets what is left of the client's deadline (gRPC's rule for
                 // proxies), and the wait ends with it, whatever `timeouts.response` says.
@@ -373,7 +375,7 @@ async fn forward(
                     grpc::GRPC_TIMEOUT,
                     grpc::format_timeout(deadline.saturating_duration_since(Instant::now())),
                 );
-                let send = upstream::send(&member.backend, &pool.dial, next);
+                let send = upstream::send(&member.backend, &pool.dial, next, Some(&fwd));
                 match tokio::time::timeout_at(deadline.into(), send).await {
                     Ok(r) => r,
                     Err(_) => {

@@ -19,6 +19,7 @@ use crate::balance::Pool;
 use crate::classify::{classify, Context};
 use crate::clock::now_ms;
 use crate::conn::ConnInfo;
+use crate::forwarded::Forwarded;
 use crate::request_body::UpBody;
 use crate::response_body::ResponseBody;
 use crate::upstream::{self, Sent};
@@ -28,9 +29,10 @@ use crate::upstream::{self, Sent};
 pub struct Refresher<'a> {
     pub pool: &'a Arc<Pool>,
     pub conn: &'a Arc<ConnInfo>,
-    /// Turns the client's headers into what a backend gets (hop-by-hop fields out,
-    /// X-Forwarded-* and the request ID in): the lookup sees them before that rewrite.
-    pub prepare: &'a (dyn Fn(&mut HeaderMap) + Sync),
+    /// Turns the client's headers into what a backend gets (hop-by-hop fields out, the
+    /// request ID in) and gives the X-Forwarded-* fields to send with them: the lookup sees
+    /// the headers before that rewrite.
+    pub prepare: &'a (dyn Fn(&mut HeaderMap) -> Forwarded + Sync),
 }
 
 /// Longest a background refresh may take, body included, beyond the response timeout.
@@ -45,7 +47,7 @@ pub(super) fn spawn(
     (key, entry): (String, Arc<Entry>),
     leader: Leader,
 ) {
-    (r.prepare)(&mut headers);
+    let fwd = (r.prepare)(&mut headers);
     let pool = Arc::clone(r.pool);
     let conn = Arc::clone(r.conn);
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -97,7 +99,7 @@ pub(super) fn spawn(
             *req.version_mut() = Version::HTTP_11;
             *req.headers_mut() = headers;
             let sent_at = Instant::now();
-            let result = upstream::send(backend, &pool.dial, req).await;
+            let result = upstream::send(backend, &pool.dial, req, Some(&fwd)).await;
             let verdict = classify(
                 &result,
                 &Context {

@@ -37,6 +37,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
 use crate::backend_io::{BackendIo, Upgraded};
+use crate::forwarded::Forwarded;
 use crate::idle::Conn;
 use crate::reason::Failure;
 use crate::request_body::{BodyError, Replayed, UpBody};
@@ -114,10 +115,12 @@ pub enum ExchangeError {
 ///
 /// HTTP/1.1 requires Host: a request that came without one (HTTP/1.0, or h2 without
 /// `:authority`) is sent `default_host` (the backend's address, like nginx's `$proxy_host`),
-/// on the wire only, so a head handed back for a retry is still the client's.
+/// on the wire only, so a head handed back for a retry is still the client's. `fwd` (the
+/// X-Forwarded-* fields) is written after the head's own fields, likewise on the wire only.
 pub async fn exchange(
     conn: Conn,
     head: &request::Parts,
+    fwd: Option<&Forwarded>,
     default_host: &str,
     body: UpBody,
     reused: bool,
@@ -131,7 +134,7 @@ pub async fn exchange(
         rbuf: BytesMut::new(),
         read_size: FIRST_READ,
         out: Out {
-            buf: encode_head(head, host, framing),
+            buf: encode_head(head, host, fwd, framing),
             ..Out::default()
         },
         body: None,
@@ -206,7 +209,12 @@ fn framing(method: &Method, body: &UpBody) -> Option<Framing> {
     Some(Framing::Chunked)
 }
 
-fn encode_head(head: &request::Parts, host: Option<&str>, framing: Option<Framing>) -> BytesMut {
+fn encode_head(
+    head: &request::Parts,
+    host: Option<&str>,
+    fwd: Option<&Forwarded>,
+    framing: Option<Framing>,
+) -> BytesMut {
     // A configured address, but never a byte that would end the field early.
     let host = host.filter(|h| h.bytes().all(|b| b >= 0x20 && b != 0x7f));
     let uri = &head.uri;
@@ -215,7 +223,11 @@ fn encode_head(head: &request::Parts, host: Option<&str>, framing: Option<Framin
         _ => None,
     };
     let method = head.method.as_str();
-    let mut len = method.len() + origin.map_or(64, str::len) + host.map_or(0, str::len) + 64;
+    let mut len = method.len()
+        + origin.map_or(64, str::len)
+        + host.map_or(0, str::len)
+        + fwd.map_or(0, Forwarded::encoded_len)
+        + 64;
     for (k, v) in &head.headers {
         len += k.as_str().len() + v.len() + 4;
     }
@@ -238,6 +250,9 @@ fn encode_head(head: &request::Parts, host: Option<&str>, framing: Option<Framin
         b.put_slice(b": ");
         b.put_slice(v.as_bytes());
         b.put_slice(b"\r\n");
+    }
+    if let Some(f) = fwd {
+        f.put(&mut b);
     }
     match framing {
         Some(Framing::Length(n)) => {
@@ -1085,7 +1100,7 @@ mod tests {
             transport: 0,
         };
         let body = replayed(&[b"first frame ", b"second frame"]);
-        match exchange(conn, &head, "backend", body, true).await {
+        match exchange(conn, &head, None, "backend", body, true).await {
             Err(ExchangeError::NotSent(back)) => {
                 assert_eq!(back.size_hint().exact(), Some(24));
                 assert_eq!(collect(back).await, b"first frame second frame");

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use crate::backend::Backend;
 use crate::backend_io::BackendIo;
 use crate::config::{Protocol, Timeouts};
+use crate::forwarded::Forwarded;
 use crate::idle::Conn;
 use crate::reason::{Failure, Note};
 use crate::request_body::{BodyFault, UpBody};
@@ -105,16 +106,22 @@ pub async fn send(
     backend: &Backend,
     dial: &Dial,
     mut req: Request<UpBody>,
+    fwd: Option<&Forwarded>,
 ) -> Result<Sent, SendError> {
     // WebSocket has no HTTP/2 form our backends are known to speak (RFC 8441 is rare): an
     // h2 pool tunnels it over HTTP/1.1 to the same address.
     if dial.protocol.is_h2() && !req.headers().contains_key(hyper::header::UPGRADE) {
+        // Into the map, which every stream copies: a retry goes to the same pool, so to h2
+        // again, and applying twice replaces.
+        if let Some(f) = fwd {
+            f.apply(req.headers_mut());
+        }
         return send_h2(backend, dial, req).await;
     }
     let limit = dial.timeouts.response;
     let mut stale_retried = false;
     if let Some(conn) = backend.idle.pop(dial.transport, dial.timeouts.idle) {
-        match exchange(conn, req, &backend.address, limit, true).await {
+        match exchange(conn, req, fwd, &backend.address, limit, true).await {
             Ok(response) => {
                 return Ok(Sent {
                     response,
@@ -145,7 +152,7 @@ pub async fn send(
         io,
         transport: dial.transport,
     };
-    match exchange(conn, req, &backend.address, limit, false).await {
+    match exchange(conn, req, fwd, &backend.address, limit, false).await {
         Ok(response) => Ok(Sent {
             response,
             stale_retried,
@@ -169,6 +176,7 @@ enum Exchange {
 async fn exchange(
     conn: Conn,
     req: Request<UpBody>,
+    fwd: Option<&Forwarded>,
     default_host: &str,
     limit: Duration,
     reused: bool,
@@ -177,7 +185,7 @@ async fn exchange(
     let bodiless = matches!(body, UpBody::Empty);
     let (cause, source, stale) = match tokio::time::timeout(
         limit,
-        http1::exchange(conn, &head, default_host, body, reused),
+        http1::exchange(conn, &head, fwd, default_host, body, reused),
     )
     .await
     {
@@ -288,7 +296,7 @@ mod tests {
             transport: 1,
         };
         let h2 = send_h2(&backend, &dial, Request::new(UpBody::Empty));
-        let all = send(&backend, &dial, Request::new(UpBody::Empty));
+        let all = send(&backend, &dial, Request::new(UpBody::Empty), None);
         let (h2, all) = (std::mem::size_of_val(&h2), std::mem::size_of_val(&all));
         // 1,840 bytes in a debug build with Rust 1.95 (2,024 while the request head was copied
         // for a retry in advance; 3,080 before the HTTP/1.1 dial was boxed).
