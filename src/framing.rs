@@ -313,7 +313,7 @@ fn digits(value: &[u8]) -> Option<u64> {
     let start = value.iter().position(|b| !is_ows(b))?;
     let end = value.iter().rposition(|b| !is_ows(b))? + 1;
     let value = &value[start..end];
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+    if value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
     Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))

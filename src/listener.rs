@@ -273,6 +273,8 @@ struct Session {
     info: Arc<ConnInfo>,
     limits: Limits,
     shared: Arc<Shared>,
+    /// Its drain guard keeps graceful shutdown waiting for as long as the connection is
+    /// served (`info.drain`, for what outlives the connection: h2 streams, tunnels).
     signals: Signals,
     conns: Arc<Conns>,
     penalties: Arc<Penalties>,
@@ -409,7 +411,6 @@ where
     let svc = service(&s, &watch);
     let builder = http1_builder(&s.limits);
     let _registered = s.conns.register(Arc::clone(&s.info), now_ms());
-    let _guard = s.signals.drain_guard.clone();
     let mut io = io;
     loop {
         let since = s.info.started();
@@ -467,7 +468,6 @@ where
     let svc = service(&s, &watch);
     let conn = boxed(|| http2_builder(&s.limits).serve_connection(TokioIo::new(io), svc));
     let _registered = s.conns.register(Arc::clone(&s.info), now_ms());
-    let _guard = s.signals.drain_guard.clone();
     drive(conn, |c| c.graceful_shutdown(), &mut s, None).await;
 }
 
