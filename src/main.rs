@@ -20,10 +20,9 @@ static GLOBAL: MiMalloc = MiMalloc;
 
 /// mimalloc behind Rust's allocator interface, asking for alignment only when the layout needs
 /// more than every block has. The `mimalloc` crate calls `mi_malloc_aligned` for every layout,
-/// and mimalloc (measured on 3.x) serves any block over 1 KiB that is
-/// not a power of two through its over-allocating aligned path (+alignment bytes, a slower
-/// free): three of a request's allocations (its handler's state, hyper's buffers), about 300
-/// instructions each.
+/// and mimalloc (measured on 3.x) serves any block over 1 KiB that is not a power of two
+/// through its over-allocating aligned path (+alignment bytes, a slower free): three of a
+/// request's allocations (its handler's state, hyper's buffers), about 300 instructions each.
 struct MiMalloc;
 
 /// The alignment of every mimalloc block of at least this size (`MI_MAX_ALIGN_SIZE`).
