@@ -29,7 +29,13 @@
 # Environment knobs: REPS, DURATION (seconds per run), WARMUP (seconds), IDLE_CONNS,
 # BENCH_PORT_BASE (default 18000; ports BASE+1..BASE+14 and BASE+101..104 are used),
 # BALANCER_BIN (skip the build and use this binary), SCENARIOS (space-separated subset),
-# PROXIES (subset of: balancer balancer-log nginx haproxy), KEEP_WORK=1 (keep the temp dir).
+# PROXIES (subset of: balancer balancer-log nginx haproxy hyper), KEEP_WORK=1 (keep the temp dir).
+#
+# `hyper` is not measured unless asked for: examples/thin_proxy.rs, the thinnest reverse proxy
+# hyper and tokio make (no routing, limits, health, logging or cache), built with the balancer.
+# It is the floor under the balancer's own cost: PROXIES="balancer nginx haproxy hyper"
+# SCENARIOS="small close large upload c1000 h2" (it has no cache and speaks HTTP/1.1 upstream,
+# so `cached` and `h2up` do not apply to it). THIN_PROXY_BIN: use this binary instead.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -68,10 +74,10 @@ BACKEND2=$((PORT_BASE + 102))
 H2BACKEND1=$((PORT_BASE + 103))
 H2BACKEND2=$((PORT_BASE + 104))
 declare -A PORT=([balancer]=$((PORT_BASE + 1)) [balancer-log]=$((PORT_BASE + 2))
-    [nginx]=$((PORT_BASE + 3)) [haproxy]=$((PORT_BASE + 4)))
+    [nginx]=$((PORT_BASE + 3)) [haproxy]=$((PORT_BASE + 4)) [hyper]=$((PORT_BASE + 5)))
 # The balancer serves h2c on its HTTP/1.1 port; nginx 1.22 and HAProxy get a second port.
 declare -A H2PORT=([balancer]=$((PORT_BASE + 1)) [balancer-log]=$((PORT_BASE + 2))
-    [nginx]=$((PORT_BASE + 13)) [haproxy]=$((PORT_BASE + 14)))
+    [nginx]=$((PORT_BASE + 13)) [haproxy]=$((PORT_BASE + 14)) [hyper]=$((PORT_BASE + 5)))
 
 log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -127,6 +133,13 @@ else
     TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
     BIN=$TARGET_DIR/release/balancer
+fi
+THIN_BIN=${THIN_PROXY_BIN:-}
+if [[ " $PROXIES " == *" hyper "* && -z $THIN_BIN ]]; then
+    log "cargo build --release --example thin_proxy"
+    (cd "$ROOT" && cargo build --release --quiet --example thin_proxy)
+    THIN_BIN=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/thin_proxy
 fi
 [[ -x $BIN ]] || die "no balancer binary at $BIN"
 if [[ -n ${BALANCER_BIN:-} ]]; then
@@ -282,6 +295,10 @@ start_proxy() { # name (the scenario is SCENARIO_NOW)
             taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" \
                 >>"$WORK/haproxy.stderr" 2>&1 &
             ;;
+        hyper)
+            taskset -c "$PROXY_CPU" "$THIN_BIN" "127.0.0.1:$port" "127.0.0.1:$BACKEND1" \
+                "127.0.0.1:$BACKEND2" >>"$WORK/hyper.stderr" 2>&1 &
+            ;;
     esac
     PID[$name]=$!
 }
@@ -366,6 +383,7 @@ run_tool() { # scenario port h2port duration out [h2log]
 
 measure() { # proxy scenario rep
     local name=$1 scenario=$2 rep=$3
+    [[ $name == hyper && ($scenario == cached || $scenario == h2up) ]] && return
     SCENARIO_NOW=$scenario
     start_checked "$name"
     local pid=${PID[$name]}

@@ -11,13 +11,17 @@ import re
 import statistics
 import sys
 
-PROXIES = ["balancer", "balancer-log", "nginx", "haproxy"]
+PROXIES = ["balancer", "balancer-log", "nginx", "haproxy", "hyper"]
 PROXY_LABEL = {
     "balancer": "balancer",
     "balancer-log": "balancer (access log on)",
     "nginx": "nginx",
     "haproxy": "HAProxy",
+    "hyper": "thin hyper proxy",
 }
+# The proxies the balancer's ratios are taken against: the peers, and the floor of a bare hyper
+# proxy (examples/thin_proxy.rs) when the run measured it.
+REFS = ("nginx", "haproxy", "hyper")
 SCENARIO_LABEL = {
     "small": "small GET, keep-alive, 64 conns",
     "close": "small GET, `Connection: close`, 64 conns",
@@ -179,7 +183,7 @@ def cmd_report(a):
                 "runs": len(runs),
             }
     ratios = {}
-    for ref in ("nginx", "haproxy"):
+    for ref in REFS:
         ratios[ref] = {}
         for s in scenarios:
             b, o = summary[s].get("balancer"), summary[s].get(ref)
@@ -237,7 +241,7 @@ def cmd_report(a):
     L.append("| scenario | vs | req/s | p50 | p99 | CPU/req | peak RSS |")
     L.append("|---|---|---:|---:|---:|---:|---:|")
     for s in scenarios:
-        for ref in ("nginx", "haproxy"):
+        for ref in REFS:
             r = ratios[ref].get(s)
             if r:
                 L.append(f"| {SCENARIO_LABEL[s]} | {PROXY_LABEL[ref]} | {fmt_ratio(r['rps'])} | "
