@@ -140,6 +140,22 @@ def ratio(a, b):
     return a / b
 
 
+def per_rep_ratios(loads, scenario, ref):
+    """The balancer's CPU/req and req/s over `ref`'s within each repetition. The box's speed
+    drifts between repetitions (a third faster in one, for every proxy alike); proxies measured
+    in the same repetition share it, so these pairs show the spread the medians hide."""
+    out = []
+    for rep in sorted({r["rep"] for r in loads}):
+        pick = lambda p: next((r for r in loads if r["rep"] == rep and r["scenario"] == scenario
+                               and r["proxy"] == p), None)
+        b, o = pick("balancer"), pick(ref)
+        if b and o:
+            out.append({"rep": rep, "cpu_us_per_req": ratio(b["cpu_us_per_req"],
+                                                            o["cpu_us_per_req"]),
+                        "rps": ratio(b["rps"], o["rps"])})
+    return out
+
+
 def fmt(x, nd=0):
     if x is None:
         return "-"
@@ -189,6 +205,7 @@ def cmd_report(a):
             b, o = summary[s].get("balancer"), summary[s].get(ref)
             if b and o:
                 ratios[ref][s] = {k: ratio(b[k], o[k]) for k in METRICS}
+                ratios[ref][s]["per_rep"] = per_rep_ratios(loads, s, ref)
         if "balancer" in idle and ref in idle:
             ratios[ref]["idle_bytes_per_conn"] = ratio(idle["balancer"]["bytes_per_conn"],
                                                        idle[ref]["bytes_per_conn"])
@@ -238,15 +255,23 @@ def cmd_report(a):
     L.append("")
     L.append("Above 1 is better for req/s, below 1 is better for the others.")
     L.append("")
-    L.append("| scenario | vs | req/s | p50 | p99 | CPU/req | peak RSS |")
-    L.append("|---|---|---:|---:|---:|---:|---:|")
+    L.append("The last two columns are the CPU/req and req/s ratios within each repetition, "
+             "where both proxies ran minutes apart on the same box.")
+    L.append("")
+    L.append("| scenario | vs | req/s | p50 | p99 | CPU/req | peak RSS | CPU/req per rep | "
+             "req/s per rep |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---|---|")
     for s in scenarios:
         for ref in REFS:
             r = ratios[ref].get(s)
             if r:
+                reps = r.get("per_rep", [])
+                cpu_reps = ", ".join(fmt_ratio(x["cpu_us_per_req"]) for x in reps)
+                rps_reps = ", ".join(fmt_ratio(x["rps"]) for x in reps)
                 L.append(f"| {SCENARIO_LABEL[s]} | {PROXY_LABEL[ref]} | {fmt_ratio(r['rps'])} | "
                          f"{fmt_ratio(r['p50_ms'])} | {fmt_ratio(r['p99_ms'])} | "
-                         f"{fmt_ratio(r['cpu_us_per_req'])} | {fmt_ratio(r['peak_rss_kb'])} |")
+                         f"{fmt_ratio(r['cpu_us_per_req'])} | {fmt_ratio(r['peak_rss_kb'])} | "
+                         f"{cpu_reps} | {rps_reps} |")
     own = summary.get("cached", {}).get("balancer"), summary.get("small", {}).get("balancer")
     if own[0] and own[1]:
         L.append("")
