@@ -283,10 +283,12 @@ async fn h2_flood_from_many_connections_leaves_other_clients_served() {
                         {
                             refused.fetch_add(1, SeqCst);
                         }
-                    } else if gone_within(&raw, Duration::from_secs(2)).await {
+                    } else if gone_within(&raw, Duration::from_secs(5)).await {
                         // Waited for: a write can fail on the closed socket before the reader
                         // task has seen the GOAWAY or the close, and the connection would not
-                        // count as cut off (all 20 did that in a failed run under load).
+                        // count as cut off (all 20 did that in a failed run under load). 5 s,
+                        // not 2: a CI run on a loaded 2-core machine once saw none of the 20
+                        // gone within 2 s, while the normal client was still being served.
                         cut_off.fetch_add(1, SeqCst);
                     }
                     // A refused reconnect is cheap for both sides, but not free for the test.
