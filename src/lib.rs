@@ -20,7 +20,8 @@
 //! response_body  streams back; guard drops at its end
 //! ```
 
-#![forbid(unsafe_code)]
+// One exception, with its reason: `sockopt`, for a socket option socket2 lacks.
+#![deny(unsafe_code)]
 
 pub(crate) mod accesslog;
 pub(crate) mod admin;
@@ -65,6 +66,7 @@ pub(crate) mod request;
 pub mod request_body;
 pub(crate) mod request_id;
 pub(crate) mod response_body;
+pub(crate) mod sockopt;
 pub(crate) mod stall;
 pub mod state;
 pub mod tls;

@@ -60,6 +60,12 @@ pub async fn run(
     if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
         tracing::warn!(error = %e, "cannot set TCP_NODELAY on the listener");
     }
+    // Connections are accepted with their first bytes (`sockopt::defer_accept`); a client
+    // that connects and stays silent reaches `accept` after DEFER_SILENT, and header_timeout
+    // runs from there.
+    if let Err(e) = crate::sockopt::defer_accept(&listener, DEFER_SILENT) {
+        tracing::warn!(error = %e, "cannot set TCP_DEFER_ACCEPT on the listener");
+    }
     let bind = listener.local_addr().ok();
     tokio::spawn(sweep(
         Arc::clone(&conns),
@@ -133,6 +139,12 @@ pub async fn run(
         });
     }
 }
+
+/// How long the kernel holds a connection whose client has sent nothing before handing it to
+/// `accept` anyway. Short, so a silent client is soon counted against max_connections and
+/// timed by header_timeout like any other; long enough for a client's first bytes, which
+/// follow its handshake within a round trip.
+const DEFER_SILENT: Duration = Duration::from_secs(1);
 
 /// How often the accept loop, waiting for a place, looks again for an idle connection to ask
 /// to make room (none was idle, or the one asked started a request instead of closing).

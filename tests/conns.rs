@@ -597,3 +597,47 @@ async fn idle_keepalive_connections_are_parked_and_woken_by_their_next_request()
         "closed connections still counted as parked"
     );
 }
+
+/// Listeners accept a connection once its first bytes have arrived (TCP_DEFER_ACCEPT): a
+/// client that connects and says nothing costs the balancer nothing at first, is handed over
+/// after about a second all the same, and is then timed by header_timeout like any other.
+#[tokio::test]
+async fn a_connection_is_accepted_with_its_first_bytes_or_after_a_second_of_silence() {
+    let a = start_backend("a").await;
+    let bal = start_balancer(&config(
+        &[a.addr],
+        "round_robin",
+        "[limits]\nheader_timeout = \"1s\"\n",
+    ))
+    .await;
+    let open = || {
+        bal.shared()
+            .open_connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let start = Instant::now();
+    let mut silent = TcpStream::connect(bal.addr).await.unwrap();
+    let mut speaks = TcpStream::connect(bal.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(open(), 0, "a connection was accepted before its first byte");
+    raw_get(&mut speaks, "/").await;
+    assert_eq!(
+        read_status(&mut speaks, Duration::from_secs(5)).await,
+        Ok(200)
+    );
+    drop(speaks);
+    // The silent one is handed over after the kernel's wait, then cut at header_timeout.
+    let mut b = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut b)).await;
+    let t = start.elapsed();
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection was never closed: {r:?}"
+    );
+    assert!(
+        t >= Duration::from_millis(1800),
+        "a silent connection was closed before the accept wait and header_timeout: {t:?}"
+    );
+    assert_eq!(a.requests(), 1);
+    bal.shutdown().await;
+}
