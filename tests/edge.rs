@@ -611,7 +611,8 @@ async fn header_timeout_cuts_off_a_client_trickling_headers() {
     assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got:?}");
     assert_eq!(a.requests(), 0);
 
-    // A connection that sends nothing at all is closed too.
+    // A connection that sends nothing at all is closed too: handed over by the kernel after
+    // its 1 s deferred-accept wait, then cut at header_timeout (tests/conns.rs times it).
     let mut idle = RawConn::connect(bal.addr).await;
     assert!(
         idle.closed_within(Duration::from_secs(4)).await,
