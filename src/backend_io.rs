@@ -10,6 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::coalesce;
+
 pub enum BackendIo {
     Plain(TcpStream),
     // Boxed: a TLS session is ~1 KiB, most pools are plain.
@@ -63,8 +65,8 @@ impl AsyncWrite for BackendIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            BackendIo::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
-            BackendIo::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+            BackendIo::Plain(t) => coalesce::poll_write_vectored(Pin::new(t), cx, bufs),
+            BackendIo::Tls(t) => coalesce::poll_write_vectored(Pin::new(t.as_mut()), cx, bufs),
         }
     }
 

@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::coalesce;
 use crate::conn::{ConnInfo, IO_MID_MESSAGE};
 use crate::h2path::Follower;
 
@@ -356,7 +357,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffer<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        coalesce::poll_write_vectored(Pin::new(&mut self.get_mut().inner), cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

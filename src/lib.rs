@@ -36,6 +36,7 @@ pub(crate) mod cache;
 pub mod check;
 pub(crate) mod classify;
 pub mod clock;
+pub(crate) mod coalesce;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod conns;

@@ -322,9 +322,6 @@ impl Out {
 
     /// One write of what is queued; the caller advances by what it took.
     fn poll_write_once(&self, io: &mut BackendIo, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.data.is_empty() && self.tail.is_empty() {
-            return Pin::new(&mut *io).poll_write(cx, &self.buf);
-        }
         let parts = [
             io::IoSlice::new(&self.buf),
             io::IoSlice::new(&self.data),
