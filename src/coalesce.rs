@@ -3,7 +3,7 @@
 //! hyper queues a response's head and its body as separate buffers and hands them over in
 //! one `poll_write_vectored`; on a socket that is a `writev`. For a small response the kernel
 //! spends more on `writev`'s own path (copying the iovec array in, the VFS checks around
-//! it) than on the bytes: measured under `perf`, about 0.7 µs a request more than a `send`
+//! it) than on the bytes: measured under `perf`, about 0.5 µs a request more than a `send`
 //! of the same bytes, ~2% of a small keep-alive request. So writes whose buffers add up to at
 //! most `SMALL` bytes are copied into one per-thread buffer and written with `poll_write`
 //! (a `send`, as HAProxy does from its own buffer). Larger ones stay vectored: copying them
@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 
 /// The most bytes copied to avoid a `writev`: a small response's head and body. A copy of
-/// this size costs well under the ~0.7 µs it saves.
+/// this size costs well under the ~0.5 µs it saves.
 const SMALL: usize = 4096;
 
 thread_local! {
