@@ -154,4 +154,44 @@ mod tests {
         assert_eq!(n, 5);
         assert_eq!(calls, vec![("plain", b"abcde".to_vec())]);
     }
+
+    /// Write calls that went through the VFS on this thread: `writev` and `write` count,
+    /// `send` does not (it goes straight to the socket layer).
+    fn vfs_writes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        let line = io.lines().find(|l| l.starts_with("syscw:")).unwrap();
+        line["syscw:".len()..].trim().parse().unwrap()
+    }
+
+    /// Against a real socket: a small head and body leave with no `writev`, while a large
+    /// write still does one (which also shows the counter sees the difference).
+    #[tokio::test(flavor = "current_thread")]
+    async fn on_a_real_socket_a_small_response_is_a_send_and_a_large_one_a_writev() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut write = |bufs: &[&[u8]]| {
+            let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let before = vfs_writes();
+            let Poll::Ready(Ok(n)) = poll_write_vectored(Pin::new(&mut client), &mut cx, &slices)
+            else {
+                panic!("an empty socket buffer takes a write at once");
+            };
+            (n, vfs_writes() - before)
+        };
+
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(write(&[head, b"hello"]), (head.len() + 5, 0));
+        let body = vec![b'x'; SMALL];
+        assert_eq!(write(&[head, &body]), (head.len() + SMALL, 1));
+
+        let mut got = vec![0u8; 2 * head.len() + 5 + SMALL];
+        server.read_exact(&mut got).await.unwrap();
+        let want = [&head[..], b"hello", &head[..], &body].concat();
+        assert!(got == want, "the bytes arrive whole and in order");
+    }
 }
